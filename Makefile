@@ -1,0 +1,50 @@
+# Hearth: `make run` serves the OpenAI API on 127.0.0.1:8080; `make test` runs every check.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODELS_DIR ?= models
+HOST ?= 127.0.0.1
+PORT ?= 8080
+
+.PHONY: run test lint format protos models bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Reinstall when pyproject.toml changes. llama-cpp-python compiles once (4-5 min on 2 cores);
+# pip's wheel cache makes later installs fast.
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[llama]'
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[llama,test]'
+	touch $@ $(VENV)/.installed-run
+
+models: $(VENV)/.installed-run
+	$(BIN)/python -m gateway.defaults --models-dir $(MODELS_DIR)
+
+run: $(VENV)/.installed-run models
+	$(BIN)/hearth run --host $(HOST) --port $(PORT) --models-dir $(MODELS_DIR)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+protos: $(VENV)/.installed-test
+	$(BIN)/python -m protos.generate
+
+bench: $(VENV)/.installed-test models
+	$(BIN)/python bench/stream_overhead.py --models-dir $(MODELS_DIR)
+
+clean:
+	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache *.egg-info

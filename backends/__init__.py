@@ -1,0 +1,1 @@
+"""Backend processes: one per loaded model, each serving the gRPC contract in protos/."""

@@ -1,0 +1,1 @@
+"""A deterministic backend for tests, and the template for custom backends."""

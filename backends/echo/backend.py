@@ -1,0 +1,162 @@
+"""The echo backend: answers with the prompt (or the last user message), word by word.
+
+It is the gateway's test double and the smallest complete example of a backend: subclass
+`Backend`, implement the engine calls, and `run()` it. Switches in the model YAML's `options:`
+make it misbehave on purpose:
+
+- `load_delay_ms`: sleep this long in Load.
+- `latency_ms`: sleep this long before each word.
+- `fail_code` (a gRPC status name such as `INVALID_ARGUMENT`), `fail_reason`, `fail_message`:
+  fail every generation with that status...
+- `fail_after_words`: ...after this many words have been streamed (0: before any).
+- `exit_after_words`: end the whole process abruptly after this many words.
+- `dimensions`: embedding size (default 16).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from backends.runtime import Backend, BackendError
+from protos.hearth.backend.v1 import backend_pb2 as pb
+
+log = logging.getLogger("hearth.backend.echo")
+_PIECE = re.compile(r"\s*\S+")
+
+
+def pieces(text: str) -> list[str]:
+    """Echo's tokens: each word with the whitespace before it."""
+    return _PIECE.findall(text)
+
+
+def _piece_id(piece: str) -> int:
+    return zlib.crc32(piece.encode()) & 0x7FFFFFFF
+
+
+class EchoBackend(Backend):
+    """Deterministic text and embeddings, with switches to fail on purpose."""
+
+    name = "echo"
+
+    def __init__(self) -> None:
+        self.options: dict[str, Any] = {}
+        self.vocabulary: dict[int, str] = {}  # ids seen by tokenize, for detokenize
+
+    def load(self, request: pb.LoadRequest) -> pb.LoadResponse:
+        self.options = json_format.MessageToDict(request.options)
+        time.sleep(float(self.options.get("load_delay_ms", 0)) / 1000)
+        return pb.LoadResponse(context_size=request.context_size or 4096)
+
+    def _answer(self, request: pb.GenerateRequest) -> tuple[str, int]:
+        """The text to echo and the prompt's size in echo tokens."""
+        if request.WhichOneof("input") == "prompt":
+            return request.prompt, len(pieces(request.prompt))
+        messages = request.chat.messages
+        prompt_tokens = sum(len(pieces(m.content)) for m in messages)
+        for message in reversed(messages):
+            if message.role == "user":
+                return message.content, prompt_tokens
+        return "", prompt_tokens
+
+    def generate_stream(
+        self, request: pb.GenerateRequest, cancelled: threading.Event
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        text, prompt_tokens = self._answer(request)
+        sampling = request.sampling
+        words = pieces(text)
+        finish = pb.FINISH_REASON_STOP
+        if sampling.HasField("max_tokens") and len(words) > sampling.max_tokens:
+            words, finish = words[: sampling.max_tokens], pb.FINISH_REASON_LENGTH
+        latency = float(self.options.get("latency_ms", 0)) / 1000
+        emitted = ""
+        sent = 0
+        for index, word in enumerate(words):
+            self._misbehave(index)
+            if cancelled.wait(latency) if latency else cancelled.is_set():
+                log.info("stream cancelled after %d of %d words", index, len(words))
+                return
+            candidate = emitted + word
+            stop_at = min((candidate.find(s) for s in sampling.stop if s in candidate), default=-1)
+            if stop_at >= 0:
+                tail = candidate[len(emitted) : stop_at]
+                if tail:
+                    yield pb.GenerateStreamResponse(text=tail)
+                finish = pb.FINISH_REASON_STOP
+                sent = index + 1
+                break
+            emitted = candidate
+            sent = index + 1
+            yield pb.GenerateStreamResponse(text=word)
+        else:
+            self._misbehave(len(words))
+        yield pb.GenerateStreamResponse(
+            finish_reason=finish,
+            usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=sent),
+        )
+
+    def _misbehave(self, words_sent: int) -> None:
+        options = self.options
+        if "exit_after_words" in options and words_sent >= int(options["exit_after_words"]):
+            time.sleep(0.2)  # let the words already yielded reach the client
+            os._exit(17)  # a crash, as abrupt as a segfault in an engine
+        if "fail_code" in options and words_sent >= int(options.get("fail_after_words", 0)):
+            raise BackendError(
+                grpc.StatusCode[options["fail_code"]],
+                options.get("fail_reason", "echo_failure"),
+                options.get("fail_message", "echo failed on purpose"),
+            )
+
+    def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        ids = []
+        for piece in pieces(request.text):
+            self.vocabulary[_piece_id(piece)] = piece
+            ids.append(_piece_id(piece))
+        return pb.TokenizeResponse(tokens=ids)
+
+    def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
+        unknown = [i for i in request.tokens if i not in self.vocabulary]
+        if unknown:
+            raise BackendError(
+                grpc.StatusCode.INVALID_ARGUMENT, "unknown_token", f"unknown token id {unknown[0]}"
+            )
+        return pb.DetokenizeResponse(text="".join(self.vocabulary[i] for i in request.tokens))
+
+    def embed(self, request: pb.EmbedRequest, cancelled: threading.Event) -> pb.EmbedResponse:
+        dimensions = request.dimensions or int(self.options.get("dimensions", 16))
+        vectors = []
+        tokens = 0
+        for item in request.inputs:
+            if item.WhichOneof("input") == "tokens":
+                key = struct.pack(f"<{len(item.tokens.ids)}i", *item.tokens.ids)
+                tokens += len(item.tokens.ids)
+            else:
+                key = item.text.encode()
+                tokens += len(pieces(item.text))
+            vectors.append(pb.Embedding(values=_hash_vector(key, dimensions)))
+        return pb.EmbedResponse(embeddings=vectors, prompt_tokens=tokens)
+
+
+def _hash_vector(key: bytes, dimensions: int) -> list[float]:
+    """A unit vector that depends only on `key`."""
+    raw: list[float] = []
+    counter = 0
+    while len(raw) < dimensions:
+        digest = hashlib.sha256(key + counter.to_bytes(4, "little")).digest()
+        raw.extend(b / 127.5 - 1.0 for b in digest)
+        counter += 1
+    raw = raw[:dimensions]
+    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+    return [v / norm for v in raw]

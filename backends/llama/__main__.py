@@ -1,0 +1,4 @@
+from backends.llama.backend import LlamaBackend
+from backends.runtime import run
+
+run(LlamaBackend())

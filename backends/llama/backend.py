@@ -1,0 +1,325 @@
+"""llama.cpp through llama-cpp-python.
+
+Generation is our own loop over `Llama.generate` (token by token) rather than
+`create_completion`, so that every token can notice a cancelled call, usage counts are exact,
+and stop sequences never leak into the text, streamed or not.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import os
+import random
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from backends.runtime import Backend, BackendError, Capability
+from protos.hearth.backend.v1 import backend_pb2 as pb
+
+log = logging.getLogger("hearth.backend.llama")
+
+DEFAULT_CONTEXT_SIZE = 4096
+# llama.cpp's own sampling defaults, used where neither request nor YAML says otherwise.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 40
+DEFAULT_TOP_P = 0.95
+DEFAULT_MIN_P = 0.05
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop sequence."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class LlamaBackend(Backend):
+    """One GGUF model in one llama.cpp context; requests take turns on it."""
+
+    name = "llama"
+
+    def __init__(self) -> None:
+        self.llm: Any = None
+        self.formatter: Any = None
+        self.embeddings = False
+        self.lock = threading.Lock()
+        self.eog: frozenset[int] = frozenset()
+
+    # Lifecycle --------------------------------------------------------------------------------
+
+    def load(self, request: pb.LoadRequest) -> pb.LoadResponse:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        path = request.model_path
+        if not path:
+            raise BackendError(
+                grpc.StatusCode.INVALID_ARGUMENT, "model_missing", "the model YAML names no file"
+            )
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model file not found: {path}")
+        options = json_format.MessageToDict(request.options)
+        try:
+            llm = Llama(
+                model_path=path,
+                n_ctx=request.context_size or DEFAULT_CONTEXT_SIZE,
+                n_threads=request.threads or None,
+                n_threads_batch=request.threads or None,
+                n_batch=request.batch_size or 512,
+                use_mmap=request.mmap if request.HasField("mmap") else True,
+                seed=request.seed if request.HasField("seed") else random.getrandbits(31),
+                embedding=request.embeddings,
+                n_gpu_layers=int(options.get("gpu_layers", 0)),
+                verbose=False,
+            )
+        except ValueError as exc:  # llama-cpp-python's word for "llama.cpp could not load it"
+            raise BackendError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid_model_file",
+                f"llama.cpp cannot load {os.path.basename(path)}: {exc}",
+            ) from None
+        self.llm = llm
+        self.embeddings = request.embeddings
+        self.eog = self._end_of_generation_tokens()
+        template = request.chat_template or llm.metadata.get("tokenizer.chat_template", "")
+        self.formatter = None
+        if template:
+            self.formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=self._token_text(llm.token_eos()),
+                bos_token=self._token_text(llm.token_bos()),
+            )
+        log.info(
+            "loaded %s: context %d, %d threads, chat template: %s",
+            os.path.basename(path),
+            llm.n_ctx(),
+            llm.n_threads,
+            "from YAML" if request.chat_template else ("from GGUF" if template else "none"),
+        )
+        return pb.LoadResponse(context_size=llm.n_ctx())
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return str(self.llm.detokenize([token], special=True).decode("utf-8", errors="replace"))
+
+    def _end_of_generation_tokens(self) -> frozenset[int]:
+        import llama_cpp
+
+        vocab = self.llm._model.vocab  # the public API has no is-end-of-generation check
+        return frozenset(
+            t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)
+        )
+
+    def unload(self) -> None:
+        with self.lock:
+            if self.llm is not None:
+                self.llm.close()
+            self.llm = None
+
+    def capabilities(self) -> frozenset[Capability]:
+        return frozenset({Capability.EMBEDDINGS if self.embeddings else Capability.TEXT})
+
+    # Text -------------------------------------------------------------------------------------
+
+    def _prompt_tokens(self, request: pb.GenerateRequest) -> list[int]:
+        llm = self.llm
+        if request.WhichOneof("input") != "chat":
+            return list(llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True))
+        if self.formatter is None:
+            raise BackendError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "no_chat_template",
+                "this model has no chat template: set chat_template in its YAML, "
+                "or use /v1/completions",
+            )
+        messages = [
+            json_format.MessageToDict(m, preserving_proto_field_name=True)
+            for m in request.chat.messages
+        ]
+        for message in messages:
+            message.setdefault("content", None if message.get("tool_calls") else "")
+        tools = [
+            {
+                "type": tool.type or "function",
+                "function": {
+                    "name": tool.name,
+                    "description": tool.description,
+                    "parameters": json.loads(tool.parameters_json or "{}"),
+                },
+            }
+            for tool in request.chat.tools
+        ]
+        try:
+            formatted = self.formatter(messages=messages, tools=tools or None)
+        except Exception as exc:  # the template's own raise_exception, or a Jinja error
+            raise BackendError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "chat_template_error",
+                f"the model's chat template rejected these messages: {exc}",
+                param="messages",
+            ) from None
+        # The template writes BOS itself where the model wants one.
+        return list(llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True))
+
+    def _grammar(self, request: pb.GenerateRequest) -> Any:
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        kind = request.response_format.type
+        try:
+            if kind == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
+                return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+            if kind == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+                return LlamaGrammar.from_json_schema(
+                    request.response_format.json_schema, verbose=False
+                )
+        except Exception as exc:
+            raise BackendError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid_json_schema",
+                f"cannot turn this JSON schema into a grammar: {exc}",
+                param="response_format",
+            ) from None
+        return None
+
+    def generate_stream(
+        self, request: pb.GenerateRequest, cancelled: threading.Event
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        with self.lock:
+            yield from self._generate(request, cancelled)
+
+    def _generate(
+        self, request: pb.GenerateRequest, cancelled: threading.Event
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        llm = self.llm
+        sampling = request.sampling
+        prompt = self._prompt_tokens(request)
+        context = llm.n_ctx()
+        if len(prompt) >= context:
+            raise BackendError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "context_length_exceeded",
+                f"the prompt is {len(prompt)} tokens, and this model's context holds {context}: "
+                "shorten the prompt or raise context_size in the model YAML",
+                param="messages" if request.WhichOneof("input") == "chat" else "prompt",
+            )
+        budget = context - len(prompt)
+        finish = pb.FINISH_REASON_LENGTH
+        if sampling.HasField("max_tokens"):
+            budget = min(budget, sampling.max_tokens)
+        stops = [s for s in sampling.stop if s]
+        grammar = self._grammar(request)
+        llm.set_seed(sampling.seed if sampling.HasField("seed") else random.getrandbits(31))
+
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = ""
+        sent = 0  # characters of `text` already sent
+        produced = 0
+        tokens = llm.generate(
+            prompt,
+            temp=sampling.temperature if sampling.HasField("temperature") else DEFAULT_TEMPERATURE,
+            top_k=sampling.top_k if sampling.HasField("top_k") else DEFAULT_TOP_K,
+            top_p=sampling.top_p if sampling.HasField("top_p") else DEFAULT_TOP_P,
+            min_p=sampling.min_p if sampling.HasField("min_p") else DEFAULT_MIN_P,
+            repeat_penalty=sampling.repeat_penalty if sampling.HasField("repeat_penalty") else 1.0,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            grammar=grammar,
+        )
+        try:
+            if budget <= 0:
+                tokens.close()
+            for token in tokens:
+                if cancelled.is_set():
+                    return
+                if token in self.eog:
+                    finish = pb.FINISH_REASON_STOP
+                    break
+                produced += 1
+                text += decoder.decode(llm.detokenize([token], prev_tokens=None))
+                hits = [i for i in (text.find(s, sent) for s in stops) if i >= 0]
+                if hits:
+                    end = min(hits)
+                    if end > sent:
+                        yield pb.GenerateStreamResponse(text=text[sent:end])
+                    sent = end
+                    text = text[:end]
+                    finish = pb.FINISH_REASON_STOP
+                    break
+                ready = len(text) - _held_back(text, stops) if stops else len(text)
+                if ready > sent:
+                    yield pb.GenerateStreamResponse(text=text[sent:ready])
+                    sent = ready
+                if produced >= budget:
+                    break
+            else:
+                if grammar is not None and produced < budget:
+                    finish = pb.FINISH_REASON_STOP  # the grammar completed
+        finally:
+            tokens.close()
+        if finish != pb.FINISH_REASON_STOP or sent < len(text):
+            rest = text[sent:] + decoder.decode(b"", final=True)
+            if rest:
+                yield pb.GenerateStreamResponse(text=rest)
+        yield pb.GenerateStreamResponse(
+            finish_reason=finish,
+            usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=produced),
+        )
+
+    def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        with self.lock:
+            ids = self.llm.tokenize(
+                request.text.encode("utf-8"), add_bos=request.add_special, special=True
+            )
+        return pb.TokenizeResponse(tokens=ids)
+
+    def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
+        vocabulary = self.llm.n_vocab()
+        bad = [t for t in request.tokens if not 0 <= t < vocabulary]
+        if bad:
+            raise BackendError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid_token",
+                f"token id {bad[0]} is outside this model's vocabulary of {vocabulary}",
+                param="tokens",
+            )
+        with self.lock:
+            data = self.llm.detokenize(list(request.tokens))
+        return pb.DetokenizeResponse(text=data.decode("utf-8", errors="replace"))
+
+    # Embeddings -------------------------------------------------------------------------------
+
+    def embed(self, request: pb.EmbedRequest, cancelled: threading.Event) -> pb.EmbedResponse:
+        texts = []
+        for item in request.inputs:
+            if item.WhichOneof("input") != "text":
+                raise BackendError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "unsupported_input",
+                    "the llama backend embeds text; send strings, not token arrays",
+                    param="input",
+                )
+            texts.append(item.text)
+        size = self.llm.n_embd()
+        if request.dimensions and request.dimensions != size:
+            raise BackendError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "unsupported_dimensions",
+                f"this model makes {size}-dimensional embeddings",
+                param="dimensions",
+            )
+        with self.lock:
+            vectors, count = self.llm.embed(texts, normalize=True, truncate=True, return_count=True)
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=v) for v in vectors], prompt_tokens=count
+        )

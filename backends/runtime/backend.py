@@ -1,0 +1,115 @@
+"""The base class every backend subclasses: engine calls only, no gRPC."""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from backends.runtime.errors import BackendError
+from protos.hearth.backend.v1 import backend_pb2 as pb
+
+
+class Capability(enum.Enum):
+    """A service of the contract; its value is the name health reports it under."""
+
+    TEXT = "hearth.backend.v1.Text"
+    EMBEDDINGS = "hearth.backend.v1.Embeddings"
+    TRANSCRIPTION = "hearth.backend.v1.Transcription"
+    IMAGES = "hearth.backend.v1.Images"
+
+
+# The method a subclass overrides to offer each capability.
+_CAPABILITY_METHODS = {
+    Capability.TEXT: "generate_stream",
+    Capability.EMBEDDINGS: "embed",
+    Capability.TRANSCRIPTION: "transcribe",
+    Capability.IMAGES: "generate_image",
+}
+
+
+def _unimplemented(what: str) -> BackendError:
+    return BackendError(
+        grpc.StatusCode.UNIMPLEMENTED, "unsupported", f"this backend does not support {what}"
+    )
+
+
+class Backend:
+    """An engine behind the contract.
+
+    Every method runs in a worker thread, never on the event loop, so engine code may block.
+    Long calls receive `cancelled`, an event set when the caller gives up; check it between
+    steps (tokens, denoising steps) and return early. Fail a call by raising `BackendError`.
+    """
+
+    #: Name used in logs.
+    name = "backend"
+
+    def load(self, request: pb.LoadRequest) -> pb.LoadResponse:
+        """Load the model the request names; raise BackendError if it cannot be loaded."""
+        raise _unimplemented("loading models")
+
+    def unload(self) -> None:
+        """Free the model. The default does nothing."""
+
+    def implemented(self) -> frozenset[Capability]:
+        """Capabilities this class has code for (the methods it overrides)."""
+        own = type(self)
+        return frozenset(
+            cap
+            for cap, method in _CAPABILITY_METHODS.items()
+            if getattr(own, method) is not getattr(Backend, method)
+        )
+
+    def capabilities(self) -> frozenset[Capability]:
+        """Capabilities the loaded model serves; by default all that are implemented."""
+        return self.implemented()
+
+    # Text -------------------------------------------------------------------------------------
+
+    def generate_stream(
+        self, request: pb.GenerateRequest, cancelled: threading.Event
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        """Yield text pieces; the last message carries finish_reason and usage."""
+        raise _unimplemented("text generation")
+
+    def generate(
+        self, request: pb.GenerateRequest, cancelled: threading.Event
+    ) -> pb.GenerateResponse:
+        """The whole answer at once. The default joins `generate_stream`."""
+        pieces: list[str] = []
+        last = pb.GenerateStreamResponse()
+        tool_calls: list[pb.ToolCall] = []
+        for chunk in self.generate_stream(request, cancelled):
+            pieces.append(chunk.text)
+            tool_calls.extend(chunk.tool_calls)
+            last = chunk
+        return pb.GenerateResponse(
+            text="".join(pieces),
+            finish_reason=last.finish_reason,
+            usage=last.usage,
+            tool_calls=tool_calls,
+        )
+
+    def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        raise _unimplemented("tokenization")
+
+    def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
+        raise _unimplemented("detokenization")
+
+    # Other modalities -------------------------------------------------------------------------
+
+    def embed(self, request: pb.EmbedRequest, cancelled: threading.Event) -> pb.EmbedResponse:
+        raise _unimplemented("embeddings")
+
+    def transcribe(
+        self, request: pb.TranscribeRequest, cancelled: threading.Event
+    ) -> pb.TranscribeResponse:
+        raise _unimplemented("transcription")
+
+    def generate_image(
+        self, request: pb.GenerateImageRequest, cancelled: threading.Event
+    ) -> pb.GenerateImageResponse:
+        raise _unimplemented("image generation")

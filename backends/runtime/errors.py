@@ -1,0 +1,33 @@
+"""The one way a backend reports a failed call."""
+
+from __future__ import annotations
+
+import grpc
+
+REASON_KEY = "hearth-error-reason"
+PARAM_KEY = "hearth-error-param"
+
+
+class BackendError(Exception):
+    """A call failed for a reason the client should hear: a gRPC status, a reason, a message."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        *,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.param = param
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The reason (and param) as the trailing metadata the gateway reads."""
+        pairs = [(REASON_KEY, self.reason)]
+        if self.param:
+            pairs.append((PARAM_KEY, self.param))
+        return tuple(pairs)

@@ -1,0 +1,345 @@
+"""The process around a Backend: gRPC server, health, signals, parent-death watch.
+
+Every backend's `__main__` is one line: `run(MyBackend())`. Engine calls run in worker threads;
+the event loop only moves messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from backends.runtime.backend import Backend, Capability
+from backends.runtime.errors import REASON_KEY, BackendError
+from protos.hearth.backend.v1 import backend_pb2 as pb
+from protos.hearth.backend.v1 import backend_pb2_grpc as pb_grpc
+
+log = logging.getLogger("hearth.backend")
+
+#: Media (audio in, images out) travels inside messages: allow large ones.
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+#: Seconds in-flight calls get to finish after SIGTERM.
+STOP_GRACE_SECONDS = 5.0
+_PARENT_POLL_SECONDS = 1.0
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+_DONE = object()
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class _Runtime:
+    """State shared by the servicers: the backend, its load state, and health."""
+
+    def __init__(self, backend: Backend, health_servicer: Any) -> None:
+        self.backend = backend
+        self.health = health_servicer
+        self.state = pb.MODEL_STATE_UNLOADED
+        self.model_name = ""
+        self.load_response = pb.LoadResponse()
+        self.load_lock = asyncio.Lock()
+        self.serving: frozenset[Capability] = frozenset()
+
+    async def publish_health(self) -> None:
+        """SERVING for what the loaded model serves, NOT_SERVING for the rest it implements."""
+        for capability in self.backend.implemented():
+            up = capability in self.serving
+            status = health_pb2.HealthCheckResponse.SERVING
+            if not up:
+                status = health_pb2.HealthCheckResponse.NOT_SERVING
+            await self.health.set(capability.value, status)
+
+    async def check(self, context: grpc.aio.ServicerContext, capability: Capability) -> None:
+        if self.state != pb.MODEL_STATE_READY:
+            await _abort(
+                context,
+                BackendError(
+                    grpc.StatusCode.FAILED_PRECONDITION, "model_not_loaded", "no model is loaded"
+                ),
+            )
+        if capability not in self.serving:
+            name = capability.name.lower()
+            await _abort(
+                context,
+                BackendError(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    "unsupported",
+                    f"model '{self.model_name}' does not support {name}",
+                ),
+            )
+
+    async def call(
+        self,
+        context: grpc.aio.ServicerContext,
+        capability: Capability,
+        fn: Callable[[Request, threading.Event], Response],
+        request: Request,
+    ) -> Response:
+        """Run one engine call in a worker thread; a cancelled RPC sets its event."""
+        await self.check(context, capability)
+        cancelled = threading.Event()
+        try:
+            return await asyncio.to_thread(fn, request, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        except Exception as exc:  # every failure leaves as a status, never a crash
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+
+    async def stream(
+        self,
+        context: grpc.aio.ServicerContext,
+        capability: Capability,
+        fn: Callable[[Request, threading.Event], Iterator[Response]],
+        request: Request,
+    ) -> AsyncIterator[Response]:
+        """Drive a blocking generator in its own thread and hand its items to the loop."""
+        await self.check(context, capability)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def post(item: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closing: nobody is listening
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def produce() -> None:
+            items = fn(request, cancelled)
+            try:
+                for item in items:
+                    if cancelled.is_set():
+                        break
+                    post(item)
+            except BaseException as exc:
+                post(_Failure(exc))
+            else:
+                post(_DONE)
+            finally:
+                close = getattr(items, "close", None)
+                if close is not None:
+                    close()
+
+        threading.Thread(target=produce, name="engine-stream", daemon=True).start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, _Failure):
+                    await _abort(context, item.exc)
+                yield item
+        finally:
+            cancelled.set()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """End the call with the status a BackendError names, or INTERNAL for anything else."""
+    if isinstance(exc, BackendError):
+        await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
+    log.error("engine call failed", exc_info=exc)
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"backend error: {type(exc).__name__}: {exc}",
+        trailing_metadata=((REASON_KEY, "internal"),),
+    )
+
+
+class _Lifecycle(pb_grpc.LifecycleServicer):
+    def __init__(self, runtime: _Runtime) -> None:
+        self.rt = runtime
+
+    async def Load(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> Any:
+        rt = self.rt
+        async with rt.load_lock:
+            if rt.state == pb.MODEL_STATE_READY and rt.model_name == request.model_name:
+                return rt.load_response
+            rt.state = pb.MODEL_STATE_LOADING
+            rt.model_name = request.model_name
+            try:
+                response = await asyncio.to_thread(rt.backend.load, request)
+            except Exception as exc:
+                rt.state = pb.MODEL_STATE_FAILED
+                if isinstance(exc, FileNotFoundError):
+                    exc = BackendError(grpc.StatusCode.NOT_FOUND, "model_file_not_found", str(exc))
+                elif not isinstance(exc, BackendError):
+                    log.error("loading %s failed", request.model_name, exc_info=exc)
+                    exc = BackendError(
+                        grpc.StatusCode.INTERNAL,
+                        "load_failed",
+                        f"could not load model '{request.model_name}': {type(exc).__name__}: {exc}",
+                    )
+                await _abort(context, exc)
+            rt.state = pb.MODEL_STATE_READY
+            rt.load_response = response or pb.LoadResponse()
+            rt.serving = rt.backend.capabilities()
+            await rt.publish_health()
+            log.info("loaded %s", request.model_name)
+            return rt.load_response
+
+    async def Unload(self, request: pb.UnloadRequest, context: grpc.aio.ServicerContext) -> Any:
+        rt = self.rt
+        async with rt.load_lock:
+            rt.serving = frozenset()
+            await rt.publish_health()
+            await asyncio.to_thread(rt.backend.unload)
+            rt.state = pb.MODEL_STATE_UNLOADED
+            return pb.UnloadResponse()
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> Any:
+        return pb.StatusResponse(
+            state=self.rt.state, model_name=self.rt.model_name, memory_bytes=_resident_bytes()
+        )
+
+
+class _Text(pb_grpc.TextServicer):
+    def __init__(self, runtime: _Runtime) -> None:
+        self.rt = runtime
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self.rt.call(context, Capability.TEXT, self.rt.backend.generate, request)
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        stream = self.rt.stream(context, Capability.TEXT, self.rt.backend.generate_stream, request)
+        async for item in stream:
+            yield item
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> Any:
+        tokenize = self.rt.backend.tokenize
+        return await self.rt.call(context, Capability.TEXT, lambda r, _: tokenize(r), request)
+
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        detokenize = self.rt.backend.detokenize
+        return await self.rt.call(context, Capability.TEXT, lambda r, _: detokenize(r), request)
+
+
+class _Embeddings(pb_grpc.EmbeddingsServicer):
+    def __init__(self, runtime: _Runtime) -> None:
+        self.rt = runtime
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self.rt.call(context, Capability.EMBEDDINGS, self.rt.backend.embed, request)
+
+
+class _Transcription(pb_grpc.TranscriptionServicer):
+    def __init__(self, runtime: _Runtime) -> None:
+        self.rt = runtime
+
+    async def Transcribe(
+        self, request: pb.TranscribeRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        backend = self.rt.backend
+        return await self.rt.call(context, Capability.TRANSCRIPTION, backend.transcribe, request)
+
+
+class _Images(pb_grpc.ImagesServicer):
+    def __init__(self, runtime: _Runtime) -> None:
+        self.rt = runtime
+
+    async def GenerateImage(
+        self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        backend = self.rt.backend
+        return await self.rt.call(context, Capability.IMAGES, backend.generate_image, request)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM when the parent goes, even if it was SIGKILLed."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """Backstop for platforms without PDEATHSIG: notice being re-parented."""
+    while not stop.is_set():
+        if os.getppid() != parent:
+            log.warning("parent process %d is gone; stopping", parent)
+            stop.set()
+            return
+        await asyncio.sleep(_PARENT_POLL_SECONDS)
+
+
+async def serve(backend: Backend, address: str, *, parent: int | None = None) -> None:
+    """Serve `backend` on `address` (unix:///path or host:port) until SIGTERM or SIGINT."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    runtime = _Runtime(backend, health_servicer)
+    pb_grpc.add_LifecycleServicer_to_server(_Lifecycle(runtime), server)
+    pb_grpc.add_TextServicer_to_server(_Text(runtime), server)
+    pb_grpc.add_EmbeddingsServicer_to_server(_Embeddings(runtime), server)
+    pb_grpc.add_TranscriptionServicer_to_server(_Transcription(runtime), server)
+    pb_grpc.add_ImagesServicer_to_server(_Images(runtime), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(address) == 0 and not address.startswith("unix:"):
+        raise SystemExit(f"cannot listen on {address}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await runtime.publish_health()
+    log.info("%s backend listening on %s", backend.name, address)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    watcher = asyncio.create_task(_watch_parent(parent, stop)) if parent else None
+    await stop.wait()
+
+    log.info("stopping")
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(STOP_GRACE_SECONDS)
+    if watcher is not None:
+        watcher.cancel()
+    await asyncio.to_thread(backend.unload)
+
+
+def run(backend: Backend, argv: list[str] | None = None) -> None:
+    """Entry point for `python -m backends.<name> --address ...`."""
+    parser = argparse.ArgumentParser(prog=f"backends.{backend.name}")
+    parser.add_argument("--address", required=True, help="unix:///path/to.sock or host:port")
+    parser.add_argument("--log-level", default=os.environ.get("HEARTH_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    _die_with_parent()
+    parent = os.getppid()
+    if parent <= 1:  # started by init: no parent to watch
+        parent = 0
+    asyncio.run(serve(backend, args.address, parent=parent or None))

@@ -1,0 +1,85 @@
+"""create_app: the one place that wires routes, lifespan, dependencies and error handlers."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request
+from litestar.datastructures import State
+from litestar.di import Provide
+
+from gateway.errors import EXCEPTION_HANDLERS, OpenAIError
+from gateway.manager import BackendManager
+from gateway.routes.chat import ChatController
+from gateway.routes.completions import CompletionsController
+from gateway.routes.embeddings import EmbeddingsController
+from gateway.routes.health import healthz, readyz
+from gateway.routes.models import ModelsController
+from gateway.routes.tokenize import TokenizeController
+from gateway.settings import Settings
+
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def _manager(state: State) -> BackendManager:
+    manager: BackendManager = state.manager
+    return manager
+
+
+def _authenticator(keys: tuple[str, ...]) -> Any:
+    """A before_request hook that wants `Authorization: Bearer <key>` for one of `keys`."""
+    encoded = [k.encode() for k in keys]
+
+    async def authenticate(request: Request[Any, Any, Any]) -> None:
+        if request.url.path in _OPEN_PATHS:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode()
+        # Compare with every key, always, so timing says nothing about which one nearly matched.
+        matched = False
+        for key in encoded:
+            matched |= hmac.compare_digest(given, key)
+        if scheme.lower() != "bearer" or not matched:
+            raise OpenAIError(
+                401,
+                "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+            )
+
+    return authenticate
+
+
+def create_app(settings: Settings) -> Litestar:
+    """The gateway's ASGI app; its lifespan owns the BackendManager."""
+
+    @asynccontextmanager
+    async def backends(app: Litestar) -> AsyncIterator[None]:
+        manager = BackendManager(settings)
+        await manager.start()
+        app.state.manager = manager
+        try:
+            yield
+        finally:
+            await manager.close()
+
+    return Litestar(
+        route_handlers=[
+            ChatController,
+            CompletionsController,
+            EmbeddingsController,
+            ModelsController,
+            TokenizeController,
+            healthz,
+            readyz,
+        ],
+        lifespan=[backends],
+        dependencies={"manager": Provide(_manager, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        before_request=_authenticator(settings.api_keys) if settings.api_keys else None,
+        openapi_config=None,
+        logging_config=None,  # `hearth run` configures logging once, for every logger
+    )

@@ -1,0 +1,135 @@
+"""A typed async wrapper over one backend's stubs: deadlines, cancellation, errors mapped."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from backends.runtime.backend import Capability
+from gateway.errors import OpenAIError, from_grpc
+from protos.hearth.backend.v1 import backend_pb2 as pb
+from protos.hearth.backend.v1 import backend_pb2_grpc as pb_grpc
+
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # A backend that is starting refuses connections for a moment: retry soon, not after 1 s.
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+def _we_are_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class BackendClient:
+    """Calls into one backend over one persistent channel."""
+
+    def __init__(self, channel: grpc.aio.Channel, model: str, request_timeout: float) -> None:
+        self.channel = channel
+        self.model = model
+        self.timeout = request_timeout
+        self._lifecycle = pb_grpc.LifecycleStub(channel)
+        self._text = pb_grpc.TextStub(channel)
+        self._embeddings = pb_grpc.EmbeddingsStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
+
+    async def healthy(self, timeout: float = 1.0) -> bool:
+        """The process answers health checks."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def capabilities(self) -> frozenset[Capability]:
+        """The services the loaded model serves, as health reports them."""
+        serving = set()
+        for capability in Capability:
+            request = health_pb2.HealthCheckRequest(service=capability.value)
+            try:
+                reply = await self._health.Check(request, timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    continue
+                raise from_grpc(exc, self.model) from None
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                serving.add(capability)
+        return frozenset(serving)
+
+    async def load(self, request: pb.LoadRequest, timeout: float) -> pb.LoadResponse:
+        try:
+            return await self._lifecycle.Load(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, self.model) from None
+
+    async def unload(self) -> None:
+        try:
+            await self._lifecycle.Unload(pb.UnloadRequest(), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, self.model) from None
+
+    async def status(self) -> pb.StatusResponse:
+        try:
+            return await self._lifecycle.Status(pb.StatusRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, self.model) from None
+
+    async def generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
+        call = self._text.Generate(request, timeout=self.timeout)
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, self.model) from None
+        finally:
+            call.cancel()  # a no-op once done; stops the backend if we were cancelled
+
+    async def generate_stream(
+        self, request: pb.GenerateRequest
+    ) -> AsyncGenerator[pb.GenerateStreamResponse]:
+        """The backend's pieces as they come; leaving early cancels the backend's work."""
+        call = self._text.GenerateStream(request, timeout=self.timeout)
+        try:
+            async for item in call:
+                yield item
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, self.model) from None
+        except asyncio.CancelledError:
+            if _we_are_cancelled():
+                raise
+            # gRPC cancelled the call under us (its channel closed): the backend is gone.
+            raise OpenAIError(
+                503,
+                f"the backend for model '{self.model}' went away mid-answer",
+                code="backend_unavailable",
+            ) from None
+        finally:
+            call.cancel()
+
+    async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        try:
+            return await self._text.Tokenize(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, self.model) from None
+
+    async def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
+        try:
+            return await self._text.Detokenize(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, self.model) from None
+
+    async def embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
+        call = self._embeddings.Embed(request, timeout=self.timeout)
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, self.model) from None
+        finally:
+            call.cancel()

@@ -1,0 +1,230 @@
+"""Model YAML: one file per model in the models dir, plus an optional `backends.yaml`.
+
+Decoded with msgspec into typed structs; unknown keys and wrong types are rejected with the
+file and the field named. Model file paths are relative to the models dir and never escape it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import yaml
+
+log = logging.getLogger("hearth.config")
+
+BUILTIN_BACKENDS = frozenset({"llama", "echo"})
+BACKENDS_FILE_NAMES = frozenset({"backends.yaml", "backends.yml"})
+
+_Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
+_Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ConfigError(Exception):
+    """A YAML file that cannot be used, with the file and the field at fault."""
+
+
+class Parameters(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Request defaults; a request's own values win."""
+
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    max_tokens: _Positive | None = None
+    repeat_penalty: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One model: what clients call it, which backend serves it, and how."""
+
+    name: _Name
+    backend: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]*$")]
+    #: The model file or directory, relative to the models dir.
+    model: str | None = None
+    description: str | None = None
+    context_size: _Positive | None = None
+    threads: _Positive | None = None
+    batch_size: _Positive | None = None
+    mmap: bool | None = None
+    seed: int | None = None
+    #: The model serves embeddings (and not text generation).
+    embeddings: bool = False
+    #: A Jinja chat template that replaces the model's own.
+    chat_template: str | None = None
+    #: Prepended as a system message when a chat has none.
+    system_prompt: str | None = None
+    parameters: Parameters = msgspec.field(default_factory=Parameters)
+    #: Idle time before the backend process is ended ("30s", "15m", "2h"); unset: never.
+    keep_alive: str | None = None
+    #: Requests one backend works on at once; more wait in a queue of `max_queue`, then 429.
+    max_concurrency: _Positive = 1
+    max_queue: Annotated[int, msgspec.Meta(ge=0)] = 64
+    #: Backend-specific settings, passed through as they are.
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: The YAML file this came from (set by the loader, not the YAML).
+    source: str = ""
+
+    def keep_alive_seconds(self) -> float | None:
+        return None if self.keep_alive is None else parse_duration(self.keep_alive)
+
+
+class CustomBackend(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A backend outside this package: a command the gateway starts, or an address it reaches."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]*$")]
+    #: argv; `{address}` is replaced by the address to serve on, `{python}` by this Python.
+    command: list[str] | None = None
+    #: host:port or unix:///path of an already running backend.
+    address: str | None = None
+    #: Extra environment variables for `command`.
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class BackendsFile(msgspec.Struct, forbid_unknown_fields=True):
+    backends: list[CustomBackend] = msgspec.field(default_factory=list)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '30s', '15m', '2h' → seconds."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 15m, 2h)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+
+
+def _convert(data: Any, kind: type[Any], path: Path) -> Any:
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: msgspec.ValidationError) -> str:
+    """msgspec's 'Expected `int`, got `str` - at `$.threads`' as 'threads: expected `int`, ...'."""
+    message = str(exc)
+    field_path, text = validation_error_field(exc)
+    return f"{field_path}: {text}" if field_path else message
+
+
+def validation_error_field(exc: msgspec.ValidationError) -> tuple[str | None, str]:
+    """The field a msgspec error is about (as `a.b[0].c`) and the error without the path."""
+    message = str(exc)
+    text, sep, where = message.rpartition(" - at `")
+    if not sep:
+        text, where = message, ""
+    where = where.rstrip("`")
+    path = where[2:] if where.startswith("$.") else ("" if where in {"$", ""} else where)
+    missing = re.match(r"Object missing required field `([^`]+)`", text)
+    if missing:
+        path = f"{path}.{missing.group(1)}" if path else missing.group(1)
+        text = "is required"
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", text)
+    if unknown:
+        path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        text = "unknown field"
+    if text:
+        text = text[0].lower() + text[1:]
+    return (path or None), text
+
+
+def load_model_file(path: Path, models_dir: Path) -> ModelConfig:
+    """Decode one model YAML file and check its model path; raise ConfigError naming the file."""
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of model settings")
+    config: ModelConfig = _convert(data, ModelConfig, path)
+    if config.keep_alive is not None:
+        try:
+            parse_duration(config.keep_alive)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: keep_alive: {exc}") from None
+    if config.model is not None:
+        try:
+            resolve_model_path(models_dir, config.model)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: model: {exc}") from None
+    return msgspec.structs.replace(config, source=str(path))
+
+
+def resolve_model_path(models_dir: Path, relative: str) -> Path:
+    """The absolute path of a model file, which must lie inside the models dir."""
+    if not relative or Path(relative).is_absolute():
+        raise ValueError(f"{relative!r} must be a path relative to the models dir")
+    root = models_dir.resolve()
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root):
+        raise ValueError(f"{relative!r} points outside the models dir")
+    return target
+
+
+@dataclass
+class Catalog:
+    """What the models dir holds: models by name, custom backends by name, broken files."""
+
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    backends: dict[str, CustomBackend] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+def load_catalog(models_dir: Path) -> Catalog:
+    """Read every *.yaml / *.yml file of the models dir. A broken file is reported, not fatal."""
+    catalog = Catalog()
+    if not models_dir.is_dir():
+        return catalog
+    files = sorted(p for p in models_dir.iterdir() if p.suffix in {".yaml", ".yml"})
+    for path in files:
+        try:
+            if path.name in BACKENDS_FILE_NAMES:
+                data = _read_yaml(path) or {}
+                registry: BackendsFile = _convert(data, BackendsFile, path)
+                for backend in registry.backends:
+                    if (backend.command is None) == (backend.address is None):
+                        raise ConfigError(
+                            f"{path}: backend '{backend.name}': give exactly one of "
+                            "`command` or `address`"
+                        )
+                    if backend.name in BUILTIN_BACKENDS:
+                        raise ConfigError(
+                            f"{path}: backend '{backend.name}' is built in; pick another name"
+                        )
+                    catalog.backends[backend.name] = backend
+                continue
+            config = load_model_file(path, models_dir)
+            if config.name in catalog.models:
+                first = catalog.models[config.name].source
+                raise ConfigError(f"{path}: name '{config.name}' is already used by {first}")
+            catalog.models[config.name] = config
+        except ConfigError as exc:
+            catalog.errors.append(str(exc))
+    for config in list(catalog.models.values()):
+        if config.backend not in BUILTIN_BACKENDS and config.backend not in catalog.backends:
+            catalog.errors.append(
+                f"{config.source}: backend: unknown backend '{config.backend}' (built in: "
+                f"{', '.join(sorted(BUILTIN_BACKENDS))}; others go in backends.yaml)"
+            )
+            del catalog.models[config.name]
+    for error in catalog.errors:
+        log.error("%s", error)
+    return catalog

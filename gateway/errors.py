@@ -1,0 +1,143 @@
+"""Every failure ends here, as OpenAI's `{"error": {message, type, param, code}}`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+from backends.runtime.errors import PARAM_KEY, REASON_KEY
+
+log = logging.getLogger("hearth.gateway")
+
+# gRPC status from a backend → (HTTP status, OpenAI error type).
+GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.CANCELLED: (503, "server_error"),
+    grpc.StatusCode.UNKNOWN: (500, "server_error"),
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (503, "server_error"),
+    grpc.StatusCode.ABORTED: (409, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNIMPLEMENTED: (400, "invalid_request_error"),
+    grpc.StatusCode.INTERNAL: (500, "server_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
+    grpc.StatusCode.DATA_LOSS: (500, "server_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+}
+
+# The OpenAI error type for an HTTP status the gateway itself answers with.
+_TYPE_BY_STATUS = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def error_type(status: int) -> str:
+    if status >= 500:
+        return "server_error"
+    return _TYPE_BY_STATUS.get(status, "invalid_request_error")
+
+
+class OpenAIError(Exception):
+    """A failure a client sees: HTTP status plus OpenAI's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or error_type(status)
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body OpenAI clients parse."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def model_not_found(name: str) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"The model '{name}' does not exist. GET /v1/models lists the models this server has.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def from_grpc(error: grpc.aio.AioRpcError, model: str) -> OpenAIError:
+    """A backend's failed call, in OpenAI's shape; the reason becomes the `code`."""
+    status, kind = GRPC_TO_HTTP.get(error.code(), (500, "server_error"))
+    trailing = dict(error.trailing_metadata() or ())
+    reason = trailing.get(REASON_KEY)
+    param = trailing.get(PARAM_KEY)
+    message = error.details() or error.code().name.lower()
+    if error.code() == grpc.StatusCode.UNAVAILABLE and reason is None:
+        message = f"the backend for model '{model}' is unavailable: {message}"
+        reason = "backend_unavailable"
+    elif error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and reason is None:
+        message = f"the backend for model '{model}' did not answer in time ({message})"
+        reason = "timeout"
+    return OpenAIError(
+        status,
+        message,
+        param=str(param) if param else None,
+        code=str(reason) if reason else None,
+        type=kind,
+    )
+
+
+def error_response(error: OpenAIError) -> Response[dict[str, Any]]:
+    return Response(content=error.body(), status_code=error.status)
+
+
+def handle_openai_error(_: Request[Any, Any, Any], exc: OpenAIError) -> Response[dict[str, Any]]:
+    return error_response(exc)
+
+
+def handle_http_exception(
+    _: Request[Any, Any, Any], exc: HTTPException
+) -> Response[dict[str, Any]]:
+    """Litestar's own errors (unknown route, wrong method, bad body) in OpenAI's shape."""
+    message = exc.detail or "request failed"
+    if exc.status_code == 404:
+        message = "Not found: this server has no such route."
+    response = error_response(OpenAIError(exc.status_code, message))
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def handle_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """A bug of ours: log the traceback, tell the client as little as helps."""
+    log.error("unhandled error", exc_info=exc)
+    return error_response(OpenAIError(500, "internal server error", code="internal_error"))
+
+
+EXCEPTION_HANDLERS: dict[int | type[Exception], Any] = {
+    OpenAIError: handle_openai_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

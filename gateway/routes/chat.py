@@ -1,0 +1,38 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, Response, post
+
+from backends.runtime.backend import Capability
+from gateway.manager import BackendManager
+from gateway.routes.common import decode_body, new_id, now, stream_text
+from gateway.schemas.chat import ChatCompletionRequest
+from gateway.translate import text
+
+
+class ChatController(Controller):
+    path = "/v1/chat/completions"
+
+    @post(status_code=200)
+    async def create(
+        self, request: Request[Any, Any, Any], manager: BackendManager
+    ) -> Response[Any]:
+        # Annotated as Response so that a stream keeps its own text/event-stream media type.
+        body = decode_body(await request.body(), ChatCompletionRequest)
+        config = manager.registry.get(body.model)
+        generate = text.chat_request(body, config)
+        id_, created = new_id("chatcmpl"), now()
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            chunks = text.ChatChunks(
+                id=id_, created=created, model=body.model, include_usage=include_usage
+            )
+            return await stream_text(manager, body.model, generate, chunks)
+        lease, response = await manager.open(
+            body.model, Capability.TEXT, lambda client: client.generate(generate)
+        )
+        lease.release()
+        return Response(text.chat_completion(response, id=id_, created=created, model=body.model))

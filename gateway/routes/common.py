@@ -1,0 +1,92 @@
+"""What every route shares: body decoding with OpenAI-shaped errors, ids, streaming."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, Protocol, TypeVar
+
+import msgspec
+from litestar.response import ServerSentEvent
+
+from backends.runtime.backend import Capability
+from gateway.client import BackendClient
+from gateway.config import validation_error_field
+from gateway.errors import OpenAIError, invalid_request
+from gateway.manager import BackendManager
+from protos.hearth.backend.v1 import backend_pb2 as pb
+
+T = TypeVar("T")
+
+
+def decode_body(body: bytes, kind: type[T]) -> T:
+    """The request body as `kind`; malformed JSON or a wrong field is a 400 naming the field."""
+    if not body.strip():
+        raise invalid_request("the request body is empty; send a JSON object")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        param, text = validation_error_field(exc)
+        message = f"{param}: {text}" if param else text
+        raise invalid_request(f"invalid request: {message}", param=param) from None
+    except msgspec.DecodeError as exc:
+        raise invalid_request(f"the request body is not valid JSON: {exc}") from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class ChunkBuilder(Protocol):
+    def opening(self) -> list[Any]: ...
+
+    def piece(self, item: pb.GenerateStreamResponse) -> list[Any]: ...
+
+
+def _event(chunk: Any) -> str:
+    return msgspec.json.encode(chunk).decode()
+
+
+async def stream_text(
+    manager: BackendManager, model: str, request: pb.GenerateRequest, chunks: ChunkBuilder
+) -> ServerSentEvent:
+    """An SSE response for a text generation.
+
+    The first piece is awaited before answering, so a failure before generation starts is an
+    ordinary HTTP error; a failure after it is one `data: {"error": ...}` event, then [DONE].
+    """
+
+    async def start(
+        client: BackendClient,
+    ) -> tuple[AsyncGenerator[pb.GenerateStreamResponse], pb.GenerateStreamResponse | None]:
+        stream = client.generate_stream(request)
+        try:
+            return stream, await anext(stream, None)
+        except BaseException:
+            await stream.aclose()
+            raise
+
+    lease, (stream, first) = await manager.open(model, Capability.TEXT, start)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            for chunk in chunks.opening():
+                yield _event(chunk)
+            item = first
+            while item is not None:
+                for chunk in chunks.piece(item):
+                    yield _event(chunk)
+                item = await anext(stream, None)
+        except OpenAIError as exc:
+            yield _event(exc.body())
+        finally:
+            await stream.aclose()
+            lease.release()
+        yield "[DONE]"
+
+    return ServerSentEvent(events())

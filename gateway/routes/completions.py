@@ -1,0 +1,38 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, Response, post
+
+from backends.runtime.backend import Capability
+from gateway.manager import BackendManager
+from gateway.routes.common import decode_body, new_id, now, stream_text
+from gateway.schemas.completions import CompletionRequest
+from gateway.translate import text
+
+
+class CompletionsController(Controller):
+    path = "/v1/completions"
+
+    @post(status_code=200)
+    async def create(
+        self, request: Request[Any, Any, Any], manager: BackendManager
+    ) -> Response[Any]:
+        # Annotated as Response so that a stream keeps its own text/event-stream media type.
+        body = decode_body(await request.body(), CompletionRequest)
+        config = manager.registry.get(body.model)
+        generate = text.completion_request(body, config)
+        id_, created = new_id("cmpl"), now()
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            chunks = text.CompletionChunks(
+                id=id_, created=created, model=body.model, include_usage=include_usage
+            )
+            return await stream_text(manager, body.model, generate, chunks)
+        lease, response = await manager.open(
+            body.model, Capability.TEXT, lambda client: client.generate(generate)
+        )
+        lease.release()
+        return Response(text.completion(response, id=id_, created=created, model=body.model))

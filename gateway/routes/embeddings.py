@@ -1,0 +1,32 @@
+"""POST /v1/embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, post
+
+from backends.runtime.backend import Capability
+from gateway.manager import BackendManager
+from gateway.routes.common import decode_body
+from gateway.schemas.embeddings import CreateEmbeddingResponse, EmbeddingRequest
+from gateway.translate import embeddings
+
+
+class EmbeddingsController(Controller):
+    path = "/v1/embeddings"
+
+    @post(status_code=200)
+    async def create(
+        self, request: Request[Any, Any, Any], manager: BackendManager
+    ) -> CreateEmbeddingResponse:
+        body = decode_body(await request.body(), EmbeddingRequest)
+        manager.registry.get(body.model)
+        embed = embeddings.embed_request(body)
+        lease, response = await manager.open(
+            body.model, Capability.EMBEDDINGS, lambda client: client.embed(embed)
+        )
+        lease.release()
+        return embeddings.embedding_response(
+            response, model=body.model, encoding_format=body.encoding_format
+        )

@@ -1,0 +1,46 @@
+"""POST /v1/tokenize and POST /v1/detokenize: a text model's own tokenizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, post
+
+from backends.runtime.backend import Capability
+from gateway.manager import BackendManager
+from gateway.routes.common import decode_body
+from gateway.schemas.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from protos.hearth.backend.v1 import backend_pb2 as pb
+
+
+class TokenizeController(Controller):
+    path = "/v1"
+
+    @post("/tokenize", status_code=200)
+    async def tokenize(
+        self, request: Request[Any, Any, Any], manager: BackendManager
+    ) -> TokenizeResponse:
+        body = decode_body(await request.body(), TokenizeRequest)
+        call = pb.TokenizeRequest(text=body.content, add_special=body.add_special)
+        lease, response = await manager.open(
+            body.model, Capability.TEXT, lambda client: client.tokenize(call)
+        )
+        lease.release()
+        return TokenizeResponse(tokens=list(response.tokens))
+
+    @post("/detokenize", status_code=200)
+    async def detokenize(
+        self, request: Request[Any, Any, Any], manager: BackendManager
+    ) -> DetokenizeResponse:
+        body = decode_body(await request.body(), DetokenizeRequest)
+        call = pb.DetokenizeRequest(tokens=body.tokens)
+        lease, response = await manager.open(
+            body.model, Capability.TEXT, lambda client: client.detokenize(call)
+        )
+        lease.release()
+        return DetokenizeResponse(content=response.text)

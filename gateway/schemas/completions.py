@@ -1,0 +1,45 @@
+"""/v1/completions wire types."""
+
+from __future__ import annotations
+
+import msgspec
+
+from gateway.schemas.common import MaxTokens, Penalty, StreamOptions, Temperature, TopP, Usage
+
+
+class CompletionRequest(msgspec.Struct):
+    model: str
+    prompt: str | list[str]
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    seed: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    # Extensions llama.cpp users expect.
+    top_k: int | None = None
+    min_p: TopP | None = None
+    repeat_penalty: float | None = None
+
+
+class CompletionChoice(msgspec.Struct):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Completion(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    object: str = "text_completion"
+    system_fingerprint: str | None = None
+    usage: Usage | None = None

@@ -1,0 +1,54 @@
+"""Gateway settings: defaults, then `HEARTH_*` environment variables, then command-line flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the gateway process is configured with."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    models_dir: Path = Path("models")
+    #: Where backend sockets live; None makes a private 0700 directory per run.
+    runtime_dir: Path | None = None
+    #: Bearer keys clients must send; empty means no authentication (loopback use).
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: Seconds a new backend process gets to become healthy.
+    backend_start_timeout: float = 60.0
+    #: Seconds a model gets to load.
+    load_timeout: float = 600.0
+    #: Seconds one request may take in a backend.
+    request_timeout: float = 600.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, overridden by HEARTH_<FIELD> variables, overridden by `overrides`."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"HEARTH_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        return replace(settings, models_dir=Path(settings.models_dir))
+
+
+def _parse(name: str, raw: str) -> Any:
+    if name == "port":
+        return int(raw)
+    if name in {"backend_start_timeout", "load_timeout", "request_timeout"}:
+        return float(raw)
+    if name in {"models_dir", "runtime_dir"}:
+        return Path(raw)
+    if name == "api_keys":
+        return tuple(k.strip() for k in raw.split(",") if k.strip())
+    return raw

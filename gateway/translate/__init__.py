@@ -1,0 +1,1 @@
+"""Pure functions between OpenAI wire types and the backend protobufs; nothing else imports both."""

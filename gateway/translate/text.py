@@ -1,0 +1,284 @@
+"""Chat and completion requests to GenerateRequest, and backend answers back to OpenAI's shape."""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+from gateway.config import ModelConfig
+from gateway.errors import invalid_request
+from gateway.schemas.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChoiceDelta,
+    ChunkChoice,
+    FunctionCall,
+    ToolCall,
+)
+from gateway.schemas.chat import Choice as ChatChoice
+from gateway.schemas.common import Usage
+from gateway.schemas.completions import Completion, CompletionChoice, CompletionRequest
+from protos.hearth.backend.v1 import backend_pb2 as pb
+
+T = TypeVar("T")
+
+FINISH_REASONS = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
+}
+
+
+def _sampling(
+    request: ChatCompletionRequest | CompletionRequest, config: ModelConfig, max_tokens: int | None
+) -> pb.SamplingParams:
+    """The request's sampling settings over the model YAML's defaults."""
+    if request.n not in (None, 1):
+        raise invalid_request("only n=1 is supported", param="n")
+    defaults = config.parameters
+    stop = request.stop if request.stop is not None else defaults.stop
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(s == "" for s in stops):
+        raise invalid_request("stop sequences must not be empty", param="stop")
+    sampling = pb.SamplingParams(stop=stops)
+    values = {
+        "max_tokens": max_tokens if max_tokens is not None else defaults.max_tokens,
+        "temperature": _first(request.temperature, defaults.temperature),
+        "top_p": _first(request.top_p, defaults.top_p),
+        "top_k": _first(request.top_k, defaults.top_k),
+        "min_p": _first(request.min_p, defaults.min_p),
+        "repeat_penalty": _first(request.repeat_penalty, defaults.repeat_penalty),
+        "presence_penalty": _first(request.presence_penalty, defaults.presence_penalty),
+        "frequency_penalty": _first(request.frequency_penalty, defaults.frequency_penalty),
+        "seed": _first(request.seed, defaults.seed),
+    }
+    for name, value in values.items():
+        if value is not None:
+            setattr(sampling, name, value)
+    return sampling
+
+
+def _first(*values: T | None) -> T | None:
+    return next((v for v in values if v is not None), None)
+
+
+def chat_request(request: ChatCompletionRequest, config: ModelConfig) -> pb.GenerateRequest:
+    """A chat completion request as the backend's GenerateRequest."""
+    if not request.messages:
+        raise invalid_request("messages must not be empty", param="messages")
+    messages = []
+    if config.system_prompt and not any(
+        m.role in {"system", "developer"} for m in request.messages
+    ):
+        messages.append(pb.ChatMessage(role="system", content=config.system_prompt))
+    for index, message in enumerate(request.messages):
+        converted = pb.ChatMessage(
+            role=message.role,
+            name=message.name or "",
+            tool_call_id=message.tool_call_id or "",
+        )
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise invalid_request(
+                        f"content parts of type '{part.type}' are not supported; send text",
+                        param=f"messages[{index}].content",
+                    )
+                texts.append(part.text)
+            content = "".join(texts)
+        if content is not None:
+            converted.content = content
+        for call in message.tool_calls or []:
+            converted.tool_calls.append(
+                pb.ToolCall(
+                    id=call.id,
+                    type=call.type,
+                    function=pb.FunctionCall(
+                        name=call.function.name, arguments=call.function.arguments
+                    ),
+                )
+            )
+        messages.append(converted)
+    chat = pb.ChatInput(messages=messages)
+    for tool in request.tools or []:
+        chat.tools.append(
+            pb.Tool(
+                type=tool.type,
+                name=tool.function.name,
+                description=tool.function.description or "",
+                parameters_json=json.dumps(tool.function.parameters or {}),
+            )
+        )
+    choice = request.tool_choice
+    if choice is not None:
+        chat.tool_choice = choice if isinstance(choice, str) else json.dumps(choice)
+    generate = pb.GenerateRequest(
+        chat=chat,
+        sampling=_sampling(request, config, request.max_completion_tokens or request.max_tokens),
+    )
+    response_format = request.response_format
+    if response_format is not None:
+        if response_format.type == "json_object":
+            generate.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT
+        elif response_format.type == "json_schema":
+            schema = response_format.json_schema
+            if schema is None or schema.schema is None:
+                raise invalid_request(
+                    "response_format json_schema needs json_schema.schema",
+                    param="response_format.json_schema",
+                )
+            generate.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+            generate.response_format.json_schema = json.dumps(schema.schema)
+    return generate
+
+
+def completion_request(request: CompletionRequest, config: ModelConfig) -> pb.GenerateRequest:
+    """A (legacy) completion request as the backend's GenerateRequest."""
+    prompt = request.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise invalid_request("send one prompt per request", param="prompt")
+        prompt = prompt[0]
+    if request.echo:
+        raise invalid_request("echo is not supported", param="echo")
+    if request.suffix:
+        raise invalid_request("suffix is not supported", param="suffix")
+    return pb.GenerateRequest(
+        prompt=prompt, sampling=_sampling(request, config, request.max_tokens)
+    )
+
+
+def usage(value: pb.Usage) -> Usage:
+    return Usage(
+        prompt_tokens=value.prompt_tokens,
+        completion_tokens=value.completion_tokens,
+        total_tokens=value.prompt_tokens + value.completion_tokens,
+    )
+
+
+def _tool_calls(calls: list[pb.ToolCall]) -> list[ToolCall] | None:
+    if not calls:
+        return None
+    return [
+        ToolCall(
+            id=c.id,
+            type=c.type or "function",
+            function=FunctionCall(name=c.function.name, arguments=c.function.arguments),
+        )
+        for c in calls
+    ]
+
+
+def chat_completion(
+    response: pb.GenerateResponse, *, id: str, created: int, model: str
+) -> ChatCompletion:
+    calls = _tool_calls(list(response.tool_calls))
+    message = ChatCompletionMessage(
+        role="assistant", content=response.text if response.text or not calls else None
+    )
+    message.tool_calls = calls
+    return ChatCompletion(
+        id=id,
+        created=created,
+        model=model,
+        choices=[
+            ChatChoice(
+                index=0,
+                message=message,
+                finish_reason=FINISH_REASONS.get(response.finish_reason, "stop"),
+            )
+        ],
+        usage=usage(response.usage),
+    )
+
+
+def completion(response: pb.GenerateResponse, *, id: str, created: int, model: str) -> Completion:
+    return Completion(
+        id=id,
+        created=created,
+        model=model,
+        choices=[
+            CompletionChoice(
+                index=0,
+                text=response.text,
+                finish_reason=FINISH_REASONS.get(response.finish_reason, "stop"),
+            )
+        ],
+        usage=usage(response.usage),
+    )
+
+
+class ChatChunks:
+    """Builds the chunks of one streamed chat completion (one id for all of them)."""
+
+    def __init__(self, *, id: str, created: int, model: str, include_usage: bool) -> None:
+        self.id, self.created, self.model = id, created, model
+        self.include_usage = include_usage
+
+    def _chunk(
+        self, choices: list[ChunkChoice], usage_: Usage | None = None
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_
+        )
+
+    def opening(self) -> list[ChatCompletionChunk]:
+        return [
+            self._chunk([ChunkChoice(index=0, delta=ChoiceDelta(role="assistant", content=""))])
+        ]
+
+    def piece(self, item: pb.GenerateStreamResponse) -> list[ChatCompletionChunk]:
+        chunks = []
+        if item.text:
+            chunks.append(self._chunk([ChunkChoice(index=0, delta=ChoiceDelta(content=item.text))]))
+        if item.tool_calls:
+            calls = [
+                {
+                    "index": i,
+                    "id": c.id,
+                    "type": c.type or "function",
+                    "function": {"name": c.function.name, "arguments": c.function.arguments},
+                }
+                for i, c in enumerate(item.tool_calls)
+            ]
+            chunks.append(self._chunk([ChunkChoice(index=0, delta=ChoiceDelta(tool_calls=calls))]))
+        if item.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            reason = FINISH_REASONS.get(item.finish_reason, "stop")
+            chunks.append(
+                self._chunk([ChunkChoice(index=0, delta=ChoiceDelta(), finish_reason=reason)])
+            )
+            if self.include_usage:
+                chunks.append(self._chunk([], usage(item.usage)))
+        return chunks
+
+
+class CompletionChunks:
+    """Builds the chunks of one streamed completion."""
+
+    def __init__(self, *, id: str, created: int, model: str, include_usage: bool) -> None:
+        self.id, self.created, self.model = id, created, model
+        self.include_usage = include_usage
+
+    def _chunk(self, choices: list[CompletionChoice], usage_: Usage | None = None) -> Completion:
+        return Completion(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_
+        )
+
+    def opening(self) -> list[Completion]:
+        return []
+
+    def piece(self, item: pb.GenerateStreamResponse) -> list[Completion]:
+        finished = item.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        chunks = []
+        if item.text or finished:
+            reason = FINISH_REASONS.get(item.finish_reason, "stop") if finished else None
+            chunks.append(
+                self._chunk([CompletionChoice(index=0, text=item.text, finish_reason=reason)])
+            )
+        if finished and self.include_usage:
+            chunks.append(self._chunk([], usage(item.usage)))
+        return chunks

@@ -1,0 +1,158 @@
+"""The llama.cpp backend through the gateway: a tiny random GGUF, and the real SmolLM2."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Gateway, write_model
+
+pytestmark = pytest.mark.llama
+GREEDY = {"temperature": 0.0}
+MESSAGES = [{"role": "user", "content": "hello there"}]
+
+
+def greedy_chat(client: openai.OpenAI, **kwargs: object) -> openai.types.chat.ChatCompletion:
+    options = {"model": "tiny-llama", "messages": MESSAGES, **GREEDY, **kwargs}
+    return client.chat.completions.create(**options)  # type: ignore[call-overload,no-any-return]
+
+
+def test_chat_runs_to_max_tokens(client: openai.OpenAI) -> None:
+    answer = greedy_chat(client, max_tokens=12)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "length"
+    assert choice.message.content
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens == 12
+    assert answer.usage.prompt_tokens > 5  # the chat template's tokens and the message's
+
+
+def test_greedy_is_repeatable_and_stream_matches(client: openai.OpenAI) -> None:
+    first = greedy_chat(client, max_tokens=16).choices[0].message.content
+    second = greedy_chat(client, max_tokens=16).choices[0].message.content
+    assert first == second
+    chunks = list(
+        greedy_chat(client, max_tokens=16, stream=True, stream_options={"include_usage": True})
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == first
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 16
+
+
+def test_same_seed_same_text(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> str | None:
+        answer = greedy_chat(client, max_tokens=16, temperature=1.5, seed=seed)
+        return answer.choices[0].message.content
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in range(1, 5)}) > 1, "different seeds should differ somewhere"
+
+
+def test_stop_sequence_cuts_the_text_and_is_not_returned(client: openai.OpenAI) -> None:
+    full = greedy_chat(client, max_tokens=24).choices[0].message.content
+    assert full is not None
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    expected = full[: full.index(stop)]
+    for stream in (False, True):
+        if stream:
+            chunks = greedy_chat(client, max_tokens=24, stop=[stop], stream=True)
+            pieces = [
+                (c.choices[0].delta.content or "", c.choices[0].finish_reason) for c in chunks
+            ]
+            text = "".join(p for p, _ in pieces)
+            finish = pieces[-1][1]
+        else:
+            answer = greedy_chat(client, max_tokens=24, stop=[stop])
+            text, finish = answer.choices[0].message.content or "", answer.choices[0].finish_reason
+        assert text == expected, f"stream={stream}"
+        assert stop not in text
+        assert finish == "stop"
+
+
+def test_completion_counts_prompt_tokens_like_tokenize(
+    client: openai.OpenAI, http: httpx.Client
+) -> None:
+    prompt = "the water was hot"
+    answer = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=5, **GREEDY)
+    assert answer.choices[0].finish_reason == "length"
+    tokens = http.post(
+        "/v1/tokenize", json={"model": "tiny-llama", "content": prompt, "add_special": True}
+    ).json()["tokens"]
+    assert answer.usage is not None
+    assert answer.usage.prompt_tokens == len(tokens)
+    assert answer.usage.completion_tokens == 5
+
+
+def test_tokenize_and_detokenize_round_trip(http: httpx.Client) -> None:
+    text = "the water was hot"
+    tokens = http.post("/v1/tokenize", json={"model": "tiny-llama", "content": text}).json()[
+        "tokens"
+    ]
+    assert tokens
+    assert all(isinstance(t, int) for t in tokens)
+    with_bos = http.post(
+        "/v1/tokenize", json={"model": "tiny-llama", "content": text, "add_special": True}
+    ).json()["tokens"]
+    assert with_bos == [1, *tokens]
+    back = http.post("/v1/detokenize", json={"model": "tiny-llama", "tokens": tokens}).json()
+    assert back["content"].strip() == text
+    bad = http.post("/v1/detokenize", json={"model": "tiny-llama", "tokens": [10**7]})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["code"] == "invalid_token"
+
+
+def test_prompt_longer_than_the_context_is_a_clear_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny-llama", prompt="water " * 400, max_tokens=4)
+    assert caught.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+    # The backend is still there for the next request.
+    assert greedy_chat(client, max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_json_object_response_format_gives_json(client: openai.OpenAI) -> None:
+    import json
+
+    answer = greedy_chat(client, max_tokens=40, response_format={"type": "json_object"})
+    content = answer.choices[0].message.content or ""
+    if answer.choices[0].finish_reason == "stop":
+        json.loads(content)
+    else:  # cut by max_tokens: still the start of a JSON object
+        assert content.lstrip().startswith("{")
+
+
+def test_a_broken_gguf_fails_to_load_with_a_clear_error(
+    gateway: Gateway, http: httpx.Client
+) -> None:
+    (gateway.models_dir / "garbage.gguf").write_bytes(b"GGUF but not really" * 10)
+    write_model(gateway.models_dir, "garbage", "backend: llama\nmodel: garbage.gguf")
+    response = http.post("/v1/completions", json={"model": "garbage", "prompt": "x"})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["code"] == "backend_start_failed"
+    assert "garbage" in error["message"]
+    missing = http.post("/v1/completions", json={"model": "garbage-missing", "prompt": "x"})
+    assert missing.status_code == 404
+
+
+@pytest.mark.real_model
+def test_smollm2_knows_the_capital_of_france(smollm2_dir: object) -> None:
+    gateway = Gateway(smollm2_dir).start()  # type: ignore[arg-type]
+    try:
+        body = {
+            "model": "smollm2-135m-instruct",
+            "messages": [
+                {"role": "user", "content": "What is the capital of France? Answer in one word."}
+            ],
+        }
+        # The README's curl, as it is: no temperature, the YAML's defaults apply.
+        response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
+        assert response.status_code == 200
+        assert "Paris" in response.json()["choices"][0]["message"]["content"]
+        stream = gateway.client().chat.completions.create(**body, stream=True)  # type: ignore[call-overload]
+        assert "Paris" in "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    finally:
+        gateway.cleanup()

@@ -1,0 +1,98 @@
+"""Tiny random-weight models built in seconds, in real formats the real engines load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+_WORDS = (
+    "the a and of to in is it you that he was for on are with as his they be at one have this "
+    "from or had by hot word but what some we can out other were all there when up use your how "
+    "said an each she which do their time if will way about many then them write would like so "
+    "these her long make thing see him two has look more day could go come did number sound no "
+    "most people my over know water than call first who may down side been now find any new "
+    "work part take get place made live where after back little only round man year came show"
+).split()
+
+
+def write_tiny_llama_gguf(path: Path, *, seed: int = 0) -> Path:
+    """A llama-architecture GGUF: 64-wide, 2 blocks, SPM vocabulary, a chat template.
+
+    Its output never favours end-of-sequence, byte or control tokens, so greedy generation
+    produces words until max_tokens.
+    """
+    from gguf import GGUFWriter, TokenType
+
+    tokens: list[str] = ["<unk>", "<s>", "</s>"]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
+    for control in ("<|system|>", "<|user|>", "<|assistant|>"):
+        tokens.append(control)
+        types.append(TokenType.CONTROL)
+    for byte in range(256):
+        tokens.append(f"<0x{byte:02X}>")
+        types.append(TokenType.BYTE)
+    first_word = len(tokens)
+    pieces = ["\u2581"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces += [f"\u2581{w}" for w in dict.fromkeys(_WORDS)]
+    for piece in pieces:
+        tokens.append(piece)
+        types.append(TokenType.NORMAL)
+    scores = [0.0] * first_word + [float(len(p)) for p in pieces]
+    vocab = len(tokens)
+
+    embed, blocks, heads, kv_heads, ff = 64, 2, 4, 2, 128
+    head_dim = embed // heads
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int, scale: float = 0.2) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-random-llama")
+    writer.add_context_length(512)
+    writer.add_embedding_length(embed)
+    writer.add_block_count(blocks)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(0)  # all F32
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_chat_template(TINY_CHAT_TEMPLATE)
+
+    output = weight(vocab, embed, scale=1.0)
+    output[:first_word] = 0.0  # never prefer </s>, bytes or control tokens...
+    output[first_word:] += 0.5 * np.abs(output[first_word:]).mean()  # ...over words
+    writer.add_tensor("token_embd.weight", weight(vocab, embed, scale=1.0))
+    writer.add_tensor("output_norm.weight", np.ones(embed, dtype=np.float32))
+    writer.add_tensor("output.weight", output)
+    for block in range(blocks):
+        prefix = f"blk.{block}"
+        writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(embed, dtype=np.float32))
+        writer.add_tensor(f"{prefix}.attn_q.weight", weight(embed, embed))
+        writer.add_tensor(f"{prefix}.attn_k.weight", weight(kv_heads * head_dim, embed))
+        writer.add_tensor(f"{prefix}.attn_v.weight", weight(kv_heads * head_dim, embed))
+        writer.add_tensor(f"{prefix}.attn_output.weight", weight(embed, embed))
+        writer.add_tensor(f"{prefix}.ffn_norm.weight", np.ones(embed, dtype=np.float32))
+        writer.add_tensor(f"{prefix}.ffn_gate.weight", weight(ff, embed))
+        writer.add_tensor(f"{prefix}.ffn_up.weight", weight(ff, embed))
+        writer.add_tensor(f"{prefix}.ffn_down.weight", weight(embed, ff))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
