@@ -1,0 +1,201 @@
+"""What streaming through Hearth costs, next to llama.cpp in-process.
+
+The same GGUF (SmolLM2-135M-Instruct), prompt, greedy sampling, context and thread count,
+measured in turns: (a) llama-cpp-python in this process, (b) a `hearth run` gateway streaming
+over HTTP/SSE from its llama backend process. For each it prints generation tokens/s and the
+time to the first content token, then the ratios, then the gateway process's own RSS when idle.
+
+    .venv/bin/python bench/stream_overhead.py [--runs 7] [--max-tokens 128] [--threads N]
+
+Tokens are counted the same way for both: the streamed text, re-tokenized by the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway.defaults import SMOLLM2, install  # noqa: E402
+
+PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
+
+
+@dataclass
+class Run:
+    first_token_s: float  # request sent → first content token
+    tokens: int
+    generation_s: float  # first content token → last
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.tokens - 1) / self.generation_s if self.generation_s > 0 else 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def in_process(llm: object, max_tokens: int, count: object) -> Run:
+    started = time.perf_counter()
+    first = last = 0.0
+    pieces = []
+    for chunk in llm.create_chat_completion(  # type: ignore[attr-defined]
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=max_tokens,
+        temperature=0.0,
+        stream=True,
+    ):
+        content = chunk["choices"][0]["delta"].get("content")
+        if content:
+            last = time.perf_counter()
+            first = first or last
+            pieces.append(content)
+    return Run(first - started, count("".join(pieces)), last - first)  # type: ignore[operator]
+
+
+def through_hearth(http: httpx.Client, max_tokens: int, count: object) -> Run:
+    body = {
+        "model": SMOLLM2.name,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+    }
+    started = time.perf_counter()
+    first = last = 0.0
+    pieces = []
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choices = json.loads(line[6:])["choices"]
+            content = choices[0]["delta"].get("content") if choices else None
+            if content:
+                last = time.perf_counter()
+                first = first or last
+                pieces.append(content)
+    return Run(first - started, count("".join(pieces)), last - first)  # type: ignore[operator]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models-dir", type=Path, default=ROOT / ".cache" / "bench-models")
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--context-size", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    args = parser.parse_args()
+
+    install(SMOLLM2, args.models_dir)
+    source = args.models_dir / SMOLLM2.filename
+
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(source),
+        n_ctx=args.context_size,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        verbose=False,
+    )
+
+    def count(text: str) -> int:
+        return len(llm.tokenize(text.encode(), add_bos=False, special=True))
+
+    scratch = Path(tempfile.mkdtemp(prefix="hearth-bench-"))
+    models = scratch / "models"
+    models.mkdir()
+    try:
+        os.link(source, models / SMOLLM2.filename)
+    except OSError:
+        shutil.copy(source, models / SMOLLM2.filename)
+    (models / "smollm2.yaml").write_text(
+        f"name: {SMOLLM2.name}\nbackend: llama\nmodel: {SMOLLM2.filename}\n"
+        f"context_size: {args.context_size}\nthreads: {args.threads}\n"
+    )
+    port = free_port()
+    log = (scratch / "gateway.log").open("wb")
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--port", str(port), "--models-dir", str(models)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if http.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
+        time.sleep(1.0)
+        idle_before_load = rss_mb(gateway.pid)
+
+        # Warm both: the backend loads its model, both fill their caches.
+        in_process(llm, 8, count)
+        through_hearth(http, 8, count)
+
+        results: dict[str, list[Run]] = {"in-process": [], "hearth": []}
+        for index in range(args.runs):
+            order = ["in-process", "hearth"] if index % 2 == 0 else ["hearth", "in-process"]
+            for mode in order:
+                if mode == "in-process":
+                    results[mode].append(in_process(llm, args.max_tokens, count))
+                else:
+                    results[mode].append(through_hearth(http, args.max_tokens, count))
+        time.sleep(1.0)
+        idle_after = rss_mb(gateway.pid)
+    finally:
+        gateway.terminate()
+        gateway.wait(30)
+        log.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print(f"model {SMOLLM2.filename}, {args.max_tokens} tokens greedy, "
+          f"context {args.context_size}, "
+          f"{args.threads} thread(s), {args.runs} interleaved runs each, medians")  # fmt: skip
+    summary = {}
+    for mode, runs in results.items():
+        tps = statistics.median(r.tokens_per_second for r in runs)
+        ttft = statistics.median(r.first_token_s for r in runs) * 1000
+        tokens = statistics.median(r.tokens for r in runs)
+        summary[mode] = (tps, ttft)
+        print(f"  {mode:<11} {tps:7.1f} tok/s   first token {ttft:6.1f} ms   ({tokens:.0f} tokens)")
+    ratio = summary["hearth"][0] / summary["in-process"][0]
+    print(f"  ratio (hearth / in-process tok/s): {ratio:.3f}   goal >= 0.97")
+    print(f"  first-token overhead: {summary['hearth'][1] - summary['in-process'][1]:+.1f} ms")
+    print(f"  gateway RSS idle: {idle_before_load:.0f} MB before any model, "
+          f"{idle_after:.0f} MB after the runs   goal <= 100 MB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
