@@ -271,18 +271,26 @@ class BackendManager:
                 return lease, await start(lease.client)
             except OpenAIError as exc:
                 lease.release()
-                crashed = exc.code == "backend_unavailable"
-                if crashed and attempt == 0 and await lease.instance.exited(timeout=2.0):
-                    log.warning("backend for %s had died; starting a new one", name)
-                    lease.instance.dead = True
+                if await self._lost(lease.instance, exc) and attempt == 0:
+                    log.warning("backend for %s was lost; starting it again", name)
                     continue
-                if crashed:
-                    lease.instance.dead = lease.instance.dead or not lease.instance.alive
                 raise
             except BaseException:
                 lease.release()
                 raise
         raise AssertionError("unreachable")
+
+    async def _lost(self, instance: BackendInstance, error: OpenAIError) -> bool:
+        """Whether `error` means the backend is gone (or lost its model); if so, forget it."""
+        if error.code not in {"backend_unavailable", "model_not_loaded"}:
+            return False
+        # A local process that has exited is gone; a remote one that fails so cannot be
+        # trusted either: the next start health-checks and loads it again.
+        if instance.process is not None and not await instance.exited(timeout=2.0):
+            return False
+        if not instance.dead:
+            self._forget(instance)
+        return True
 
     async def _ensure(self, config: ModelConfig) -> BackendInstance:
         if self._closing:
@@ -313,6 +321,7 @@ class BackendManager:
     def _command(self, config: ModelConfig, address: str) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        env["HEARTH_UNDER_GATEWAY"] = "1"
         env.setdefault("HEARTH_LOG_LEVEL", self.settings.log_level.upper())
         if config.backend in BUILTIN_BACKENDS:
             path = env.get("PYTHONPATH")

@@ -161,9 +161,11 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Pat
     for name, extra in ECHO_MODELS.items():
         write_model(directory, name, f"backend: echo\n{extra}")
     shutil.copy(tiny_gguf, directory / "tiny-llama.gguf")
-    write_model(
-        directory, "tiny-llama", "backend: llama\nmodel: tiny-llama.gguf\ncontext_size: 256"
-    )
+    tiny = "backend: llama\nmodel: tiny-llama.gguf\ncontext_size: 256"
+    write_model(directory, "tiny-llama", tiny)
+    write_model(directory, "tiny-llama-embed", f"{tiny}\nembeddings: true")
+    template = "Q: {{ messages[-1]['content'] }}\\nA:"
+    write_model(directory, "tiny-llama-template", f'{tiny}\nchat_template: "{template}"')
     custom = ROOT / "tests" / "custom" / "reverse_backend.py"
     (directory / "backends.yaml").write_text(
         "backends:\n"

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import Gateway, wait_until, write_model
+from tests.conftest import ROOT, Gateway, free_port, wait_until, write_model
 
 
 @pytest.fixture
@@ -91,3 +94,46 @@ def test_api_keys_are_required_when_set(lifecycle_models: Path) -> None:
         assert httpx.get(f"{gateway.url}/healthz").status_code == 200
     finally:
         gateway.cleanup()
+
+
+def start_remote(port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests/custom/reverse_backend.py"),
+            "--address",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert wait_until(lambda: _listening(port), timeout=20)
+    return process
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_remote_backend_is_served_and_reloaded_after_it_restarts(tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "backends.yaml").write_text(
+        f"backends:\n  - name: remote\n    address: 127.0.0.1:{port}\n"
+    )
+    write_model(tmp_path, "far", "backend: remote")
+    remote = start_remote(port)
+    gateway = Gateway(tmp_path).start()
+    try:
+        assert ask(gateway, "far").json()["choices"][0]["text"] == "ih"
+        remote.kill()
+        remote.wait()
+        remote = start_remote(port)  # a fresh process: no model loaded
+        answer = ask(gateway, "far")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["text"] == "ih"
+    finally:
+        gateway.cleanup()
+        remote.kill()
+        remote.wait()

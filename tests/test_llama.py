@@ -156,3 +156,45 @@ def test_smollm2_knows_the_capital_of_france(smollm2_dir: object) -> None:
         assert "Paris" in "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     finally:
         gateway.cleanup()
+
+
+def test_embedding_model(client: openai.OpenAI, http: httpx.Client) -> None:
+    result = client.embeddings.create(
+        model="tiny-llama-embed",
+        input=["the water", "hot day", "the water"],
+        encoding_format="float",
+    )
+    vectors = [d.embedding for d in result.data]
+    assert len(vectors) == 3
+    assert len(vectors[0]) == 64, "the tiny model's embedding width"
+    for vector in vectors:
+        assert sum(v * v for v in vector) == pytest.approx(1.0, abs=1e-4)
+    assert vectors[0] == pytest.approx(vectors[2], abs=1e-5)
+    assert vectors[0] != pytest.approx(vectors[1], abs=1e-3)
+    assert result.usage.prompt_tokens > 0
+    chat = http.post(
+        "/v1/chat/completions",
+        json={"model": "tiny-llama-embed", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert chat.status_code == 400
+    assert chat.json()["error"]["code"] == "model_not_supported"
+    tokens = http.post("/v1/embeddings", json={"model": "tiny-llama-embed", "input": [1, 2, 3]})
+    assert tokens.status_code == 400
+    assert tokens.json()["error"]["param"] == "input"
+
+
+def test_yaml_chat_template_replaces_the_models_own(
+    client: openai.OpenAI, http: httpx.Client
+) -> None:
+    answer = client.chat.completions.create(
+        model="tiny-llama-template", messages=MESSAGES, max_tokens=1, **GREEDY
+    )
+    rendered = "Q: hello there\nA:"
+    tokens = http.post(
+        "/v1/tokenize", json={"model": "tiny-llama-template", "content": rendered}
+    ).json()["tokens"]
+    assert answer.usage is not None
+    assert answer.usage.prompt_tokens == len(tokens)
+    own = greedy_chat(client, max_tokens=1)
+    assert own.usage is not None
+    assert own.usage.prompt_tokens != answer.usage.prompt_tokens

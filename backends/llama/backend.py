@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -43,6 +44,39 @@ def _held_back(text: str, stops: list[str]) -> int:
     return longest
 
 
+_POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
+
+
+def _pooling(name: object, embeddings: bool) -> int:
+    """`options.pooling` as llama.cpp's enum; unset means the model's own (-1)."""
+    if name is None:
+        return -1
+    allowed = [p for p in _POOLING if p != "none" or not embeddings]
+    if name not in allowed:
+        raise BackendError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid_option",
+            f"options.pooling must be one of {', '.join(allowed)}, not {name!r}",
+        )
+    return _POOLING[str(name)]
+
+
+def _open(llama: Any, settings: dict[str, Any]) -> Any:
+    try:
+        return llama(**settings)
+    except ValueError as exc:  # llama-cpp-python's word for "llama.cpp could not load it"
+        raise BackendError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid_model_file",
+            f"llama.cpp cannot load {os.path.basename(settings['model_path'])}: {exc}",
+        ) from None
+
+
+def _unit(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
+
+
 class LlamaBackend(Backend):
     """One GGUF model in one llama.cpp context; requests take turns on it."""
 
@@ -69,25 +103,27 @@ class LlamaBackend(Backend):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model file not found: {path}")
         options = json_format.MessageToDict(request.options)
-        try:
-            llm = Llama(
-                model_path=path,
-                n_ctx=request.context_size or DEFAULT_CONTEXT_SIZE,
-                n_threads=request.threads or None,
-                n_threads_batch=request.threads or None,
-                n_batch=request.batch_size or 512,
-                use_mmap=request.mmap if request.HasField("mmap") else True,
-                seed=request.seed if request.HasField("seed") else random.getrandbits(31),
-                embedding=request.embeddings,
-                n_gpu_layers=int(options.get("gpu_layers", 0)),
-                verbose=False,
-            )
-        except ValueError as exc:  # llama-cpp-python's word for "llama.cpp could not load it"
-            raise BackendError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "invalid_model_file",
-                f"llama.cpp cannot load {os.path.basename(path)}: {exc}",
-            ) from None
+        settings = {
+            "model_path": path,
+            "n_ctx": request.context_size or DEFAULT_CONTEXT_SIZE,
+            "n_threads": request.threads or None,
+            "n_threads_batch": request.threads or None,
+            "n_batch": request.batch_size or 512,
+            "use_mmap": request.mmap if request.HasField("mmap") else True,
+            "seed": request.seed if request.HasField("seed") else random.getrandbits(31),
+            "embedding": request.embeddings,
+            "n_gpu_layers": int(options.get("gpu_layers", 0)),
+            "pooling_type": _pooling(options.get("pooling"), request.embeddings),
+            "verbose": False,
+        }
+        llm = _open(Llama, settings)
+        if request.embeddings and llm.pooling_type() == _POOLING["none"]:
+            # A model that pools nothing (a generative one) gives a vector per token; OpenAI
+            # clients want one per input, and llama-cpp-python mixes up batched per-token
+            # vectors. Load it again pooling by mean, as llama.cpp's server would need too.
+            log.info("the model does not pool its embeddings; using mean pooling")
+            llm.close()
+            llm = _open(Llama, {**settings, "pooling_type": _POOLING["mean"]})
         self.llm = llm
         self.embeddings = request.embeddings
         self.eog = self._end_of_generation_tokens()
@@ -319,7 +355,6 @@ class LlamaBackend(Backend):
                 param="dimensions",
             )
         with self.lock:
-            vectors, count = self.llm.embed(texts, normalize=True, truncate=True, return_count=True)
-        return pb.EmbedResponse(
-            embeddings=[pb.Embedding(values=v) for v in vectors], prompt_tokens=count
-        )
+            rows, count = self.llm.embed(texts, normalize=False, truncate=True, return_count=True)
+        vectors = [pb.Embedding(values=_unit(row)) for row in rows]
+        return pb.EmbedResponse(embeddings=vectors, prompt_tokens=count)

@@ -333,9 +333,11 @@ def run(backend: Backend, argv: list[str] | None = None) -> None:
     parser.add_argument("--address", required=True, help="unix:///path/to.sock or host:port")
     parser.add_argument("--log-level", default=os.environ.get("HEARTH_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
+    # Under the gateway, our lines go into its log, which stamps them with the time already.
+    stamp = "" if os.environ.get("HEARTH_UNDER_GATEWAY") else "%(asctime)s "
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"{stamp}%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     _die_with_parent()
