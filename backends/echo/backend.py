@@ -31,6 +31,7 @@ import grpc
 from google.protobuf import json_format
 
 from backends.runtime import Backend, BackendError
+from backends.runtime.text import StopText
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
 log = logging.getLogger("hearth.backend.echo")
@@ -74,34 +75,32 @@ class EchoBackend(Backend):
     def generate_stream(
         self, request: pb.GenerateRequest, cancelled: threading.Event
     ) -> Iterator[pb.GenerateStreamResponse]:
-        text, prompt_tokens = self._answer(request)
+        answer, prompt_tokens = self._answer(request)
         sampling = request.sampling
-        words = pieces(text)
+        words = pieces(answer)
         finish = pb.FINISH_REASON_STOP
         if sampling.HasField("max_tokens") and len(words) > sampling.max_tokens:
             words, finish = words[: sampling.max_tokens], pb.FINISH_REASON_LENGTH
         latency = float(self.options.get("latency_ms", 0)) / 1000
-        emitted = ""
+        text = StopText(list(sampling.stop))
         sent = 0
         for index, word in enumerate(words):
             self._misbehave(index)
             if cancelled.wait(latency) if latency else cancelled.is_set():
                 log.info("stream cancelled after %d of %d words", index, len(words))
                 return
-            candidate = emitted + word
-            stop_at = min((candidate.find(s) for s in sampling.stop if s in candidate), default=-1)
-            if stop_at >= 0:
-                tail = candidate[len(emitted) : stop_at]
-                if tail:
-                    yield pb.GenerateStreamResponse(text=tail)
-                finish = pb.FINISH_REASON_STOP
-                sent = index + 1
-                break
-            emitted = candidate
             sent = index + 1
-            yield pb.GenerateStreamResponse(text=word)
+            ready = text.feed(word)
+            if ready:
+                yield pb.GenerateStreamResponse(text=ready)
+            if text.stopped:
+                finish = pb.FINISH_REASON_STOP
+                break
         else:
             self._misbehave(len(words))
+        rest = text.rest()
+        if rest:
+            yield pb.GenerateStreamResponse(text=rest)
         yield pb.GenerateStreamResponse(
             finish_reason=finish,
             usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=sent),

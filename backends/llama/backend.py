@@ -21,6 +21,7 @@ import grpc
 from google.protobuf import json_format
 
 from backends.runtime import Backend, BackendError, Capability
+from backends.runtime.text import StopText
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
 log = logging.getLogger("hearth.backend.llama")
@@ -31,17 +32,6 @@ DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_K = 40
 DEFAULT_TOP_P = 0.95
 DEFAULT_MIN_P = 0.05
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest end of `text` that could still grow into a stop sequence."""
-    longest = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
-                longest = size
-                break
-    return longest
 
 
 _POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
@@ -253,13 +243,11 @@ class LlamaBackend(Backend):
         finish = pb.FINISH_REASON_LENGTH
         if sampling.HasField("max_tokens"):
             budget = min(budget, sampling.max_tokens)
-        stops = [s for s in sampling.stop if s]
         grammar = self._grammar(request)
         llm.set_seed(sampling.seed if sampling.HasField("seed") else random.getrandbits(31))
 
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text = ""
-        sent = 0  # characters of `text` already sent
+        text = StopText(list(sampling.stop))
         produced = 0
         tokens = llm.generate(
             prompt,
@@ -273,29 +261,20 @@ class LlamaBackend(Backend):
             grammar=grammar,
         )
         try:
-            if budget <= 0:
-                tokens.close()
-            for token in tokens:
+            for token in tokens if budget > 0 else ():
                 if cancelled.is_set():
+                    log.info("generation cancelled after %d tokens", produced)
                     return
                 if token in self.eog:
                     finish = pb.FINISH_REASON_STOP
                     break
                 produced += 1
-                text += decoder.decode(llm.detokenize([token], prev_tokens=None))
-                hits = [i for i in (text.find(s, sent) for s in stops) if i >= 0]
-                if hits:
-                    end = min(hits)
-                    if end > sent:
-                        yield pb.GenerateStreamResponse(text=text[sent:end])
-                    sent = end
-                    text = text[:end]
+                ready = text.feed(decoder.decode(llm.detokenize([token])))
+                if ready:
+                    yield pb.GenerateStreamResponse(text=ready)
+                if text.stopped:
                     finish = pb.FINISH_REASON_STOP
                     break
-                ready = len(text) - _held_back(text, stops) if stops else len(text)
-                if ready > sent:
-                    yield pb.GenerateStreamResponse(text=text[sent:ready])
-                    sent = ready
                 if produced >= budget:
                     break
             else:
@@ -303,10 +282,9 @@ class LlamaBackend(Backend):
                     finish = pb.FINISH_REASON_STOP  # the grammar completed
         finally:
             tokens.close()
-        if finish != pb.FINISH_REASON_STOP or sent < len(text):
-            rest = text[sent:] + decoder.decode(b"", final=True)
-            if rest:
-                yield pb.GenerateStreamResponse(text=rest)
+        rest = text.feed(decoder.decode(b"", final=True)) + text.rest()
+        if rest:
+            yield pb.GenerateStreamResponse(text=rest)
         yield pb.GenerateStreamResponse(
             finish_reason=finish,
             usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=produced),

@@ -1,0 +1,52 @@
+"""Text as a model writes it, piece by piece: what can be sent now, and where a stop cuts it.
+
+Shared by every text backend, so stop sequences behave the same everywhere: they end the
+generation, they are never returned, and text that might still grow into one is held back.
+"""
+
+from __future__ import annotations
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop sequence."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class StopText:
+    """Accumulates decoded pieces; `feed` returns the text safe to send and whether a stop hit."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0  # characters of `text` already handed out
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """Add a decoded piece; return what can be sent now ('' if nothing)."""
+        if self.stopped or not piece:
+            return ""
+        self.text += piece
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        if hits:
+            end = min(hits)
+            self.stopped = True
+            self.text = self.text[:end]
+            return self._take(end)
+        return self._take(len(self.text) - held_back(self.text, self.stops))
+
+    def rest(self) -> str:
+        """At the end of generation: whatever was held back (nothing after a stop)."""
+        return "" if self.stopped else self._take(len(self.text))
+
+    def _take(self, end: int) -> str:
+        if end <= self.sent:
+            return ""
+        ready = self.text[self.sent : end]
+        self.sent = end
+        return ready
