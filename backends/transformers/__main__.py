@@ -1,0 +1,4 @@
+from backends.runtime import run
+from backends.transformers.backend import TransformersBackend
+
+run(TransformersBackend())

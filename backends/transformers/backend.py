@@ -1,0 +1,433 @@
+"""Hugging Face Transformers: causal LMs (chat, completion, streaming) and sentence embeddings.
+
+Only safetensors weights are loaded (pickle weights can run code), `trust_remote_code` stays off
+unless the model YAML turns it on, and nothing is fetched from a hub: the model is a local
+directory.
+
+Generation runs `model.generate` in a helper thread with a streamer that hands over token ids;
+this backend's stream thread decodes them, watches stop sequences, and a stopping criterion ends
+`generate` within one token once the call is cancelled or a stop sequence has appeared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from backends.runtime import Backend, BackendError, Capability
+from backends.runtime.text import StopText
+from protos.hearth.backend.v1 import backend_pb2 as pb
+
+log = logging.getLogger("hearth.backend.transformers")
+
+# Models are local directories: never reach for a hub, even when a config names one.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+_POOLING_MODES = ("mean", "cls", "max")
+_EMBED_CHUNK = 64  # inputs per forward pass
+
+
+def _invalid(reason: str, message: str, param: str | None = None) -> BackendError:
+    return BackendError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, param=param)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class _TokenQueue:
+    """A `generate` streamer: new token ids go into a queue (the prompt is skipped)."""
+
+    def __init__(self) -> None:
+        self.items: queue.Queue[Any] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.items.put(int(token))
+
+    def end(self) -> None:
+        self.items.put(None)
+
+
+class TransformersBackend(Backend):
+    """One model directory: a causal LM, or (with `embeddings: true`) a sentence encoder."""
+
+    name = "transformers"
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.embeddings = False
+        self.chat_template: str | None = None
+        self.pooling = "mean"
+        self.normalize = True
+        self.truncate = True
+        self.max_length = 512
+        self.context = 2048
+        self.lock = threading.Lock()
+
+    # Lifecycle --------------------------------------------------------------------------------
+
+    def load(self, request: pb.LoadRequest) -> pb.LoadResponse:
+        import torch
+        import transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # they would fill the gateway's log
+
+        path = Path(request.model_path)
+        if not request.model_path:
+            raise _invalid("model_missing", "the model YAML names no model directory")
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory not found: {path}")
+        if not any(path.rglob("*.safetensors")):
+            raise _invalid(
+                "unsafe_weights",
+                f"{path.name} has no .safetensors weights; Hearth does not load pickle weights "
+                "(.bin, .pt), which can run code when loaded",
+            )
+        options = json_format.MessageToDict(request.options)
+        trust = bool(options.get("trust_remote_code", False))
+        if trust:
+            log.warning(
+                "trust_remote_code is on for %s: Python files in its directory will run "
+                "with this process's rights",
+                request.model_name,
+            )
+        dtype_name = str(options.get("dtype", "float32"))
+        if dtype_name not in _DTYPES:
+            raise _invalid("invalid_option", f"options.dtype must be one of {', '.join(_DTYPES)}")
+        dtype = dtype_name if dtype_name == "auto" else getattr(torch, dtype_name)
+        if request.threads:
+            torch.set_num_threads(request.threads)
+        if request.HasField("seed"):
+            torch.manual_seed(request.seed)
+        common = {"local_files_only": True, "trust_remote_code": trust}
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, **common)
+        self.embeddings = request.embeddings
+        loader = transformers.AutoModel if self.embeddings else transformers.AutoModelForCausalLM
+        try:
+            model = loader.from_pretrained(path, dtype=dtype, use_safetensors=True, **common)
+        except (OSError, ValueError) as exc:
+            raise _invalid(
+                "invalid_model", f"transformers cannot load {path.name}: {exc}"
+            ) from None
+        self.model = model.eval()
+        positions = getattr(model.config, "max_position_embeddings", None) or 2048
+        if self.embeddings:
+            self._configure_embeddings(path, options, positions)
+        else:
+            self.context = request.context_size or positions
+            self.chat_template = request.chat_template or self.tokenizer.chat_template
+        log.info(
+            "loaded %s (%s, %s, %d torch threads)",
+            path.name,
+            type(model).__name__,
+            dtype_name,
+            torch.get_num_threads(),
+        )
+        return pb.LoadResponse(context_size=self.max_length if self.embeddings else self.context)
+
+    def _configure_embeddings(self, path: Path, options: dict[str, Any], positions: int) -> None:
+        pooling_file = _read_json(path / "1_Pooling" / "config.json")
+        from_file = next(
+            (m for m in _POOLING_MODES if pooling_file.get(f"pooling_mode_{m}_tokens")), None
+        )
+        if pooling_file.get("pooling_mode_cls_token"):
+            from_file = "cls"
+        pooling = str(options.get("pooling") or from_file or "mean")
+        if pooling not in _POOLING_MODES:
+            raise _invalid(
+                "invalid_option", f"options.pooling must be one of {', '.join(_POOLING_MODES)}"
+            )
+        self.pooling = pooling
+        self.normalize = bool(options.get("normalize", True))
+        self.truncate = bool(options.get("truncate", True))
+        limits = [positions]
+        sentence = _read_json(path / "sentence_bert_config.json").get("max_seq_length")
+        if isinstance(sentence, int):
+            limits.append(sentence)
+        if isinstance(options.get("max_length"), (int, float)):
+            limits = [int(options["max_length"])]
+        self.max_length = min(limits)
+
+    def unload(self) -> None:
+        with self.lock:
+            self.model = None
+            self.tokenizer = None
+
+    def capabilities(self) -> frozenset[Capability]:
+        return frozenset({Capability.EMBEDDINGS if self.embeddings else Capability.TEXT})
+
+    # Text -------------------------------------------------------------------------------------
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        tokenizer = self.tokenizer
+        if request.WhichOneof("input") != "chat":
+            return list(tokenizer(request.prompt).input_ids)
+        if not self.chat_template:
+            raise BackendError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "no_chat_template",
+                "this model has no chat template: set chat_template in its YAML, "
+                "or use /v1/completions",
+            )
+        messages = [
+            json_format.MessageToDict(m, preserving_proto_field_name=True)
+            for m in request.chat.messages
+        ]
+        for message in messages:
+            message.setdefault("content", "")
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": tool.name,
+                    "description": tool.description,
+                    "parameters": json.loads(tool.parameters_json or "{}"),
+                },
+            }
+            for tool in request.chat.tools
+        ]
+        try:
+            prompt = tokenizer.apply_chat_template(
+                messages,
+                tools=tools or None,
+                chat_template=self.chat_template,
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except Exception as exc:  # the template's own raise_exception, or a Jinja error
+            raise _invalid(
+                "chat_template_error",
+                f"the model's chat template rejected these messages: {exc}",
+                param="messages",
+            ) from None
+        # The template writes the special tokens it wants.
+        return list(tokenizer(prompt, add_special_tokens=False).input_ids)
+
+    def generate_stream(
+        self, request: pb.GenerateRequest, cancelled: threading.Event
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        if request.response_format.type in (
+            pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+            pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+        ):
+            raise _invalid(
+                "unsupported",
+                "the transformers backend cannot constrain output to JSON; use a llama model",
+                param="response_format",
+            )
+        with self.lock:
+            yield from self._generate(request, cancelled)
+
+    def _generate(
+        self, request: pb.GenerateRequest, cancelled: threading.Event
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        import torch
+        import transformers
+
+        prompt = self._prompt_ids(request)
+        if len(prompt) >= self.context:
+            raise _invalid(
+                "context_length_exceeded",
+                f"the prompt is {len(prompt)} tokens, and this model's context holds "
+                f"{self.context}: shorten the prompt",
+                param="messages" if request.WhichOneof("input") == "chat" else "prompt",
+            )
+        sampling = request.sampling
+        budget = self.context - len(prompt)
+        if sampling.HasField("max_tokens"):
+            budget = min(budget, sampling.max_tokens)
+        text = StopText(list(sampling.stop))
+        streamer = _TokenQueue()
+
+        class Halt(transformers.StoppingCriteria):
+            """Ends generate() at the next token once cancelled or stopped by a stop sequence."""
+
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                done = cancelled.is_set() or text.stopped
+                return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
+
+        options = self._generation_options(sampling)
+        seed = sampling.seed if sampling.HasField("seed") else random.getrandbits(31)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                torch.manual_seed(seed)
+                with torch.inference_mode():
+                    self.model.generate(
+                        input_ids=torch.tensor([prompt]),
+                        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                        max_new_tokens=budget,
+                        streamer=streamer,
+                        stopping_criteria=transformers.StoppingCriteriaList([Halt()]),
+                        pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                        **options,
+                    )
+            except BaseException as exc:
+                failure.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="transformers-generate", daemon=True)
+        worker.start()
+        eos = self._end_tokens()
+        ids: list[int] = []
+        shown = ""  # decoded text of `ids` handed to `text` so far
+        try:
+            while (token := streamer.items.get()) is not None:
+                if token in eos:
+                    continue
+                if text.stopped or cancelled.is_set():
+                    continue  # generate() ends at the next token
+                ids.append(token)
+                decoded = self.tokenizer.decode(ids, skip_special_tokens=True)
+                if decoded.endswith("\ufffd"):
+                    continue  # half a character: wait for the rest of its bytes
+                piece, shown = decoded[len(shown) :], decoded
+                ready = text.feed(piece)
+                if ready:
+                    yield pb.GenerateStreamResponse(text=ready)
+        finally:
+            cancelled_now = cancelled.is_set()
+            worker.join()
+        if failure:
+            raise failure[0]
+        if cancelled_now:
+            log.info("generation cancelled after %d of %d tokens", len(ids), budget)
+            return
+        ran_out = len(ids) >= budget and not text.stopped
+        finish = pb.FINISH_REASON_LENGTH if ran_out else pb.FINISH_REASON_STOP
+        rest = text.rest()
+        if rest:
+            yield pb.GenerateStreamResponse(text=rest)
+        yield pb.GenerateStreamResponse(
+            finish_reason=finish,
+            usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=len(ids)),
+        )
+
+    def _end_tokens(self) -> set[int]:
+        ends = self.model.generation_config.eos_token_id
+        if ends is None:
+            ends = self.tokenizer.eos_token_id
+        if ends is None:
+            return set()
+        return set(ends) if isinstance(ends, list) else {int(ends)}
+
+    def _generation_options(self, sampling: pb.SamplingParams) -> dict[str, Any]:
+        temperature = sampling.temperature if sampling.HasField("temperature") else 1.0
+        options: dict[str, Any] = {"do_sample": temperature > 0}
+        if temperature > 0:
+            options["temperature"] = temperature
+            options["top_p"] = sampling.top_p if sampling.HasField("top_p") else 1.0
+            options["top_k"] = sampling.top_k if sampling.HasField("top_k") else 0
+            if sampling.HasField("min_p") and sampling.min_p > 0:
+                options["min_p"] = sampling.min_p
+        else:  # greedy: say so, so a model's own sampling defaults do not warn or apply
+            options.update(temperature=None, top_p=None, top_k=None)
+        if sampling.HasField("repeat_penalty"):
+            options["repetition_penalty"] = sampling.repeat_penalty
+        return options
+
+    def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        ids = self.tokenizer(request.text, add_special_tokens=request.add_special).input_ids
+        return pb.TokenizeResponse(tokens=list(ids))
+
+    def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
+        size = len(self.tokenizer)
+        bad = [t for t in request.tokens if not 0 <= t < size]
+        if bad:
+            raise _invalid(
+                "invalid_token",
+                f"token id {bad[0]} is outside this model's vocabulary of {size}",
+                param="tokens",
+            )
+        return pb.DetokenizeResponse(text=self.tokenizer.decode(list(request.tokens)))
+
+    # Embeddings -------------------------------------------------------------------------------
+
+    def embed(self, request: pb.EmbedRequest, cancelled: threading.Event) -> pb.EmbedResponse:
+        import torch
+
+        texts = []
+        for item in request.inputs:
+            if item.WhichOneof("input") != "text":
+                raise _invalid(
+                    "unsupported_input",
+                    "send text: token arrays are ids of another tokenizer (tiktoken's, usually) "
+                    "and would mean nothing to this model",
+                    param="input",
+                )
+            texts.append(item.text)
+        size = int(self.model.config.hidden_size)
+        if request.dimensions and request.dimensions != size:
+            raise _invalid(
+                "unsupported_dimensions",
+                f"this model makes {size}-dimensional embeddings",
+                param="dimensions",
+            )
+        lengths = [len(ids) for ids in self.tokenizer(texts).input_ids]
+        too_long = [i for i, n in enumerate(lengths) if n > self.max_length]
+        if too_long:
+            first = too_long[0]
+            if not self.truncate:
+                raise _invalid(
+                    "input_too_long",
+                    f"input[{first}] is {lengths[first]} tokens; this model reads at most "
+                    f"{self.max_length} (the model YAML sets truncate: false)",
+                    param="input",
+                )
+            log.info(
+                "truncating %d input(s) to %d tokens (the longest had %d)",
+                len(too_long),
+                self.max_length,
+                max(lengths),
+            )
+        vectors: list[pb.Embedding] = []
+        tokens = 0
+        with self.lock, torch.inference_mode():
+            for start in range(0, len(texts), _EMBED_CHUNK):
+                if cancelled.is_set():
+                    raise BackendError(grpc.StatusCode.CANCELLED, "cancelled", "cancelled")
+                batch = self.tokenizer(
+                    texts[start : start + _EMBED_CHUNK],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                tokens += int(batch["attention_mask"].sum())
+                pooled = self._pool(hidden, mask)
+                if self.normalize:
+                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                vectors.extend(pb.Embedding(values=row) for row in pooled.float().tolist())
+        return pb.EmbedResponse(embeddings=vectors, prompt_tokens=tokens)
+
+    def _pool(self, hidden: Any, mask: Any) -> Any:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "max":
+            return hidden.masked_fill(mask == 0, float("-inf")).max(dim=1).values
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)

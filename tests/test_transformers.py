@@ -1,0 +1,188 @@
+"""The Transformers backend through the gateway: a tiny random Llama, and all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Gateway, wait_until, write_model
+
+MESSAGES = [{"role": "user", "content": "hello there"}]
+
+
+def chat(client: openai.OpenAI, **kwargs: object) -> openai.types.chat.ChatCompletion:
+    options = {"model": "tiny-hf", "messages": MESSAGES, "temperature": 0.0, **kwargs}
+    return client.chat.completions.create(**options)  # type: ignore[call-overload,no-any-return]
+
+
+def test_chat_runs_to_max_tokens_with_usage(client: openai.OpenAI, http: httpx.Client) -> None:
+    answer = chat(client, max_tokens=10)
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.choices[0].message.content
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens == 10
+    prompt = "<|user|>\nhello there</s>\n<|assistant|>\n"  # the tiny model's chat template
+    tokens = http.post("/v1/tokenize", json={"model": "tiny-hf", "content": prompt}).json()
+    assert answer.usage.prompt_tokens == len(tokens["tokens"])
+
+
+def test_stream_matches_the_whole_answer(client: openai.OpenAI) -> None:
+    whole = chat(client, max_tokens=12).choices[0].message.content
+    chunks = list(chat(client, max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert "".join(pieces) == whole
+    assert len(pieces) > 1, "streamed token by token, not all at once"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_completion_and_stop(client: openai.OpenAI) -> None:
+    lenient = openai.OpenAI(base_url=str(client.base_url), api_key="x", max_retries=0)
+    full = lenient.completions.create(
+        model="tiny-hf", prompt="the water", max_tokens=16, temperature=0
+    )
+    text = full.choices[0].text
+    assert full.choices[0].finish_reason == "length"
+    words = text.split()
+    stop = words[len(words) // 2]
+    cut = lenient.completions.create(
+        model="tiny-hf", prompt="the water", max_tokens=16, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_same_seed_same_text(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> str | None:
+        return chat(client, max_tokens=12, temperature=1.0, seed=seed).choices[0].message.content
+
+    assert sample(11) == sample(11)
+    assert len({sample(s) for s in range(3)}) > 1
+
+
+def test_a_cancelled_stream_stops_generate(gateway: Gateway) -> None:
+    body = {
+        "model": "tiny-hf",
+        "messages": MESSAGES,
+        "temperature": 0,
+        "max_tokens": 3000,
+        "stream": True,
+    }
+    started = time.monotonic()
+    with (
+        httpx.Client(base_url=gateway.url, timeout=60) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        for index, _ in enumerate(response.iter_lines()):
+            if index > 8:
+                break
+    assert wait_until(lambda: "generation cancelled after" in gateway.log(), timeout=10)
+    line = next(ln for ln in gateway.log().splitlines() if "generation cancelled after" in ln)
+    produced = int(line.split("generation cancelled after ")[1].split()[0])
+    assert produced < 3000 // 2, line
+    assert time.monotonic() - started < 30
+
+
+def embed(
+    client: openai.OpenAI, texts: list[str], model: str = "all-minilm-l6-v2"
+) -> list[list[float]]:
+    result = client.embeddings.create(model=model, input=texts, encoding_format="float")
+    assert [d.index for d in result.data] == list(range(len(texts)))
+    return [d.embedding for d in result.data]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def test_minilm_vectors(client: openai.OpenAI) -> None:
+    cat, kitten, revenue = embed(
+        client,
+        ["The cat sits on the mat.", "A kitten is resting on a rug.", "Quarterly revenue rose 4%."],
+    )
+    assert len(cat) == 384
+    for vector in (cat, kitten, revenue):
+        assert math.sqrt(sum(v * v for v in vector)) == pytest.approx(1.0, abs=1e-5)
+    assert cosine(cat, kitten) > 0.5
+    assert cosine(cat, kitten) > cosine(cat, revenue) + 0.3
+
+
+def test_minilm_batch_equals_one_by_one(client: openai.OpenAI) -> None:
+    texts = ["short", "a somewhat longer sentence about the weather today", "mid length text"]
+    batch = embed(client, texts)
+    for text, vector in zip(texts, batch, strict=True):
+        assert embed(client, [text])[0] == pytest.approx(vector, abs=1e-5)
+
+
+def test_minilm_base64_equals_float(gateway: Gateway, client: openai.OpenAI) -> None:
+    texts = ["hello", "world"]
+    lenient = gateway.client(_strict_response_validation=False)  # see test_gateway_echo
+    decoded = lenient.embeddings.create(model="all-minilm-l6-v2", input=texts)
+    for a, b in zip(decoded.data, embed(client, texts), strict=True):
+        assert a.embedding == pytest.approx(b, abs=1e-7)
+
+
+def test_minilm_usage_counts_real_tokens(client: openai.OpenAI) -> None:
+    result = client.embeddings.create(
+        model="all-minilm-l6-v2", input=["hello", "hello world again"], encoding_format="float"
+    )
+    # [CLS] hello [SEP] and [CLS] hello world again [SEP]: padding is not counted.
+    assert result.usage.prompt_tokens == 3 + 5
+
+
+def test_long_inputs_are_truncated_or_refused(
+    gateway: Gateway, client: openai.OpenAI, http: httpx.Client
+) -> None:
+    long_text = "word " * 600
+    assert len(embed(client, [long_text])[0]) == 384
+    assert "truncating 1 input(s) to 256 tokens" in gateway.log()
+    strict = http.post("/v1/embeddings", json={"model": "all-minilm-strict", "input": [long_text]})
+    assert strict.status_code == 400
+    assert strict.json()["error"]["code"] == "input_too_long"
+
+
+@pytest.mark.parametrize(
+    ("request_body", "param"),
+    [
+        ({"input": []}, "input"),
+        ({"input": ["fine", ""]}, "input"),
+        ({"input": [101, 7592, 102]}, "input"),
+        ({"input": [[101, 7592, 102]]}, "input"),
+    ],
+)
+def test_bad_embedding_input_is_400_and_the_backend_lives_on(
+    client: openai.OpenAI, http: httpx.Client, request_body: dict, param: str
+) -> None:
+    response = http.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", **request_body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert len(embed(client, ["still serving"])[0]) == 384
+
+
+def test_chat_to_an_embedding_model_is_400(http: httpx.Client, client: openai.OpenAI) -> None:
+    response = http.post(
+        "/v1/chat/completions", json={"model": "all-minilm-l6-v2", "messages": MESSAGES}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "model_not_supported"
+    assert len(embed(client, ["still serving"])[0]) == 384
+
+
+def test_pickle_weights_are_refused(gateway: Gateway, http: httpx.Client, tmp_path: Path) -> None:
+    directory = gateway.models_dir / "pickled"
+    directory.mkdir()
+    (directory / "config.json").write_text('{"model_type": "bert"}')
+    (directory / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    write_model(
+        gateway.models_dir, "pickled", "backend: transformers\nmodel: pickled\nembeddings: true"
+    )
+    response = http.post("/v1/embeddings", json={"model": "pickled", "input": "x"})
+    assert response.status_code == 500
+    assert "does not load pickle weights" in response.json()["error"]["message"]
