@@ -51,6 +51,7 @@ class EchoBackend(Backend):
     """Deterministic text and embeddings, with switches to fail on purpose."""
 
     name = "echo"
+    engine_threads = 8  # it only sleeps: let slow streams overlap
 
     def __init__(self) -> None:
         self.options: dict[str, Any] = {}

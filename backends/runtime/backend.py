@@ -46,6 +46,9 @@ class Backend:
 
     #: Name used in logs.
     name = "backend"
+    #: Threads engine calls run on. One (the default) serialises calls, streams included, on a
+    #: thread that never changes; raise it only for an engine that serves calls in parallel.
+    engine_threads = 1
 
     def load(self, request: pb.LoadRequest) -> pb.LoadResponse:
         """Load the model the request names; raise BackendError if it cannot be loaded."""

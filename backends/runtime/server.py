@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
@@ -56,6 +57,9 @@ class _Runtime:
 
     def __init__(self, backend: Backend, health_servicer: Any) -> None:
         self.backend = backend
+        # Engine calls run on a fixed set of threads (by default one): engines keep per-thread
+        # state (an OpenMP team in torch), and a new calling thread per call costs them dearly.
+        self.engine = ThreadPoolExecutor(backend.engine_threads, thread_name_prefix="engine")
         self.health = health_servicer
         self.state = pb.MODEL_STATE_UNLOADED
         self.model_name = ""
@@ -71,6 +75,10 @@ class _Runtime:
             if not up:
                 status = health_pb2.HealthCheckResponse.NOT_SERVING
             await self.health.set(capability.value, status)
+
+    async def run(self, fn: Callable[..., Response], *args: Any) -> Response:
+        """`fn(*args)` on an engine thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.engine, fn, *args)
 
     async def check(self, context: grpc.aio.ServicerContext, capability: Capability) -> None:
         if self.state != pb.MODEL_STATE_READY:
@@ -102,7 +110,7 @@ class _Runtime:
         await self.check(context, capability)
         cancelled = threading.Event()
         try:
-            return await asyncio.to_thread(fn, request, cancelled)
+            return await self.run(fn, request, cancelled)
         except asyncio.CancelledError:
             cancelled.set()
             raise
@@ -143,7 +151,7 @@ class _Runtime:
                 if close is not None:
                     close()
 
-        threading.Thread(target=produce, name="engine-stream", daemon=True).start()
+        self.engine.submit(produce)
         try:
             while True:
                 item = await queue.get()
@@ -185,7 +193,7 @@ class _Lifecycle(pb_grpc.LifecycleServicer):
             rt.state = pb.MODEL_STATE_LOADING
             rt.model_name = request.model_name
             try:
-                response = await asyncio.to_thread(rt.backend.load, request)
+                response = await rt.run(rt.backend.load, request)
             except Exception as exc:
                 rt.state = pb.MODEL_STATE_FAILED
                 if isinstance(exc, FileNotFoundError):
@@ -210,7 +218,7 @@ class _Lifecycle(pb_grpc.LifecycleServicer):
         async with rt.load_lock:
             rt.serving = frozenset()
             await rt.publish_health()
-            await asyncio.to_thread(rt.backend.unload)
+            await rt.run(rt.backend.unload)
             rt.state = pb.MODEL_STATE_UNLOADED
             return pb.UnloadResponse()
 
@@ -324,7 +332,8 @@ async def serve(backend: Backend, address: str, *, parent: int | None = None) ->
     await server.stop(STOP_GRACE_SECONDS)
     if watcher is not None:
         watcher.cancel()
-    await asyncio.to_thread(backend.unload)
+    await runtime.run(backend.unload)
+    runtime.engine.shutdown(wait=False, cancel_futures=True)
 
 
 def run(backend: Backend, argv: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ import queue
 import random
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,9 @@ class TransformersBackend(Backend):
         self.max_length = 512
         self.context = 2048
         self.lock = threading.Lock()
+        # generate() always runs on this one thread (torch keeps per-thread state), while the
+        # stream thread decodes what it produces.
+        self.generator = ThreadPoolExecutor(1, thread_name_prefix="generate")
 
     # Lifecycle --------------------------------------------------------------------------------
 
@@ -289,8 +293,7 @@ class TransformersBackend(Backend):
                 failure.append(exc)
                 streamer.end()
 
-        worker = threading.Thread(target=run, name="transformers-generate", daemon=True)
-        worker.start()
+        worker = self.generator.submit(run)
         eos = self._end_tokens()
         ids: list[int] = []
         shown = ""  # decoded text of `ids` handed to `text` so far
@@ -310,7 +313,7 @@ class TransformersBackend(Backend):
                     yield pb.GenerateStreamResponse(text=ready)
         finally:
             cancelled_now = cancelled.is_set()
-            worker.join()
+            worker.result()
         if failure:
             raise failure[0]
         if cancelled_now:
