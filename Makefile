@@ -6,7 +6,7 @@ MODELS_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run test lint format protos models bench clean
+.PHONY: run test test-tools lint format protos models bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(BIN)/python:
 # The CPU build of torch, pinned, before anything that pulls torch in (any other version means
 # a multi-GB CUDA download).
 TORCH ?= torch==2.13.0
-EXTRAS ?= llama,transformers
+EXTRAS ?= llama,transformers,whisper
 
 # Reinstall when pyproject.toml changes. llama-cpp-python compiles once (4-5 min on 2 cores);
 # pip's wheel cache makes later installs fast.
@@ -40,7 +40,16 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
+# Speech for the whisper tests (espeak-ng speaks, sox converts). Where they cannot be installed
+# the tests that need them are skipped, and say why.
+test-tools:
+	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq espeak-ng sox libsox-fmt-all >/dev/null; \
+	  fi; \
+	fi; command -v espeak-ng >/dev/null || echo "note: no espeak-ng: speech tests will be skipped"
+
+test: lint test-tools
 	$(BIN)/python -m pytest
 
 format: $(VENV)/.installed-test

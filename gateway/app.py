@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Request
+from litestar import Litestar, Request, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 
 from gateway.errors import EXCEPTION_HANDLERS, OpenAIError
 from gateway.manager import BackendManager
+from gateway.routes.audio import AudioController
 from gateway.routes.chat import ChatController
 from gateway.routes.completions import CompletionsController
 from gateway.routes.embeddings import EmbeddingsController
@@ -22,6 +23,7 @@ from gateway.routes.tokenize import TokenizeController
 from gateway.settings import Settings
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_MULTIPART_SLACK_BYTES = 1024 * 1024  # the form's other fields and boundaries
 
 
 def _manager(state: State) -> BackendManager:
@@ -66,8 +68,16 @@ def create_app(settings: Settings) -> Litestar:
         finally:
             await manager.close()
 
+    # Uploads may be larger than JSON bodies, on these routes only; the file-size check itself
+    # (413 in OpenAI's shape) is the route's, this is the transport's backstop.
+    audio = Router(
+        path="/",
+        route_handlers=[AudioController],
+        request_max_body_size=settings.max_upload_bytes + _MULTIPART_SLACK_BYTES,
+    )
     return Litestar(
         route_handlers=[
+            audio,
             ChatController,
             CompletionsController,
             EmbeddingsController,

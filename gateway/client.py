@@ -39,6 +39,7 @@ class BackendClient:
         self._lifecycle = pb_grpc.LifecycleStub(channel)
         self._text = pb_grpc.TextStub(channel)
         self._embeddings = pb_grpc.EmbeddingsStub(channel)
+        self._transcription = pb_grpc.TranscriptionStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
 
     async def healthy(self, timeout: float = 1.0) -> bool:
@@ -124,6 +125,15 @@ class BackendClient:
             return await self._text.Detokenize(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise from_grpc(exc, self.model) from None
+
+    async def transcribe(self, request: pb.TranscribeRequest) -> pb.TranscribeResponse:
+        call = self._transcription.Transcribe(request, timeout=self.timeout)
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, self.model) from None
+        finally:
+            call.cancel()
 
     async def embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
         call = self._embeddings.Embed(request, timeout=self.timeout)

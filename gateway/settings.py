@@ -27,6 +27,8 @@ class Settings:
     #: Seconds one request may take in a backend.
     request_timeout: float = 600.0
     log_level: str = "info"
+    #: Largest audio upload accepted (OpenAI's own limit is 25 MB).
+    max_upload_bytes: int = 25 * 1024 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -43,7 +45,7 @@ class Settings:
 
 
 def _parse(name: str, raw: str) -> Any:
-    if name == "port":
+    if name in {"port", "max_upload_bytes"}:
         return int(raw)
     if name in {"backend_start_timeout", "load_timeout", "request_timeout"}:
         return float(raw)

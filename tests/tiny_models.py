@@ -151,3 +151,52 @@ def write_tiny_transformers_llama(directory: Path, *, seed: int = 0) -> Path:
         model.lm_head.weight[: len(specials) + 256] = 0.0
     model.save_pretrained(directory)
     return directory
+
+
+def write_tiny_whisper(directory: Path, tokenizer_json: Path) -> Path:
+    """A CTranslate2 Whisper model with random weights (d_model 64, 2+2 layers), converted the
+    way real ones are, with the real multilingual tokenizer. Its words are garbage.
+    """
+    import json
+    import tempfile
+
+    import ctranslate2
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as scratch:
+        source = Path(scratch) / "hf"
+        tokenizer = WhisperTokenizerFast(tokenizer_file=str(tokenizer_json))
+        tokenizer.save_pretrained(source)
+        torch.manual_seed(0)
+        config = WhisperConfig(
+            vocab_size=len(tokenizer),
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            num_mel_bins=80,
+            decoder_start_token_id=tokenizer.convert_tokens_to_ids("<|startoftranscript|>"),
+            pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        )
+        WhisperForConditionalGeneration(config).save_pretrained(source)
+        converter = ctranslate2.converters.TransformersConverter(
+            str(source), copy_files=["tokenizer.json"]
+        )
+        converter.convert(str(directory), quantization="int8", force=True)
+    # Conversion under transformers 5 leaves lang_ids empty, and language detection then fails:
+    # they are the ids after <|startoftranscript|> up to <|translate|>.
+    settings = json.loads((directory / "config.json").read_text())
+    start = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+    translate = tokenizer.convert_tokens_to_ids("<|translate|>")
+    if not settings.get("lang_ids"):
+        settings["lang_ids"] = list(range(start + 1, translate))
+        (directory / "config.json").write_text(json.dumps(settings))
+    return directory

@@ -1,0 +1,1 @@
+"""The faster-whisper backend: speech to text, and speech to English text."""

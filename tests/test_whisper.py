@@ -1,0 +1,255 @@
+"""Speech to text through the gateway: real whisper-base on espeak-ng speech, and a tiny model."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Gateway
+
+FOX = "The quick brown fox jumps over the lazy dog"
+
+
+@pytest.fixture(scope="session")
+def espeak() -> str:
+    path = shutil.which("espeak-ng")
+    if path is None:
+        pytest.skip("espeak-ng is not installed and `make test` could not install it (apt-get)")
+    return path
+
+
+def speak(espeak: str, text: str, voice: str = "en") -> bytes:
+    return subprocess.run(
+        [espeak, "-v", voice, "--stdout", text], capture_output=True, check=True
+    ).stdout
+
+
+@pytest.fixture(scope="session")
+def fox_wav(espeak: str) -> bytes:
+    return speak(espeak, FOX)
+
+
+def transcribe(
+    client: openai.OpenAI, audio: bytes, name: str = "speech.wav", **kwargs: object
+) -> object:
+    return client.audio.transcriptions.create(
+        model=kwargs.pop("model", "whisper-base"),  # type: ignore[arg-type]
+        file=(name, audio),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_json_transcription_has_the_words(client: openai.OpenAI, fox_wav: bytes) -> None:
+    result = transcribe(client, fox_wav)
+    assert "quick brown fox" in result.text.lower()  # type: ignore[attr-defined]
+
+
+def test_text_is_plain(client: openai.OpenAI, http: httpx.Client, fox_wav: bytes) -> None:
+    text = transcribe(client, fox_wav, response_format="text")
+    assert isinstance(text, str)
+    assert "quick brown fox" in text.lower()
+    raw = http.post(
+        "/v1/audio/transcriptions",
+        files={"file": ("a.wav", fox_wav)},
+        data={"model": "whisper-base", "response_format": "text"},
+    )
+    assert raw.headers["content-type"].startswith("text/plain")
+    assert not raw.text.lstrip().startswith("{")
+
+
+def _times(text: str, separator: str) -> list[tuple[float, float]]:
+    clock = rf"(\d\d):(\d\d):(\d\d){re.escape(separator)}(\d\d\d)"
+    pattern = f"{clock} --> {clock}"
+    spans = []
+    for match in re.finditer(pattern, text):
+        h1, m1, s1, ms1, h2, m2, s2, ms2 = (int(g) for g in match.groups())
+        spans.append((h1 * 3600 + m1 * 60 + s1 + ms1 / 1000, h2 * 3600 + m2 * 60 + s2 + ms2 / 1000))
+    return spans
+
+
+def assert_increasing(spans: list[tuple[float, float]]) -> None:
+    assert spans, "no cues"
+    for start, end in spans:
+        assert start <= end
+    starts = [s for s, _ in spans]
+    assert starts == sorted(starts)
+
+
+def test_srt_and_vtt(client: openai.OpenAI, espeak: str, http: httpx.Client) -> None:
+    audio = speak(espeak, f"{FOX}. Then it ran into the forest and was never seen again. The end.")
+    srt = transcribe(client, audio, response_format="srt")
+    assert isinstance(srt, str)
+    assert srt.startswith("1\n")
+    assert_increasing(_times(srt, ","))
+    assert "lazy dog" in srt.lower()
+    assert "forest" in srt.lower()
+    vtt = transcribe(client, audio, response_format="vtt")
+    assert isinstance(vtt, str)
+    assert vtt.startswith("WEBVTT\n")
+    assert_increasing(_times(vtt, "."))
+    raw = http.post(
+        "/v1/audio/transcriptions",
+        files={"file": ("a.wav", audio)},
+        data={"model": "whisper-base", "response_format": "vtt"},
+    )
+    assert raw.headers["content-type"].startswith("text/vtt")
+
+
+def test_verbose_json_with_words(client: openai.OpenAI, fox_wav: bytes) -> None:
+    result = transcribe(
+        client, fox_wav, response_format="verbose_json", timestamp_granularities=["word", "segment"]
+    )
+    assert result.language == "en"  # type: ignore[attr-defined]
+    assert result.duration == pytest.approx(len(fox_wav) / 2 / 22050, abs=0.3)  # type: ignore[attr-defined]
+    segments = result.segments  # type: ignore[attr-defined]
+    assert segments
+    for segment in segments:
+        assert segment.end >= segment.start
+        assert segment.tokens
+        assert segment.avg_logprob <= 0
+        assert 0 <= segment.no_speech_prob <= 1
+    words = result.words  # type: ignore[attr-defined]
+    assert [w.word.strip().lower().strip(".") for w in words][:3] == ["the", "quick", "brown"]
+    starts = [w.start for w in words]
+    assert starts == sorted(starts)
+    assert all(w.end >= w.start for w in words)
+    plain = transcribe(client, fox_wav, response_format="verbose_json")
+    assert plain.words is None  # type: ignore[attr-defined]
+
+
+def test_other_containers(client: openai.OpenAI, fox_wav: bytes, tmp_path: Path) -> None:
+    import av
+
+    mp3 = io.BytesIO()
+    source = av.open(io.BytesIO(fox_wav))
+    with av.open(mp3, "w", format="mp3") as output:
+        stream = output.add_stream("mp3", rate=22050)
+        for frame in source.decode(audio=0):
+            frame.pts = None
+            for packet in stream.encode(frame):
+                output.mux(packet)
+        for packet in stream.encode(None):
+            output.mux(packet)
+    encoded = {"speech.mp3": mp3.getvalue()}
+    sox = shutil.which("sox")
+    if sox:  # PyAV's wheels carry no Vorbis encoder
+        (tmp_path / "in.wav").write_bytes(fox_wav)
+        subprocess.run([sox, str(tmp_path / "in.wav"), str(tmp_path / "out.ogg")], check=True)
+        encoded["speech.ogg"] = (tmp_path / "out.ogg").read_bytes()
+    for name, audio in encoded.items():
+        # Lossy codecs blur a word now and then ("quick round fox"); the sentence survives.
+        text = transcribe(client, audio, name=name).text.lower()  # type: ignore[attr-defined]
+        assert "fox" in text, (name, text)
+        assert "lazy dog" in text, (name, text)
+
+
+def test_german_is_translated_to_english(client: openai.OpenAI, espeak: str) -> None:
+    german = "Guten Morgen. Heute ist das Wetter sehr schön und die Sonne scheint."
+    result = client.audio.translations.create(
+        model="whisper-base", file=("de.wav", speak(espeak, german, "de"))
+    )
+    text = result.text.strip()
+    assert text
+    assert text.isascii()
+    words = set(re.findall(r"[a-zäöüß]+", text.lower()))
+    assert not words & {"guten", "morgen", "heute", "wetter", "sonne", "scheint", "sehr"}, text
+    assert words & {"good", "morning", "today", "weather", "sun", "very", "beautiful", "nice"}, text
+
+
+def test_tiny_whisper_serves_every_format(client: openai.OpenAI, fox_wav: bytes) -> None:
+    result = transcribe(
+        client, fox_wav, model="tiny-whisper", response_format="verbose_json", temperature=0
+    )
+    assert result.duration > 2  # type: ignore[attr-defined]
+    for response_format in ("json", "text", "srt", "vtt"):
+        transcribe(client, fox_wav, model="tiny-whisper", response_format=response_format)
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "status", "code"),
+    [
+        ("notes.wav", b"these are not the samples you are looking for" * 20, 400, "invalid_audio"),
+        ("empty.wav", b"", 400, None),
+        ("blob.xyz", bytes(range(256)) * 64, 400, "invalid_audio"),
+    ],
+)
+def test_bad_audio_is_4xx_and_the_backend_lives_on(
+    http: httpx.Client, fox_wav: bytes, name: str, payload: bytes, status: int, code: str | None
+) -> None:
+    response = http.post(
+        "/v1/audio/transcriptions",
+        files={"file": (name, payload)},
+        data={"model": "tiny-whisper"},
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == "file"
+    if code:
+        assert error["code"] == code
+    again = http.post(
+        "/v1/audio/transcriptions",
+        files={"file": ("ok.wav", fox_wav)},
+        data={"model": "tiny-whisper", "response_format": "json", "temperature": "0"},
+    )
+    assert again.status_code == 200
+
+
+def test_uploads_over_the_limit_are_413(tmp_path: Path, gateway: Gateway) -> None:
+    limited = Gateway(gateway.models_dir, env={"HEARTH_MAX_UPLOAD_BYTES": "100000"}).start()
+    try:
+        response = httpx.post(
+            f"{limited.url}/v1/audio/transcriptions",
+            files={"file": ("big.wav", b"\0" * 200_000)},
+            data={"model": "tiny-whisper"},
+        )
+        assert response.status_code == 413
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        # The limit is the audio routes': a JSON body of the same size is fine elsewhere.
+        chat = httpx.post(
+            f"{limited.url}/v1/completions",
+            json={"model": "echo", "prompt": "x " * 60_000, "max_tokens": 1},
+            timeout=30,
+        )
+        assert chat.status_code == 200
+    finally:
+        limited.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("data", "param"),
+    [
+        ({"response_format": "docx"}, "response_format"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"timestamp_granularities[]": "word"}, "timestamp_granularities"),
+        ({"model": ""}, "model"),
+    ],
+)
+def test_bad_fields_are_400(http: httpx.Client, fox_wav: bytes, data: dict, param: str) -> None:
+    response = http.post(
+        "/v1/audio/transcriptions",
+        files={"file": ("a.wav", fox_wav)},
+        data={"model": "tiny-whisper", **data},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_missing_file_is_400(http: httpx.Client) -> None:
+    response = http.post("/v1/audio/transcriptions", data={"model": "tiny-whisper"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "file"
+
+
+def test_a_chat_model_cannot_transcribe(http: httpx.Client, fox_wav: bytes) -> None:
+    response = http.post(
+        "/v1/audio/transcriptions", files={"file": ("a.wav", fox_wav)}, data={"model": "echo"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "model_not_supported"
