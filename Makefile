@@ -15,7 +15,7 @@ $(BIN)/python:
 # The CPU build of torch, pinned, before anything that pulls torch in (any other version means
 # a multi-GB CUDA download).
 TORCH ?= torch==2.13.0
-EXTRAS ?= llama,transformers,whisper
+EXTRAS ?= llama,transformers,whisper,diffusers
 
 # Reinstall when pyproject.toml changes. llama-cpp-python compiles once (4-5 min on 2 cores);
 # pip's wheel cache makes later installs fast.

@@ -12,17 +12,21 @@ from litestar.datastructures import State
 from litestar.di import Provide
 
 from gateway.errors import EXCEPTION_HANDLERS, OpenAIError
+from gateway.generated import GeneratedImages
 from gateway.manager import BackendManager
 from gateway.routes.audio import AudioController
 from gateway.routes.chat import ChatController
 from gateway.routes.completions import CompletionsController
 from gateway.routes.embeddings import EmbeddingsController
 from gateway.routes.health import healthz, readyz
+from gateway.routes.images import ImagesController, generated_image
 from gateway.routes.models import ModelsController
 from gateway.routes.tokenize import TokenizeController
 from gateway.settings import Settings
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# Image URLs are unguessable and short-lived: a browser or <img> tag can fetch them without a key.
+_OPEN_PREFIXES = ("/generated/",)
 _MULTIPART_SLACK_BYTES = 1024 * 1024  # the form's other fields and boundaries
 
 
@@ -31,12 +35,18 @@ def _manager(state: State) -> BackendManager:
     return manager
 
 
+def _generated(state: State) -> GeneratedImages:
+    generated: GeneratedImages = state.generated
+    return generated
+
+
 def _authenticator(keys: tuple[str, ...]) -> Any:
     """A before_request hook that wants `Authorization: Bearer <key>` for one of `keys`."""
     encoded = [k.encode() for k in keys]
 
     async def authenticate(request: Request[Any, Any, Any]) -> None:
-        if request.url.path in _OPEN_PATHS:
+        path = request.url.path
+        if path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES):
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -62,11 +72,15 @@ def create_app(settings: Settings) -> Litestar:
     async def backends(app: Litestar) -> AsyncIterator[None]:
         manager = BackendManager(settings)
         await manager.start()
+        generated = GeneratedImages.private(manager.runtime_dir, settings.image_ttl)
+        generated.start()
         app.state.manager = manager
+        app.state.generated = generated
         try:
             yield
         finally:
             await manager.close()
+            generated.close()
 
     # Uploads may be larger than JSON bodies, on these routes only; the file-size check itself
     # (413 in OpenAI's shape) is the route's, this is the transport's backstop.
@@ -80,6 +94,8 @@ def create_app(settings: Settings) -> Litestar:
             audio,
             ChatController,
             CompletionsController,
+            ImagesController,
+            generated_image,
             EmbeddingsController,
             ModelsController,
             TokenizeController,
@@ -87,7 +103,10 @@ def create_app(settings: Settings) -> Litestar:
             readyz,
         ],
         lifespan=[backends],
-        dependencies={"manager": Provide(_manager, sync_to_thread=False)},
+        dependencies={
+            "manager": Provide(_manager, sync_to_thread=False),
+            "generated": Provide(_generated, sync_to_thread=False),
+        },
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=_authenticator(settings.api_keys) if settings.api_keys else None,
         openapi_config=None,

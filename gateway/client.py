@@ -40,6 +40,7 @@ class BackendClient:
         self._text = pb_grpc.TextStub(channel)
         self._embeddings = pb_grpc.EmbeddingsStub(channel)
         self._transcription = pb_grpc.TranscriptionStub(channel)
+        self._images = pb_grpc.ImagesStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
 
     async def healthy(self, timeout: float = 1.0) -> bool:
@@ -128,6 +129,15 @@ class BackendClient:
 
     async def transcribe(self, request: pb.TranscribeRequest) -> pb.TranscribeResponse:
         call = self._transcription.Transcribe(request, timeout=self.timeout)
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, self.model) from None
+        finally:
+            call.cancel()
+
+    async def generate_image(self, request: pb.GenerateImageRequest) -> pb.GenerateImageResponse:
+        call = self._images.GenerateImage(request, timeout=self.timeout)
         try:
             return await call
         except grpc.aio.AioRpcError as exc:

@@ -17,7 +17,7 @@ import yaml
 
 log = logging.getLogger("hearth.config")
 
-BUILTIN_BACKENDS = frozenset({"llama", "transformers", "whisper", "echo"})
+BUILTIN_BACKENDS = frozenset({"llama", "transformers", "whisper", "diffusers", "echo"})
 BACKENDS_FILE_NAMES = frozenset({"backends.yaml", "backends.yml"})
 
 _Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]

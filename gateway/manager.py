@@ -237,6 +237,11 @@ class BackendManager:
     # Serving requests -------------------------------------------------------------------------
 
     @property
+    def runtime_dir(self) -> Path:
+        assert self._runtime_dir is not None, "BackendManager.start() was not called"
+        return self._runtime_dir
+
+    @property
     def ready(self) -> bool:
         """Started and not shutting down."""
         return self._runtime_dir is not None and not self._closing

@@ -27,6 +27,8 @@ class Settings:
     #: Seconds one request may take in a backend.
     request_timeout: float = 600.0
     log_level: str = "info"
+    #: Seconds an image made for `response_format: url` stays downloadable.
+    image_ttl: float = 3600.0
     #: Largest audio upload accepted (OpenAI's own limit is 25 MB).
     max_upload_bytes: int = 25 * 1024 * 1024
 
@@ -47,7 +49,7 @@ class Settings:
 def _parse(name: str, raw: str) -> Any:
     if name in {"port", "max_upload_bytes"}:
         return int(raw)
-    if name in {"backend_start_timeout", "load_timeout", "request_timeout"}:
+    if name in {"backend_start_timeout", "load_timeout", "request_timeout", "image_ttl"}:
         return float(raw)
     if name in {"models_dir", "runtime_dir"}:
         return Path(raw)

@@ -19,6 +19,7 @@ import pytest
 
 from tests.tiny_models import (
     write_tiny_llama_gguf,
+    write_tiny_stable_diffusion,
     write_tiny_transformers_llama,
     write_tiny_whisper,
 )
@@ -175,6 +176,11 @@ def real_models() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
 def tiny_whisper(tmp_path_factory: pytest.TempPathFactory, real_models: Path) -> Path:
     tokenizer = real_models / "whisper-base" / "tokenizer.json"
     return write_tiny_whisper(tmp_path_factory.mktemp("whisper") / "tiny-whisper", tokenizer)
@@ -198,6 +204,7 @@ def models_dir(
     tiny_gguf: Path,
     tiny_hf: Path,
     tiny_whisper: Path,
+    tiny_sd: Path,
     real_models: Path,
 ) -> Path:
     directory = tmp_path_factory.mktemp("models")
@@ -223,6 +230,12 @@ def models_dir(
         "tiny-whisper",
         "backend: whisper\nmodel: tiny-whisper\n"
         "options: {beam_size: 1, max_new_tokens: 8, temperature_fallback: false}",
+    )
+    link_tree(tiny_sd, directory / "tiny-sd")
+    write_model(
+        directory,
+        "tiny-sd",
+        "backend: diffusers\nmodel: tiny-sd\noptions: {steps: 2, max_size: 256}",
     )
     custom = ROOT / "tests" / "custom" / "reverse_backend.py"
     (directory / "backends.yaml").write_text(

@@ -200,3 +200,102 @@ def write_tiny_whisper(directory: Path, tokenizer_json: Path) -> Path:
         settings["lang_ids"] = list(range(start + 1, translate))
         (directory / "config.json").write_text(json.dumps(settings))
     return directory
+
+
+def write_tiny_stable_diffusion(directory: Path, *, seed: int = 0) -> Path:
+    """A StableDiffusionPipeline of random parts (UNet 32/64, VAE 32/64, 2-layer CLIP, DDIM) that
+    makes a 64x64 image by default, in about 0.1 s for 2 steps.
+    """
+    import json
+
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    diffusers_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=600,
+            max_position_embeddings=77,
+        )
+    )
+    # A byte-level vocabulary with no merges: every character is its own token.
+    characters = _byte_characters()
+    vocabulary = [
+        "<|startoftext|>",
+        "<|endoftext|>",
+        *characters,
+        *(c + "</w>" for c in characters),
+    ]
+    tokenizer_dir = directory.parent / f"{directory.name}-tokenizer"
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    (tokenizer_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocabulary)}))
+    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def _byte_characters() -> list[str]:
+    """The 256 characters byte-level BPE tokenizers (GPT-2, CLIP) write bytes as."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    codes = list(kept)
+    extra = 0
+    for byte in range(256):
+        if byte not in kept:
+            kept.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in codes]

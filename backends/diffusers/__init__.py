@@ -1,0 +1,1 @@
+"""The Diffusers backend: text-to-image pipelines, images back as PNG bytes."""

@@ -1,0 +1,53 @@
+"""POST /v1/images/generations, and GET /generated/{name} for `response_format: url`."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+
+from backends.runtime.backend import Capability
+from gateway.errors import OpenAIError, invalid_request
+from gateway.generated import GeneratedImages
+from gateway.manager import BackendManager
+from gateway.routes.common import decode_body, now
+from gateway.schemas.images import Image, ImageGenerationRequest, ImagesResponse
+from gateway.translate.images import generate_image_request
+
+
+class ImagesController(Controller):
+    path = "/v1/images"
+
+    @post("/generations", status_code=200)
+    async def generations(
+        self,
+        request: Request[Any, Any, Any],
+        manager: BackendManager,
+        generated: GeneratedImages,
+    ) -> ImagesResponse:
+        body = decode_body(await request.body(), ImageGenerationRequest)
+        if not body.model:
+            raise invalid_request("model is required: GET /v1/models lists them", param="model")
+        manager.registry.get(body.model)
+        call = generate_image_request(body)
+        lease, answer = await manager.open(
+            body.model, Capability.IMAGES, lambda client: client.generate_image(call)
+        )
+        lease.release()
+        images = []
+        for image in answer.images:
+            if body.response_format == "b64_json":
+                images.append(Image(b64_json=base64.b64encode(image.png).decode()))
+            else:
+                name = generated.save(image.png)
+                images.append(Image(url=f"{str(request.base_url).rstrip('/')}/generated/{name}"))
+        return ImagesResponse(created=now(), data=images)
+
+
+@get("/generated/{name:str}", media_type="image/png")
+async def generated_image(name: str, generated: GeneratedImages) -> Response[bytes]:
+    path = generated.find(name)
+    if path is None:
+        raise OpenAIError(404, "no such image (they expire)", code="image_not_found")
+    return Response(path.read_bytes(), media_type="image/png")

@@ -1,0 +1,32 @@
+"""/v1/images/generations wire types."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+
+class ImageGenerationRequest(msgspec.Struct):
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str = "auto"
+    response_format: Literal["url", "b64_json"] = "url"
+    # Extensions users of local gateways expect.
+    seed: int | None = None
+    steps: Annotated[int, msgspec.Meta(ge=1, le=500)] | None = None
+    num_inference_steps: Annotated[int, msgspec.Meta(ge=1, le=500)] | None = None
+    negative_prompt: str | None = None
+    guidance_scale: Annotated[float, msgspec.Meta(ge=0, le=50)] | None = None
+
+
+class Image(msgspec.Struct, omit_defaults=True):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(msgspec.Struct):
+    created: int
+    data: list[Image]
