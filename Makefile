@@ -29,8 +29,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[$(EXTRAS),test]'
 	touch $@ $(VENV)/.installed-run
 
+DEFAULT_MODELS ?= smollm2-135m-instruct all-minilm-l6-v2 whisper-base
+
 models: $(VENV)/.installed-run
-	$(BIN)/python -m gateway.defaults --models-dir $(MODELS_DIR)
+	$(BIN)/hearth models install --models-dir $(MODELS_DIR) $(DEFAULT_MODELS)
 
 run: $(VENV)/.installed-run models
 	$(BIN)/hearth run --host $(HOST) --port $(PORT) --models-dir $(MODELS_DIR)

@@ -28,7 +28,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.defaults import ALL_MINILM, install  # noqa: E402
+from gateway.gallery import gallery_path, install_entry, load_gallery  # noqa: E402
+
+ALL_MINILM = load_gallery(gallery_path()).get("all-minilm-l6-v2")
+assert ALL_MINILM is not None
 
 SUBJECTS = ["The cat", "A storm", "My neighbour", "The old train", "This recipe", "Our team"]
 VERBS = ["waited for", "talked about", "changed", "remembered", "ignored", "painted"]
@@ -97,7 +100,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=256)
     args = parser.parse_args()
 
-    install(ALL_MINILM, args.models_dir)
+    install_entry(ALL_MINILM, args.models_dir)
     source = args.models_dir / ALL_MINILM.model
     texts = sentences(args.texts)
     local = InProcess(source)

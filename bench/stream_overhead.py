@@ -30,7 +30,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.defaults import SMOLLM2, install  # noqa: E402
+from gateway.gallery import gallery_path, install_entry, load_gallery  # noqa: E402
+
+SMOLLM2 = load_gallery(gallery_path()).get("smollm2-135m-instruct")
+assert SMOLLM2 is not None
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
 
@@ -111,7 +114,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     args = parser.parse_args()
 
-    install(SMOLLM2, args.models_dir)
+    install_entry(SMOLLM2, args.models_dir)
     source = args.models_dir / SMOLLM2.model
 
     from llama_cpp import Llama

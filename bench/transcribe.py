@@ -27,7 +27,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.defaults import WHISPER_BASE, install  # noqa: E402
+from gateway.gallery import gallery_path, install_entry, load_gallery  # noqa: E402
+
+WHISPER_BASE = load_gallery(gallery_path()).get("whisper-base")
+assert WHISPER_BASE is not None
 
 SCRIPT = (
     "The lighthouse keeper climbed the narrow stairs every evening at six. "
@@ -55,7 +58,7 @@ def main() -> None:
         sys.exit("needs espeak-ng (apt-get install espeak-ng)")
     clip = subprocess.run([espeak, "--stdout", SCRIPT], capture_output=True, check=True).stdout
 
-    install(WHISPER_BASE, args.models_dir)
+    install_entry(WHISPER_BASE, args.models_dir)
     source = args.models_dir / WHISPER_BASE.model
     from faster_whisper import WhisperModel, decode_audio
 

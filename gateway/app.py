@@ -12,12 +12,14 @@ from litestar.datastructures import State
 from litestar.di import Provide
 
 from gateway.errors import EXCEPTION_HANDLERS, OpenAIError
+from gateway.gallery import Installer, gallery_path
 from gateway.generated import GeneratedImages
 from gateway.manager import BackendManager
 from gateway.routes.audio import AudioController
 from gateway.routes.chat import ChatController
 from gateway.routes.completions import CompletionsController
 from gateway.routes.embeddings import EmbeddingsController
+from gateway.routes.gallery import GalleryController
 from gateway.routes.health import healthz, readyz
 from gateway.routes.images import ImagesController, generated_image
 from gateway.routes.models import ModelsController
@@ -33,6 +35,11 @@ _MULTIPART_SLACK_BYTES = 1024 * 1024  # the form's other fields and boundaries
 def _manager(state: State) -> BackendManager:
     manager: BackendManager = state.manager
     return manager
+
+
+def _installer(state: State) -> Installer:
+    installer: Installer = state.installer
+    return installer
 
 
 def _generated(state: State) -> GeneratedImages:
@@ -74,11 +81,16 @@ def create_app(settings: Settings) -> Litestar:
         await manager.start()
         generated = GeneratedImages.private(manager.runtime_dir, settings.image_ttl)
         generated.start()
+        installer = Installer(settings.models_dir, gallery_path())
         app.state.manager = manager
         app.state.generated = generated
+        app.state.installer = installer
+        for name in settings.preload:
+            manager.preload(name)
         try:
             yield
         finally:
+            installer.close()
             await manager.close()
             generated.close()
 
@@ -96,6 +108,7 @@ def create_app(settings: Settings) -> Litestar:
             CompletionsController,
             ImagesController,
             generated_image,
+            GalleryController,
             EmbeddingsController,
             ModelsController,
             TokenizeController,
@@ -106,6 +119,7 @@ def create_app(settings: Settings) -> Litestar:
         dependencies={
             "manager": Provide(_manager, sync_to_thread=False),
             "generated": Provide(_generated, sync_to_thread=False),
+            "installer": Provide(_installer, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=_authenticator(settings.api_keys) if settings.api_keys else None,

@@ -285,6 +285,20 @@ class BackendManager:
                 raise
         raise AssertionError("unreachable")
 
+    def preload(self, name: str) -> None:
+        """Start and load `name` in the background; a failure is logged, not raised."""
+
+        async def load() -> None:
+            try:
+                await self._ensure(self.registry.get(name))
+                log.info("preloaded %s", name)
+            except OpenAIError as exc:
+                log.error("could not preload %s: %s", name, exc.message)
+
+        task = asyncio.get_running_loop().create_task(load())
+        self._supervisors.add(task)
+        task.add_done_callback(self._supervisors.discard)
+
     async def _lost(self, instance: BackendInstance, error: OpenAIError) -> bool:
         """Whether `error` means the backend is gone (or lost its model); if so, forget it."""
         if error.code not in {"backend_unavailable", "model_not_loaded"}:

@@ -27,6 +27,8 @@ class Settings:
     #: Seconds one request may take in a backend.
     request_timeout: float = 600.0
     log_level: str = "info"
+    #: Models to start and load as soon as the gateway is up.
+    preload: tuple[str, ...] = ()
     #: Seconds an image made for `response_format: url` stays downloadable.
     image_ttl: float = 3600.0
     #: Largest audio upload accepted (OpenAI's own limit is 25 MB).
@@ -53,6 +55,6 @@ def _parse(name: str, raw: str) -> Any:
         return float(raw)
     if name in {"models_dir", "runtime_dir"}:
         return Path(raw)
-    if name == "api_keys":
+    if name in {"api_keys", "preload"}:
         return tuple(k.strip() for k in raw.split(",") if k.strip())
     return raw

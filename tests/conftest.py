@@ -168,10 +168,9 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def real_models() -> Path:
     """The default models, installed the way `make run` installs them (cached between runs)."""
-    from gateway.defaults import DEFAULT_MODELS, install
+    from gateway.gallery import install_named
 
-    for model in DEFAULT_MODELS:
-        install(model, CACHE)
+    install_named(["smollm2-135m-instruct", "all-minilm-l6-v2", "whisper-base"], CACHE)
     return CACHE
 
 

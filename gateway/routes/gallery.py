@@ -1,0 +1,102 @@
+"""The gallery over HTTP: what can be installed, install jobs, and removing a model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, delete, get, post
+from litestar.response import Response
+
+from gateway.config import ConfigError
+from gateway.errors import OpenAIError
+from gateway.gallery import Installer, is_installed, remove_files
+from gateway.manager import BackendManager
+from gateway.routes.common import decode_body
+
+
+class ApplyRequest(msgspec.Struct):
+    id: str
+
+
+def _index(installer: Installer) -> Any:
+    try:
+        return installer.index()
+    except ConfigError as exc:
+        raise OpenAIError(
+            500, f"the gallery index is broken: {exc}", code="gallery_invalid"
+        ) from None
+
+
+class GalleryController(Controller):
+    path = "/models"
+
+    @get("/available")
+    async def available(self, installer: Installer) -> dict[str, Any]:
+        index = _index(installer)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": entry.name,
+                    "description": entry.description,
+                    "license": entry.license,
+                    "tags": entry.tags,
+                    "backend": entry.config.get("backend"),
+                    "verified": entry.verified,
+                    "installed": is_installed(entry, installer.models_dir),
+                }
+                for entry in index.entries
+            ],
+        }
+
+    @post("/apply", status_code=200)
+    async def apply(self, request: Request[Any, Any, Any], installer: Installer) -> dict[str, Any]:
+        body = decode_body(await request.body(), ApplyRequest)
+        name = body.id.removeprefix("gallery@")
+        _index(installer)
+        try:
+            job = installer.apply(name)
+        except KeyError:
+            raise OpenAIError(
+                404,
+                f"the gallery has no model '{name}'; GET /models/available lists them",
+                param="id",
+                code="model_not_found",
+            ) from None
+        return job.view()
+
+    @get("/jobs/{job_id:str}")
+    async def job(self, job_id: str, installer: Installer) -> dict[str, Any]:
+        job = installer.jobs.get(job_id)
+        if job is None:
+            raise OpenAIError(404, f"no install job '{job_id}'", code="job_not_found")
+        return job.view()
+
+    @delete("/jobs/{job_id:str}", status_code=200)
+    async def cancel(self, job_id: str, installer: Installer) -> dict[str, Any]:
+        job = installer.jobs.get(job_id)
+        if job is None:
+            raise OpenAIError(404, f"no install job '{job_id}'", code="job_not_found")
+        job.cancel.set()
+        return job.view()
+
+    @delete("/{name:str}", status_code=200)
+    async def remove(
+        self, name: str, installer: Installer, manager: BackendManager
+    ) -> Response[dict[str, Any]]:
+        catalog = manager.registry.catalog()
+        config = catalog.models.get(name)
+        if config is None:
+            raise OpenAIError(
+                404, f"no installed model '{name}'", param="name", code="model_not_found"
+            )
+        await manager.unload(name)
+        # Files another model's YAML still names are kept.
+        keep = set()
+        for other in catalog.models.values():
+            if other.name != name and other.model:
+                keep.add((installer.models_dir / other.model).resolve())
+        entry = _index(installer).get(name)
+        remove_files(config, entry, installer.models_dir, keep)
+        return Response({"id": name, "object": "model", "deleted": True})
