@@ -12,27 +12,16 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
+from harness import ROOT, gateway, installed, interleaved, link, scratch_models
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from gateway.gallery import gallery_path, install_entry, load_gallery  # noqa: E402
-
-ALL_MINILM = load_gallery(gallery_path()).get("all-minilm-l6-v2")
-assert ALL_MINILM is not None
-
+MODEL = "all-minilm-l6-v2"
 SUBJECTS = ["The cat", "A storm", "My neighbour", "The old train", "This recipe", "Our team"]
 VERBS = ["waited for", "talked about", "changed", "remembered", "ignored", "painted"]
 OBJECTS = ["the river", "a red door", "the last summer", "two small birds", "the night sky"]
@@ -43,12 +32,6 @@ def sentences(count: int) -> list[str]:
         f"{SUBJECTS[i % 6]} {VERBS[(i // 6) % 6]} {OBJECTS[(i // 36) % 5]} on day {i}."
         for i in range(count)
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class InProcess:
@@ -76,8 +59,7 @@ class InProcess:
 
 def through_hearth(http: httpx.Client, texts: list[str]) -> np.ndarray:
     response = http.post(
-        "/v1/embeddings",
-        json={"model": ALL_MINILM.name, "input": texts, "encoding_format": "base64"},
+        "/v1/embeddings", json={"model": MODEL, "input": texts, "encoding_format": "base64"}
     )
     response.raise_for_status()
     return np.stack(
@@ -85,11 +67,11 @@ def through_hearth(http: httpx.Client, texts: list[str]) -> np.ndarray:
     )
 
 
-def timed(embed: object, texts: list[str], batch: int) -> float:
+def timed(embed: Callable[[list[str]], object], texts: list[str], batch: int) -> float:
     """Texts per second for embedding `texts` in requests of `batch`."""
     started = time.perf_counter()
     for start in range(0, len(texts), batch):
-        embed(texts[start : start + batch])  # type: ignore[operator]
+        embed(texts[start : start + batch])
     return len(texts) / (time.perf_counter() - started)
 
 
@@ -100,62 +82,26 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=256)
     args = parser.parse_args()
 
-    install_entry(ALL_MINILM, args.models_dir)
-    source = args.models_dir / ALL_MINILM.model
+    entry = installed(MODEL, args.models_dir)
+    source = args.models_dir / entry.model
     texts = sentences(args.texts)
     local = InProcess(source)
-
-    scratch = Path(tempfile.mkdtemp(prefix="hearth-bench-"))
-    models = scratch / "models"
-    models.mkdir()
-
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, models / ALL_MINILM.model, copy_function=link)
-    (models / "minilm.yaml").write_text(
-        f"name: {ALL_MINILM.name}\nbackend: transformers\nmodel: {ALL_MINILM.model}\n"
-        "embeddings: true\n"
-    )
-    port = free_port()
-    log = (scratch / "gateway.log").open("wb")
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "--port", str(port), "--models-dir", str(models)],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     results: dict[tuple[str, int], list[float]] = {}
-    try:
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if http.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.05)
-        # Warm both, and check they agree.
-        difference = np.abs(local.embed(texts[:8]) - through_hearth(http, texts[:8])).max()
-        assert difference < 1e-5, f"in-process and Hearth disagree by {difference}"
-        for batch in (1, 32):
-            for index in range(args.rounds):
-                order = ["in-process", "hearth"] if index % 2 == 0 else ["hearth", "in-process"]
-                for mode in order:
-                    embed = local.embed if mode == "in-process" else (
-                        lambda chunk: through_hearth(http, chunk)
-                    )  # fmt: skip
+    with scratch_models() as models:
+        link(source, models / entry.model)
+        (models / "model.yaml").write_text(
+            f"name: {MODEL}\nbackend: transformers\nmodel: {entry.model}\nembeddings: true\n"
+        )
+        with gateway(models) as (http, _):
+            # Warm both, and check they agree.
+            difference = np.abs(local.embed(texts[:8]) - through_hearth(http, texts[:8])).max()
+            assert difference < 1e-5, f"in-process and Hearth disagree by {difference}"
+            for batch in (1, 32):
+                for mode in interleaved(args.rounds, ("in-process", "hearth")):
+                    embed: Callable[[list[str]], object] = local.embed
+                    if mode == "hearth":
+                        embed = lambda chunk: through_hearth(http, chunk)  # noqa: E731
                     results.setdefault((mode, batch), []).append(timed(embed, texts, batch))
-    finally:
-        gateway.terminate()
-        gateway.wait(30)
-        log.close()
-        shutil.rmtree(scratch, ignore_errors=True)
 
     import torch
 

@@ -5,7 +5,7 @@ measured in turns: (a) llama-cpp-python in this process, (b) a `hearth run` gate
 over HTTP/SSE from its llama backend process. For each it prints generation tokens/s and the
 time to the first content token, then the ratios, then the gateway process's own RSS when idle.
 
-    .venv/bin/python bench/stream_overhead.py [--runs 7] [--max-tokens 128] [--threads N]
+    .venv/bin/python bench/stream_overhead.py [--runs 11] [--max-tokens 128] [--threads N]
 
 Tokens are counted the same way for both: the streamed text, re-tokenized by the model.
 """
@@ -15,27 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from gateway.gallery import gallery_path, install_entry, load_gallery  # noqa: E402
-
-SMOLLM2 = load_gallery(gallery_path()).get("smollm2-135m-instruct")
-assert SMOLLM2 is not None
+from harness import ROOT, gateway, installed, interleaved, link, scratch_models
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
+MODEL = "smollm2-135m-instruct"
 
 
 @dataclass
@@ -49,12 +39,6 @@ class Run:
         return (self.tokens - 1) / self.generation_s if self.generation_s > 0 else 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -62,11 +46,11 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def in_process(llm: object, max_tokens: int, count: object) -> Run:
+def in_process(llm: Any, max_tokens: int, count: Any) -> Run:
     started = time.perf_counter()
     first = last = 0.0
     pieces = []
-    for chunk in llm.create_chat_completion(  # type: ignore[attr-defined]
+    for chunk in llm.create_chat_completion(
         messages=[{"role": "user", "content": PROMPT}],
         max_tokens=max_tokens,
         temperature=0.0,
@@ -77,12 +61,12 @@ def in_process(llm: object, max_tokens: int, count: object) -> Run:
             last = time.perf_counter()
             first = first or last
             pieces.append(content)
-    return Run(first - started, count("".join(pieces)), last - first)  # type: ignore[operator]
+    return Run(first - started, count("".join(pieces)), last - first)
 
 
-def through_hearth(http: httpx.Client, max_tokens: int, count: object) -> Run:
+def through_hearth(http: httpx.Client, max_tokens: int, count: Any) -> Run:
     body = {
-        "model": SMOLLM2.name,
+        "model": MODEL,
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": max_tokens,
         "temperature": 0.0,
@@ -102,7 +86,7 @@ def through_hearth(http: httpx.Client, max_tokens: int, count: object) -> Run:
                 last = time.perf_counter()
                 first = first or last
                 pieces.append(content)
-    return Run(first - started, count("".join(pieces)), last - first)  # type: ignore[operator]
+    return Run(first - started, count("".join(pieces)), last - first)
 
 
 def main() -> None:
@@ -114,8 +98,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     args = parser.parse_args()
 
-    install_entry(SMOLLM2, args.models_dir)
-    source = args.models_dir / SMOLLM2.model
+    entry = installed(MODEL, args.models_dir)
+    source = args.models_dir / entry.model
 
     from llama_cpp import Llama
 
@@ -130,61 +114,28 @@ def main() -> None:
     def count(text: str) -> int:
         return len(llm.tokenize(text.encode(), add_bos=False, special=True))
 
-    scratch = Path(tempfile.mkdtemp(prefix="hearth-bench-"))
-    models = scratch / "models"
-    models.mkdir()
-    try:
-        os.link(source, models / SMOLLM2.model)
-    except OSError:
-        shutil.copy(source, models / SMOLLM2.model)
-    (models / "smollm2.yaml").write_text(
-        f"name: {SMOLLM2.name}\nbackend: llama\nmodel: {SMOLLM2.model}\n"
-        f"context_size: {args.context_size}\nthreads: {args.threads}\n"
-    )
-    port = free_port()
-    log = (scratch / "gateway.log").open("wb")
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "--port", str(port), "--models-dir", str(models)],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if http.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.05)
-        time.sleep(1.0)
-        idle_before_load = rss_mb(gateway.pid)
-
-        # Warm both: the backend loads its model, both fill their caches.
-        in_process(llm, 8, count)
-        through_hearth(http, 8, count)
-
-        results: dict[str, list[Run]] = {"in-process": [], "hearth": []}
-        for index in range(args.runs):
-            order = ["in-process", "hearth"] if index % 2 == 0 else ["hearth", "in-process"]
-            for mode in order:
+    results: dict[str, list[Run]] = {"in-process": [], "hearth": []}
+    with scratch_models() as models:
+        link(source, models / entry.model)
+        (models / "model.yaml").write_text(
+            f"name: {MODEL}\nbackend: llama\nmodel: {entry.model}\n"
+            f"context_size: {args.context_size}\nthreads: {args.threads}\n"
+        )
+        with gateway(models) as (http, pid):
+            time.sleep(1.0)
+            idle_before_load = rss_mb(pid)
+            # Warm both: the backend loads its model, both fill their caches.
+            in_process(llm, 8, count)
+            through_hearth(http, 8, count)
+            for mode in interleaved(args.runs, ("in-process", "hearth")):
                 if mode == "in-process":
                     results[mode].append(in_process(llm, args.max_tokens, count))
                 else:
                     results[mode].append(through_hearth(http, args.max_tokens, count))
-        time.sleep(1.0)
-        idle_after = rss_mb(gateway.pid)
-    finally:
-        gateway.terminate()
-        gateway.wait(30)
-        log.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+            time.sleep(1.0)
+            idle_after = rss_mb(pid)
 
-    print(f"model {SMOLLM2.model}, {args.max_tokens} tokens greedy, "
-          f"context {args.context_size}, "
+    print(f"model {entry.model}, {args.max_tokens} tokens greedy, context {args.context_size}, "
           f"{args.threads} thread(s), {args.runs} interleaved runs each, medians")  # fmt: skip
     summary = {}
     for mode, runs in results.items():

@@ -3,7 +3,7 @@
 whisper-base (int8, beam 5, the same settings on both sides), a ~25 s clip spoken by espeak-ng,
 measured in turns: (a) faster-whisper in this process, (b) `POST /v1/audio/transcriptions` on a
 `hearth run` gateway. Prints the real-time factor (seconds of compute per second of audio; lower
-is faster) of each and the speed ratio (in-process RTF / Hearth RTF).
+is faster) of each and the speed ratio (in-process time / Hearth time).
 
     .venv/bin/python bench/transcribe.py [--rounds 5]
 """
@@ -12,26 +12,16 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from harness import ROOT, gateway, installed, interleaved, link, scratch_models
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from gateway.gallery import gallery_path, install_entry, load_gallery  # noqa: E402
-
-WHISPER_BASE = load_gallery(gallery_path()).get("whisper-base")
-assert WHISPER_BASE is not None
-
+MODEL = "whisper-base"
 SCRIPT = (
     "The lighthouse keeper climbed the narrow stairs every evening at six. "
     "He lit the great lamp, wound the clockwork, and wrote the weather in his book. "
@@ -40,12 +30,6 @@ SCRIPT = (
     "In spring, the gulls came back, and he counted them from the gallery. "
     "When winter came, he wrote long letters to his sister in the city by the river."
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:
@@ -58,8 +42,8 @@ def main() -> None:
         sys.exit("needs espeak-ng (apt-get install espeak-ng)")
     clip = subprocess.run([espeak, "--stdout", SCRIPT], capture_output=True, check=True).stdout
 
-    install_entry(WHISPER_BASE, args.models_dir)
-    source = args.models_dir / WHISPER_BASE.model
+    entry = installed(MODEL, args.models_dir)
+    source = args.models_dir / entry.model
     from faster_whisper import WhisperModel, decode_audio
 
     duration = len(decode_audio(io.BytesIO(clip))) / 16000
@@ -69,64 +53,30 @@ def main() -> None:
         segments, _ = local.transcribe(decode_audio(io.BytesIO(clip)), beam_size=5)
         return "".join(s.text for s in segments)
 
-    scratch = Path(tempfile.mkdtemp(prefix="hearth-bench-"))
-    models = scratch / "models"
-    models.mkdir()
-
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, models / WHISPER_BASE.model, copy_function=link)
-    (models / "whisper.yaml").write_text(
-        f"name: {WHISPER_BASE.name}\nbackend: whisper\nmodel: {WHISPER_BASE.model}\n"
-        "options: {compute_type: int8, beam_size: 5}\n"
-    )
-    port = free_port()
-    log = (scratch / "gateway.log").open("wb")
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "--port", str(port), "--models-dir", str(models)],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-    def through_hearth() -> str:
-        response = http.post(
-            "/v1/audio/transcriptions",
-            files={"file": ("clip.wav", clip)},
-            data={"model": WHISPER_BASE.name},
-        )
-        response.raise_for_status()
-        return str(response.json()["text"])
-
     times: dict[str, list[float]] = {"in-process": [], "hearth": []}
-    try:
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if http.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.05)
-        in_process()
-        text = through_hearth()  # warm: the backend loads its model
-        for index in range(args.rounds):
-            order = ["in-process", "hearth"] if index % 2 == 0 else ["hearth", "in-process"]
-            for mode in order:
+    with scratch_models() as models:
+        link(source, models / entry.model)
+        (models / "model.yaml").write_text(
+            f"name: {MODEL}\nbackend: whisper\nmodel: {entry.model}\n"
+            "options: {compute_type: int8, beam_size: 5}\n"
+        )
+        with gateway(models) as (http, _):
+
+            def through_hearth() -> str:
+                response = http.post(
+                    "/v1/audio/transcriptions",
+                    files={"file": ("clip.wav", clip)},
+                    data={"model": MODEL},
+                )
+                response.raise_for_status()
+                return str(response.json()["text"])
+
+            in_process()
+            text = through_hearth()  # warm: the backend loads its model
+            for mode in interleaved(args.rounds, ("in-process", "hearth")):
                 started = time.perf_counter()
                 in_process() if mode == "in-process" else through_hearth()
                 times[mode].append(time.perf_counter() - started)
-    finally:
-        gateway.terminate()
-        gateway.wait(30)
-        log.close()
-        shutil.rmtree(scratch, ignore_errors=True)
 
     print(f"whisper-base int8, beam 5, {duration:.1f} s of espeak-ng speech, "
           f"{args.rounds} interleaved rounds, medians")  # fmt: skip

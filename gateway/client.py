@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -66,32 +67,28 @@ class BackendClient:
                 serving.add(capability)
         return frozenset(serving)
 
-    async def load(self, request: pb.LoadRequest, timeout: float) -> pb.LoadResponse:
-        try:
-            return await self._lifecycle.Load(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, self.model) from None
-
-    async def unload(self) -> None:
-        try:
-            await self._lifecycle.Unload(pb.UnloadRequest(), timeout=30)
-        except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, self.model) from None
-
-    async def status(self) -> pb.StatusResponse:
-        try:
-            return await self._lifecycle.Status(pb.StatusRequest(), timeout=5)
-        except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, self.model) from None
-
-    async def generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
-        call = self._text.Generate(request, timeout=self.timeout)
+    async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        """One unary call: its deadline, a failure in OpenAI's shape, and cancel on the way out
+        (a no-op once done; it stops the backend's work if our caller was cancelled)."""
+        call = method(request, timeout=timeout or self.timeout)
         try:
             return await call
         except grpc.aio.AioRpcError as exc:
             raise from_grpc(exc, self.model) from None
         finally:
-            call.cancel()  # a no-op once done; stops the backend if we were cancelled
+            call.cancel()
+
+    async def load(self, request: pb.LoadRequest, timeout: float) -> pb.LoadResponse:
+        return await self._call(self._lifecycle.Load, request, timeout)
+
+    async def unload(self) -> None:
+        await self._call(self._lifecycle.Unload, pb.UnloadRequest(), 30)
+
+    async def status(self) -> pb.StatusResponse:
+        return await self._call(self._lifecycle.Status, pb.StatusRequest(), 5)
+
+    async def generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
+        return await self._call(self._text.Generate, request)
 
     async def generate_stream(
         self, request: pb.GenerateRequest
@@ -116,40 +113,16 @@ class BackendClient:
             call.cancel()
 
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
-        try:
-            return await self._text.Tokenize(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, self.model) from None
+        return await self._call(self._text.Tokenize, request)
 
     async def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
-        try:
-            return await self._text.Detokenize(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, self.model) from None
+        return await self._call(self._text.Detokenize, request)
 
     async def transcribe(self, request: pb.TranscribeRequest) -> pb.TranscribeResponse:
-        call = self._transcription.Transcribe(request, timeout=self.timeout)
-        try:
-            return await call
-        except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, self.model) from None
-        finally:
-            call.cancel()
+        return await self._call(self._transcription.Transcribe, request)
 
     async def generate_image(self, request: pb.GenerateImageRequest) -> pb.GenerateImageResponse:
-        call = self._images.GenerateImage(request, timeout=self.timeout)
-        try:
-            return await call
-        except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, self.model) from None
-        finally:
-            call.cancel()
+        return await self._call(self._images.GenerateImage, request)
 
     async def embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
-        call = self._embeddings.Embed(request, timeout=self.timeout)
-        try:
-            return await call
-        except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, self.model) from None
-        finally:
-            call.cancel()
+        return await self._call(self._embeddings.Embed, request)

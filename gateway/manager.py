@@ -285,6 +285,14 @@ class BackendManager:
                 raise
         raise AssertionError("unreachable")
 
+    async def call(
+        self, name: str, capability: Capability, start: Callable[[BackendClient], Awaitable[T]]
+    ) -> T:
+        """A whole unary request: acquire, call (retried once on a dead backend), release."""
+        lease, result = await self.open(name, capability, start)
+        lease.release()
+        return result
+
     def preload(self, name: str) -> None:
         """Start and load `name` in the background; a failure is logged, not raised."""
 

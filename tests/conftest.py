@@ -111,6 +111,18 @@ class Gateway:
         shutil.rmtree(self.runtime_dir.parent, ignore_errors=True)
 
 
+def hearth(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the `hearth` command (as `python -m gateway`) and capture what it says."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def backend_pids(marker: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from gateway.gallery import (
     install_entry,
     load_gallery,
 )
-from tests.conftest import ROOT, Gateway
+from tests.conftest import Gateway, hearth
 from tests.fileserver import FileServer, Served
 
 
@@ -282,19 +280,6 @@ def test_failed_and_cancelled_jobs_leave_nothing(gallery_gateway: Gateway) -> No
     assert unknown.status_code == 404
     assert unknown.json()["error"]["param"] == "id"
     assert http.get("/models/jobs/job-nope").status_code == 404
-
-
-def hearth(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    import os
-
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_cli_install_from_pypi_shows_progress_and_the_model_answers(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from backends.runtime import Backend, BackendError, Capability
+from backends.runtime import Backend, BackendError, Capability, invalid
+from backends.runtime.files import require_safetensors
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
 log = logging.getLogger("hearth.backend.diffusers")
@@ -30,10 +31,6 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 class _Cancelled(Exception):
     pass
-
-
-def _invalid(reason: str, message: str, param: str | None = None) -> BackendError:
-    return BackendError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, param=param)
 
 
 class DiffusersBackend(Backend):
@@ -56,26 +53,21 @@ class DiffusersBackend(Backend):
         diffusers_logging.disable_progress_bar()
         path = Path(request.model_path)
         if not request.model_path:
-            raise _invalid("model_missing", "the model YAML names no pipeline directory")
+            raise invalid("model_missing", "the model YAML names no pipeline directory")
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"no diffusers pipeline (model_index.json) in {path}")
-        if not any(path.rglob("*.safetensors")):
-            raise _invalid(
-                "unsafe_weights",
-                f"{path.name} has no .safetensors weights; Hearth does not load pickle weights "
-                "(.bin, .ckpt), which can run code when loaded",
-            )
+        require_safetensors(path)
         options = json_format.MessageToDict(request.options)
         dtype_name = str(options.get("dtype", "float32"))
         if dtype_name not in _DTYPES:
-            raise _invalid("invalid_option", f"options.dtype must be one of {', '.join(_DTYPES)}")
+            raise invalid("invalid_option", f"options.dtype must be one of {', '.join(_DTYPES)}")
         if request.threads:
             torch.set_num_threads(request.threads)
         loader: Any = diffusers.AutoPipelineForText2Image
         if options.get("pipeline"):
             loader = getattr(diffusers, str(options["pipeline"]), None)
             if loader is None or not hasattr(loader, "from_pretrained"):
-                raise _invalid(
+                raise invalid(
                     "invalid_option", f"diffusers has no pipeline class {options['pipeline']!r}"
                 )
         try:
@@ -86,11 +78,11 @@ class DiffusersBackend(Backend):
                 local_files_only=True,
             )
         except (OSError, ValueError) as exc:
-            raise _invalid("invalid_model", f"diffusers cannot load {path.name}: {exc}") from None
+            raise invalid("invalid_model", f"diffusers cannot load {path.name}: {exc}") from None
         if options.get("scheduler"):
             scheduler = getattr(diffusers, str(options["scheduler"]), None)
             if scheduler is None or not hasattr(scheduler, "from_config"):
-                raise _invalid(
+                raise invalid(
                     "invalid_option", f"diffusers has no scheduler {options['scheduler']!r}"
                 )
             pipeline.scheduler = scheduler.from_config(pipeline.scheduler.config)
@@ -131,7 +123,7 @@ class DiffusersBackend(Backend):
         width = request.width or self.default_size
         height = request.height or self.default_size
         if max(width, height) > self.max_size:
-            raise _invalid(
+            raise invalid(
                 "size_too_large",
                 f"this model makes images up to {self.max_size}x{self.max_size}",
                 param="size",

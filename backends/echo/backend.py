@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from backends.runtime import Backend, BackendError
+from backends.runtime import Backend, BackendError, invalid
 from backends.runtime.text import StopText
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
@@ -129,9 +129,7 @@ class EchoBackend(Backend):
     def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
         unknown = [i for i in request.tokens if i not in self.vocabulary]
         if unknown:
-            raise BackendError(
-                grpc.StatusCode.INVALID_ARGUMENT, "unknown_token", f"unknown token id {unknown[0]}"
-            )
+            raise invalid("unknown_token", f"unknown token id {unknown[0]}")
         return pb.DetokenizeResponse(text="".join(self.vocabulary[i] for i in request.tokens))
 
     def embed(self, request: pb.EmbedRequest, cancelled: threading.Event) -> pb.EmbedResponse:

@@ -8,7 +8,6 @@ and stop sequences never leak into the text, streamed or not.
 from __future__ import annotations
 
 import codecs
-import json
 import logging
 import math
 import os
@@ -17,11 +16,10 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
 
-from backends.runtime import Backend, BackendError, Capability
-from backends.runtime.text import StopText
+from backends.runtime import Backend, Capability, invalid
+from backends.runtime.text import StopText, no_chat_template, template_inputs, template_rejected
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
 log = logging.getLogger("hearth.backend.llama")
@@ -43,8 +41,7 @@ def _pooling(name: object, embeddings: bool) -> int:
         return -1
     allowed = [p for p in _POOLING if p != "none" or not embeddings]
     if name not in allowed:
-        raise BackendError(
-            grpc.StatusCode.INVALID_ARGUMENT,
+        raise invalid(
             "invalid_option",
             f"options.pooling must be one of {', '.join(allowed)}, not {name!r}",
         )
@@ -55,8 +52,7 @@ def _open(llama: Any, settings: dict[str, Any]) -> Any:
     try:
         return llama(**settings)
     except ValueError as exc:  # llama-cpp-python's word for "llama.cpp could not load it"
-        raise BackendError(
-            grpc.StatusCode.INVALID_ARGUMENT,
+        raise invalid(
             "invalid_model_file",
             f"llama.cpp cannot load {os.path.basename(settings['model_path'])}: {exc}",
         ) from None
@@ -87,9 +83,7 @@ class LlamaBackend(Backend):
 
         path = request.model_path
         if not path:
-            raise BackendError(
-                grpc.StatusCode.INVALID_ARGUMENT, "model_missing", "the model YAML names no file"
-            )
+            raise invalid("model_missing", "the model YAML names no file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model file not found: {path}")
         options = json_format.MessageToDict(request.options)
@@ -163,38 +157,12 @@ class LlamaBackend(Backend):
         if request.WhichOneof("input") != "chat":
             return list(llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True))
         if self.formatter is None:
-            raise BackendError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "no_chat_template",
-                "this model has no chat template: set chat_template in its YAML, "
-                "or use /v1/completions",
-            )
-        messages = [
-            json_format.MessageToDict(m, preserving_proto_field_name=True)
-            for m in request.chat.messages
-        ]
-        for message in messages:
-            message.setdefault("content", None if message.get("tool_calls") else "")
-        tools = [
-            {
-                "type": tool.type or "function",
-                "function": {
-                    "name": tool.name,
-                    "description": tool.description,
-                    "parameters": json.loads(tool.parameters_json or "{}"),
-                },
-            }
-            for tool in request.chat.tools
-        ]
+            raise no_chat_template()
+        messages, tools = template_inputs(request.chat)
         try:
-            formatted = self.formatter(messages=messages, tools=tools or None)
+            formatted = self.formatter(messages=messages, tools=tools)
         except Exception as exc:  # the template's own raise_exception, or a Jinja error
-            raise BackendError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "chat_template_error",
-                f"the model's chat template rejected these messages: {exc}",
-                param="messages",
-            ) from None
+            raise template_rejected(exc) from None
         # The template writes BOS itself where the model wants one.
         return list(llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True))
 
@@ -210,8 +178,7 @@ class LlamaBackend(Backend):
                     request.response_format.json_schema, verbose=False
                 )
         except Exception as exc:
-            raise BackendError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise invalid(
                 "invalid_json_schema",
                 f"cannot turn this JSON schema into a grammar: {exc}",
                 param="response_format",
@@ -232,8 +199,7 @@ class LlamaBackend(Backend):
         prompt = self._prompt_tokens(request)
         context = llm.n_ctx()
         if len(prompt) >= context:
-            raise BackendError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise invalid(
                 "context_length_exceeded",
                 f"the prompt is {len(prompt)} tokens, and this model's context holds {context}: "
                 "shorten the prompt or raise context_size in the model YAML",
@@ -301,8 +267,7 @@ class LlamaBackend(Backend):
         vocabulary = self.llm.n_vocab()
         bad = [t for t in request.tokens if not 0 <= t < vocabulary]
         if bad:
-            raise BackendError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise invalid(
                 "invalid_token",
                 f"token id {bad[0]} is outside this model's vocabulary of {vocabulary}",
                 param="tokens",
@@ -317,8 +282,7 @@ class LlamaBackend(Backend):
         texts = []
         for item in request.inputs:
             if item.WhichOneof("input") != "text":
-                raise BackendError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                raise invalid(
                     "unsupported_input",
                     "the llama backend embeds text; send strings, not token arrays",
                     param="input",
@@ -326,8 +290,7 @@ class LlamaBackend(Backend):
             texts.append(item.text)
         size = self.llm.n_embd()
         if request.dimensions and request.dimensions != size:
-            raise BackendError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise invalid(
                 "unsupported_dimensions",
                 f"this model makes {size}-dimensional embeddings",
                 param="dimensions",

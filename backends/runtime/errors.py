@@ -31,3 +31,8 @@ class BackendError(Exception):
         if self.param:
             pairs.append((PARAM_KEY, self.param))
         return tuple(pairs)
+
+
+def invalid(reason: str, message: str, param: str | None = None) -> BackendError:
+    """The request (or the model YAML) asks for something this backend cannot do: a 400."""
+    return BackendError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, param=param)

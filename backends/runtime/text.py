@@ -6,6 +6,15 @@ generation, they are never returned, and text that might still grow into one is 
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from backends.runtime.errors import BackendError, invalid
+from protos.hearth.backend.v1 import backend_pb2 as pb
+
 
 def held_back(text: str, stops: list[str]) -> int:
     """Length of the longest end of `text` that could still grow into a stop sequence."""
@@ -50,3 +59,42 @@ class StopText:
         ready = self.text[self.sent : end]
         self.sent = end
         return ready
+
+
+def template_inputs(chat: pb.ChatInput) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """A chat as chat templates read it: OpenAI-style message dicts, and the tools (or None)."""
+    messages = [
+        json_format.MessageToDict(m, preserving_proto_field_name=True) for m in chat.messages
+    ]
+    for message in messages:
+        # An assistant turn that only calls tools has no content; templates expect the key.
+        message.setdefault("content", None if message.get("tool_calls") else "")
+    tools = [
+        {
+            "type": tool.type or "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": json.loads(tool.parameters_json or "{}"),
+            },
+        }
+        for tool in chat.tools
+    ]
+    return messages, tools or None
+
+
+def no_chat_template() -> BackendError:
+    return BackendError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "no_chat_template",
+        "this model has no chat template: set chat_template in its YAML, or use /v1/completions",
+    )
+
+
+def template_rejected(exc: Exception) -> BackendError:
+    """A chat template's own raise_exception (or a Jinja error) as the client's 400."""
+    return invalid(
+        "chat_template_error",
+        f"the model's chat template rejected these messages: {exc}",
+        param="messages",
+    )

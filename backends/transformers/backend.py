@@ -25,8 +25,14 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from backends.runtime import Backend, BackendError, Capability
-from backends.runtime.text import StopText
+from backends.runtime import Backend, BackendError, Capability, invalid
+from backends.runtime.files import require_safetensors
+from backends.runtime.text import (
+    StopText,
+    no_chat_template,
+    template_inputs,
+    template_rejected,
+)
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
 log = logging.getLogger("hearth.backend.transformers")
@@ -37,10 +43,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 _POOLING_MODES = ("mean", "cls", "max")
 _EMBED_CHUNK = 64  # inputs per forward pass
-
-
-def _invalid(reason: str, message: str, param: str | None = None) -> BackendError:
-    return BackendError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, param=param)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -100,15 +102,10 @@ class TransformersBackend(Backend):
 
         path = Path(request.model_path)
         if not request.model_path:
-            raise _invalid("model_missing", "the model YAML names no model directory")
+            raise invalid("model_missing", "the model YAML names no model directory")
         if not path.is_dir():
             raise FileNotFoundError(f"model directory not found: {path}")
-        if not any(path.rglob("*.safetensors")):
-            raise _invalid(
-                "unsafe_weights",
-                f"{path.name} has no .safetensors weights; Hearth does not load pickle weights "
-                "(.bin, .pt), which can run code when loaded",
-            )
+        require_safetensors(path)
         options = json_format.MessageToDict(request.options)
         trust = bool(options.get("trust_remote_code", False))
         if trust:
@@ -119,7 +116,7 @@ class TransformersBackend(Backend):
             )
         dtype_name = str(options.get("dtype", "float32"))
         if dtype_name not in _DTYPES:
-            raise _invalid("invalid_option", f"options.dtype must be one of {', '.join(_DTYPES)}")
+            raise invalid("invalid_option", f"options.dtype must be one of {', '.join(_DTYPES)}")
         dtype = dtype_name if dtype_name == "auto" else getattr(torch, dtype_name)
         if request.threads:
             torch.set_num_threads(request.threads)
@@ -132,9 +129,7 @@ class TransformersBackend(Backend):
         try:
             model = loader.from_pretrained(path, dtype=dtype, use_safetensors=True, **common)
         except (OSError, ValueError) as exc:
-            raise _invalid(
-                "invalid_model", f"transformers cannot load {path.name}: {exc}"
-            ) from None
+            raise invalid("invalid_model", f"transformers cannot load {path.name}: {exc}") from None
         self.model = model.eval()
         positions = getattr(model.config, "max_position_embeddings", None) or 2048
         if self.embeddings:
@@ -160,7 +155,7 @@ class TransformersBackend(Backend):
             from_file = "cls"
         pooling = str(options.get("pooling") or from_file or "mean")
         if pooling not in _POOLING_MODES:
-            raise _invalid(
+            raise invalid(
                 "invalid_option", f"options.pooling must be one of {', '.join(_POOLING_MODES)}"
             )
         self.pooling = pooling
@@ -189,43 +184,18 @@ class TransformersBackend(Backend):
         if request.WhichOneof("input") != "chat":
             return list(tokenizer(request.prompt).input_ids)
         if not self.chat_template:
-            raise BackendError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "no_chat_template",
-                "this model has no chat template: set chat_template in its YAML, "
-                "or use /v1/completions",
-            )
-        messages = [
-            json_format.MessageToDict(m, preserving_proto_field_name=True)
-            for m in request.chat.messages
-        ]
-        for message in messages:
-            message.setdefault("content", "")
-        tools = [
-            {
-                "type": "function",
-                "function": {
-                    "name": tool.name,
-                    "description": tool.description,
-                    "parameters": json.loads(tool.parameters_json or "{}"),
-                },
-            }
-            for tool in request.chat.tools
-        ]
+            raise no_chat_template()
+        messages, tools = template_inputs(request.chat)
         try:
             prompt = tokenizer.apply_chat_template(
                 messages,
-                tools=tools or None,
+                tools=tools,
                 chat_template=self.chat_template,
                 add_generation_prompt=True,
                 tokenize=False,
             )
         except Exception as exc:  # the template's own raise_exception, or a Jinja error
-            raise _invalid(
-                "chat_template_error",
-                f"the model's chat template rejected these messages: {exc}",
-                param="messages",
-            ) from None
+            raise template_rejected(exc) from None
         # The template writes the special tokens it wants.
         return list(tokenizer(prompt, add_special_tokens=False).input_ids)
 
@@ -236,7 +206,7 @@ class TransformersBackend(Backend):
             pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
             pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
         ):
-            raise _invalid(
+            raise invalid(
                 "unsupported",
                 "the transformers backend cannot constrain output to JSON; use a llama model",
                 param="response_format",
@@ -252,7 +222,7 @@ class TransformersBackend(Backend):
 
         prompt = self._prompt_ids(request)
         if len(prompt) >= self.context:
-            raise _invalid(
+            raise invalid(
                 "context_length_exceeded",
                 f"the prompt is {len(prompt)} tokens, and this model's context holds "
                 f"{self.context}: shorten the prompt",
@@ -360,7 +330,7 @@ class TransformersBackend(Backend):
         size = len(self.tokenizer)
         bad = [t for t in request.tokens if not 0 <= t < size]
         if bad:
-            raise _invalid(
+            raise invalid(
                 "invalid_token",
                 f"token id {bad[0]} is outside this model's vocabulary of {size}",
                 param="tokens",
@@ -375,7 +345,7 @@ class TransformersBackend(Backend):
         texts = []
         for item in request.inputs:
             if item.WhichOneof("input") != "text":
-                raise _invalid(
+                raise invalid(
                     "unsupported_input",
                     "send text: token arrays are ids of another tokenizer (tiktoken's, usually) "
                     "and would mean nothing to this model",
@@ -384,7 +354,7 @@ class TransformersBackend(Backend):
             texts.append(item.text)
         size = int(self.model.config.hidden_size)
         if request.dimensions and request.dimensions != size:
-            raise _invalid(
+            raise invalid(
                 "unsupported_dimensions",
                 f"this model makes {size}-dimensional embeddings",
                 param="dimensions",
@@ -394,7 +364,7 @@ class TransformersBackend(Backend):
         if too_long:
             first = too_long[0]
             if not self.truncate:
-                raise _invalid(
+                raise invalid(
                     "input_too_long",
                     f"input[{first}] is {lengths[first]} tokens; this model reads at most "
                     f"{self.max_length} (the model YAML sets truncate: false)",

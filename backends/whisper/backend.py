@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from backends.runtime import Backend, BackendError, Capability
+from backends.runtime import Backend, BackendError, Capability, invalid
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
 log = logging.getLogger("hearth.backend.whisper")
@@ -29,27 +29,23 @@ SAMPLE_RATE = 16000
 _COMPUTE_TYPES = ("int8", "int8_float32", "float32", "float16", "int8_float16", "default")
 
 
-def _invalid(reason: str, message: str, param: str | None = None) -> BackendError:
-    return BackendError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, param=param)
-
-
 def decode(audio: bytes) -> Any:
     """The upload as 16 kHz mono float32 samples; anything PyAV cannot read is invalid_audio."""
     import av
     from faster_whisper import decode_audio
 
     if not audio:
-        raise _invalid("invalid_audio", "the audio file is empty", param="file")
+        raise invalid("invalid_audio", "the audio file is empty", param="file")
     try:
         samples = decode_audio(io.BytesIO(audio), sampling_rate=SAMPLE_RATE)
     except (av.error.FFmpegError, ValueError, IndexError, StopIteration) as exc:
-        raise _invalid(
+        raise invalid(
             "invalid_audio",
             f"cannot decode the audio (send wav, mp3, flac, ogg, m4a or webm): {exc}",
             param="file",
         ) from None
     if len(samples) == 0:
-        raise _invalid("invalid_audio", "the file holds no audio samples", param="file")
+        raise invalid("invalid_audio", "the file holds no audio samples", param="file")
     return samples
 
 
@@ -71,13 +67,13 @@ class WhisperBackend(Backend):
 
         path = Path(request.model_path)
         if not request.model_path:
-            raise _invalid("model_missing", "the model YAML names no model directory")
+            raise invalid("model_missing", "the model YAML names no model directory")
         if not (path / "model.bin").is_file():
             raise FileNotFoundError(f"no CTranslate2 model.bin in {path}")
         options = json_format.MessageToDict(request.options)
         compute_type = str(options.get("compute_type", "int8"))
         if compute_type not in _COMPUTE_TYPES:
-            raise _invalid(
+            raise invalid(
                 "invalid_option",
                 f"options.compute_type must be one of {', '.join(_COMPUTE_TYPES)}",
             )
@@ -94,7 +90,7 @@ class WhisperBackend(Backend):
                 local_files_only=True,
             )
         except (RuntimeError, ValueError, OSError) as exc:
-            raise _invalid(
+            raise invalid(
                 "invalid_model", f"faster-whisper cannot load {path.name}: {exc}"
             ) from None
         self.multilingual = bool(self.model.model.is_multilingual)
@@ -119,14 +115,14 @@ class WhisperBackend(Backend):
     ) -> pb.TranscribeResponse:
         translate = request.task == pb.TRANSCRIPTION_TASK_TRANSLATE
         if translate and not self.multilingual:
-            raise _invalid(
+            raise invalid(
                 "unsupported",
                 "this is an English-only Whisper model: it cannot translate",
                 param="model",
             )
         language = request.language or None
         if language and language not in self.model.supported_languages:
-            raise _invalid(
+            raise invalid(
                 "invalid_language",
                 f"'{language}' is not a language this model knows (use ISO-639-1, e.g. 'en')",
                 param="language",

@@ -48,10 +48,9 @@ async def _transcribe(
         response_format=response_format,
         granularities=granularities,
     )
-    lease, answer = await manager.open(
+    answer = await manager.call(
         model, Capability.TRANSCRIPTION, lambda client: client.transcribe(call)
     )
-    lease.release()
     body, media_type = audio.render(
         answer,
         response_format=response_format,

@@ -31,8 +31,7 @@ class ChatController(Controller):
                 id=id_, created=created, model=body.model, include_usage=include_usage
             )
             return await stream_text(manager, body.model, generate, chunks)
-        lease, response = await manager.open(
+        response = await manager.call(
             body.model, Capability.TEXT, lambda client: client.generate(generate)
         )
-        lease.release()
         return Response(text.chat_completion(response, id=id_, created=created, model=body.model))

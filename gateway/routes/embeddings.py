@@ -23,10 +23,9 @@ class EmbeddingsController(Controller):
         body = decode_body(await request.body(), EmbeddingRequest)
         manager.registry.get(body.model)
         embed = embeddings.embed_request(body)
-        lease, response = await manager.open(
+        response = await manager.call(
             body.model, Capability.EMBEDDINGS, lambda client: client.embed(embed)
         )
-        lease.release()
         return embeddings.embedding_response(
             response, model=body.model, encoding_format=body.encoding_format
         )

@@ -31,10 +31,9 @@ class ImagesController(Controller):
             raise invalid_request("model is required: GET /v1/models lists them", param="model")
         manager.registry.get(body.model)
         call = generate_image_request(body)
-        lease, answer = await manager.open(
+        answer = await manager.call(
             body.model, Capability.IMAGES, lambda client: client.generate_image(call)
         )
-        lease.release()
         images = []
         for image in answer.images:
             if body.response_format == "b64_json":

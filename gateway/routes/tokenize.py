@@ -27,10 +27,9 @@ class TokenizeController(Controller):
     ) -> TokenizeResponse:
         body = decode_body(await request.body(), TokenizeRequest)
         call = pb.TokenizeRequest(text=body.content, add_special=body.add_special)
-        lease, response = await manager.open(
+        response = await manager.call(
             body.model, Capability.TEXT, lambda client: client.tokenize(call)
         )
-        lease.release()
         return TokenizeResponse(tokens=list(response.tokens))
 
     @post("/detokenize", status_code=200)
@@ -39,8 +38,7 @@ class TokenizeController(Controller):
     ) -> DetokenizeResponse:
         body = decode_body(await request.body(), DetokenizeRequest)
         call = pb.DetokenizeRequest(tokens=body.tokens)
-        lease, response = await manager.open(
+        response = await manager.call(
             body.model, Capability.TEXT, lambda client: client.detokenize(call)
         )
-        lease.release()
         return DetokenizeResponse(content=response.text)
