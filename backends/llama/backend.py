@@ -19,7 +19,13 @@ from typing import Any
 from google.protobuf import json_format
 
 from backends.runtime import Backend, Capability, invalid
-from backends.runtime.text import StopText, no_chat_template, template_inputs, template_rejected
+from backends.runtime.text import (
+    StopText,
+    no_chat_template,
+    template_inputs,
+    template_rejected,
+    token_budget,
+)
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
 log = logging.getLogger("hearth.backend.llama")
@@ -197,18 +203,8 @@ class LlamaBackend(Backend):
         llm = self.llm
         sampling = request.sampling
         prompt = self._prompt_tokens(request)
-        context = llm.n_ctx()
-        if len(prompt) >= context:
-            raise invalid(
-                "context_length_exceeded",
-                f"the prompt is {len(prompt)} tokens, and this model's context holds {context}: "
-                "shorten the prompt or raise context_size in the model YAML",
-                param="messages" if request.WhichOneof("input") == "chat" else "prompt",
-            )
-        budget = context - len(prompt)
+        budget = token_budget(request, len(prompt), llm.n_ctx())
         finish = pb.FINISH_REASON_LENGTH
-        if sampling.HasField("max_tokens"):
-            budget = min(budget, sampling.max_tokens)
         grammar = self._grammar(request)
         llm.set_seed(sampling.seed if sampling.HasField("seed") else random.getrandbits(31))
 

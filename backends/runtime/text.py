@@ -98,3 +98,21 @@ def template_rejected(exc: Exception) -> BackendError:
         f"the model's chat template rejected these messages: {exc}",
         param="messages",
     )
+
+
+def token_budget(request: pb.GenerateRequest, prompt_tokens: int, context: int) -> int:
+    """How many tokens may be generated: what the context leaves, capped by max_tokens.
+
+    A prompt that fills the context is the client's 400 `context_length_exceeded`.
+    """
+    if prompt_tokens >= context:
+        raise invalid(
+            "context_length_exceeded",
+            f"the prompt is {prompt_tokens} tokens, and this model's context holds {context}: "
+            "shorten the prompt or raise context_size in the model YAML",
+            param="messages" if request.WhichOneof("input") == "chat" else "prompt",
+        )
+    budget = context - prompt_tokens
+    if request.sampling.HasField("max_tokens"):
+        budget = min(budget, request.sampling.max_tokens)
+    return budget

@@ -32,6 +32,7 @@ from backends.runtime.text import (
     no_chat_template,
     template_inputs,
     template_rejected,
+    token_budget,
 )
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
@@ -221,17 +222,8 @@ class TransformersBackend(Backend):
         import transformers
 
         prompt = self._prompt_ids(request)
-        if len(prompt) >= self.context:
-            raise invalid(
-                "context_length_exceeded",
-                f"the prompt is {len(prompt)} tokens, and this model's context holds "
-                f"{self.context}: shorten the prompt",
-                param="messages" if request.WhichOneof("input") == "chat" else "prompt",
-            )
         sampling = request.sampling
-        budget = self.context - len(prompt)
-        if sampling.HasField("max_tokens"):
-            budget = min(budget, sampling.max_tokens)
+        budget = token_budget(request, len(prompt), self.context)
         text = StopText(list(sampling.stop))
         streamer = _TokenQueue()
 
