@@ -10,6 +10,7 @@ from litestar.datastructures import UploadFile
 from backends.runtime.backend import Capability
 from gateway.errors import OpenAIError, invalid_request
 from gateway.manager import BackendManager
+from gateway.routes.common import unless_client_leaves
 from gateway.translate import audio
 
 
@@ -48,8 +49,9 @@ async def _transcribe(
         response_format=response_format,
         granularities=granularities,
     )
-    answer = await manager.call(
-        model, Capability.TRANSCRIPTION, lambda client: client.transcribe(call)
+    answer = await unless_client_leaves(
+        request,
+        manager.call(model, Capability.TRANSCRIPTION, lambda client: client.transcribe(call)),
     )
     body, media_type = audio.render(
         answer,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any, Protocol, TypeVar
 
 import msgspec
+from litestar import Request
 from litestar.response import ServerSentEvent
 
 from backends.runtime.backend import Capability
@@ -18,6 +21,32 @@ from gateway.manager import BackendManager
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
 T = TypeVar("T")
+
+
+async def unless_client_leaves(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first.
+
+    Cancelling reaches the backend through gRPC and sets its engine call's `cancelled` event, so
+    a long image or transcription stops instead of finishing for nobody. (Streams get this from
+    the framework, which cancels their generator.)
+    """
+    job = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if job.done():
+            return job.result()
+        job.cancel()
+        with contextlib.suppress(BaseException):
+            await job
+        raise OpenAIError(499, "the client closed the request", code="client_closed_request")
+    finally:
+        watcher.cancel()
 
 
 def decode_body(body: bytes, kind: type[T]) -> T:

@@ -8,7 +8,7 @@ from litestar import Controller, Request, Response, post
 
 from backends.runtime.backend import Capability
 from gateway.manager import BackendManager
-from gateway.routes.common import decode_body, new_id, now, stream_text
+from gateway.routes.common import decode_body, new_id, now, stream_text, unless_client_leaves
 from gateway.schemas.completions import CompletionRequest
 from gateway.translate import text
 
@@ -31,7 +31,8 @@ class CompletionsController(Controller):
                 id=id_, created=created, model=body.model, include_usage=include_usage
             )
             return await stream_text(manager, body.model, generate, chunks)
-        response = await manager.call(
-            body.model, Capability.TEXT, lambda client: client.generate(generate)
+        response = await unless_client_leaves(
+            request,
+            manager.call(body.model, Capability.TEXT, lambda client: client.generate(generate)),
         )
         return Response(text.completion(response, id=id_, created=created, model=body.model))

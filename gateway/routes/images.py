@@ -11,7 +11,7 @@ from backends.runtime.backend import Capability
 from gateway.errors import OpenAIError, invalid_request
 from gateway.generated import GeneratedImages
 from gateway.manager import BackendManager
-from gateway.routes.common import decode_body, now
+from gateway.routes.common import decode_body, now, unless_client_leaves
 from gateway.schemas.images import Image, ImageGenerationRequest, ImagesResponse
 from gateway.translate.images import generate_image_request
 
@@ -31,8 +31,9 @@ class ImagesController(Controller):
             raise invalid_request("model is required: GET /v1/models lists them", param="model")
         manager.registry.get(body.model)
         call = generate_image_request(body)
-        answer = await manager.call(
-            body.model, Capability.IMAGES, lambda client: client.generate_image(call)
+        answer = await unless_client_leaves(
+            request,
+            manager.call(body.model, Capability.IMAGES, lambda client: client.generate_image(call)),
         )
         images = []
         for image in answer.images:
