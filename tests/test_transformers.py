@@ -186,3 +186,22 @@ def test_pickle_weights_are_refused(gateway: Gateway, http: httpx.Client, tmp_pa
     response = http.post("/v1/embeddings", json={"model": "pickled", "input": "x"})
     assert response.status_code == 500
     assert "does not load pickle weights" in response.json()["error"]["message"]
+
+
+def test_streamed_pieces_add_up_to_the_whole_decode(tiny_hf: Path, real_models: Path) -> None:
+    """What a stream sends, joined, is exactly what the tokenizer makes of all the ids at once,
+    spaces and characters split across tokens included (byte-level BPE and WordPiece)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from backends.transformers.backend import _IncrementalText
+
+    for directory in (tiny_hf, real_models / "all-minilm-l6-v2"):
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        rng = random.Random(0)
+        for _ in range(100):
+            ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 40))]
+            decoder = _IncrementalText(tokenizer)
+            streamed = "".join(decoder.push(token) for token in ids) + decoder.flush()
+            assert streamed == tokenizer.decode(ids, skip_special_tokens=True)

@@ -72,6 +72,40 @@ class _TokenQueue:
         self.items.put(None)
 
 
+class _IncrementalText:
+    """Decodes a growing list of token ids piece by piece without re-decoding all of them.
+
+    A token decoded alone loses what its neighbours decide (a leading space, bytes merged into
+    one character), so each step decodes a short window starting a few tokens back and hands out
+    only the new end of it; text ending in half a UTF-8 character waits for the next token.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.start = 0  # where the window begins
+        self.seen = 0  # ids whose text was handed out
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self._decode(self.ids[self.start : self.seen])
+        after = self._decode(self.ids[self.start :])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""
+        self.start, self.seen = self.seen, len(self.ids)
+        return after[len(before) :]
+
+    def flush(self) -> str:
+        """What is still held back when generation ends."""
+        before = self._decode(self.ids[self.start : self.seen])
+        after = self._decode(self.ids[self.start :])
+        self.start = self.seen = len(self.ids)
+        return after[len(before) :]
+
+
 class TransformersBackend(Backend):
     """One model directory: a causal LM, or (with `embeddings: true`) a sentence encoder."""
 
@@ -257,20 +291,14 @@ class TransformersBackend(Backend):
 
         worker = self.generator.submit(run)
         eos = self._end_tokens()
-        ids: list[int] = []
-        shown = ""  # decoded text of `ids` handed to `text` so far
+        decoder = _IncrementalText(self.tokenizer)
         try:
             while (token := streamer.items.get()) is not None:
                 if token in eos:
                     continue
                 if text.stopped or cancelled.is_set():
                     continue  # generate() ends at the next token
-                ids.append(token)
-                decoded = self.tokenizer.decode(ids, skip_special_tokens=True)
-                if decoded.endswith("\ufffd"):
-                    continue  # half a character: wait for the rest of its bytes
-                piece, shown = decoded[len(shown) :], decoded
-                ready = text.feed(piece)
+                ready = text.feed(decoder.push(token))
                 if ready:
                     yield pb.GenerateStreamResponse(text=ready)
         finally:
@@ -279,16 +307,16 @@ class TransformersBackend(Backend):
         if failure:
             raise failure[0]
         if cancelled_now:
-            log.info("generation cancelled after %d of %d tokens", len(ids), budget)
+            log.info("generation cancelled after %d of %d tokens", len(decoder.ids), budget)
             return
-        ran_out = len(ids) >= budget and not text.stopped
+        ran_out = len(decoder.ids) >= budget and not text.stopped
         finish = pb.FINISH_REASON_LENGTH if ran_out else pb.FINISH_REASON_STOP
-        rest = text.rest()
+        rest = text.feed(decoder.flush()) + text.rest()
         if rest:
             yield pb.GenerateStreamResponse(text=rest)
         yield pb.GenerateStreamResponse(
             finish_reason=finish,
-            usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=len(ids)),
+            usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=len(decoder.ids)),
         )
 
     def _end_tokens(self) -> set[int]:
