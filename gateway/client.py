@@ -84,9 +84,6 @@ class BackendClient:
     async def unload(self) -> None:
         await self._call(self._lifecycle.Unload, pb.UnloadRequest(), 30)
 
-    async def status(self) -> pb.StatusResponse:
-        return await self._call(self._lifecycle.Status, pb.StatusRequest(), 5)
-
     async def generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
         return await self._call(self._text.Generate, request)
 

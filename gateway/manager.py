@@ -200,7 +200,7 @@ class BackendManager:
         self._owns_runtime_dir = False
         self._socket_counter = 0
         self._reaper: asyncio.Task[None] | None = None
-        self._supervisors: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
 
     # Lifecycle of the manager -----------------------------------------------------------------
@@ -249,9 +249,9 @@ class BackendManager:
     def loaded(self) -> dict[str, BackendInstance]:
         return {name: i for name, i in self._instances.items() if i.alive}
 
-    async def acquire(self, name: str, capability: Capability) -> Lease:
-        """A slot on a live, loaded backend for `name` that serves `capability`."""
-        config = self.registry.get(name)
+    async def acquire(self, config: ModelConfig, capability: Capability) -> Lease:
+        """A slot on a live, loaded backend for `config`'s model that serves `capability`."""
+        name = config.name
         instance = await self._ensure(config)
         if capability not in instance.capabilities:
             raise OpenAIError(
@@ -264,20 +264,24 @@ class BackendManager:
         return Lease(instance)
 
     async def open(
-        self, name: str, capability: Capability, start: Callable[[BackendClient], Awaitable[T]]
+        self,
+        config: ModelConfig,
+        capability: Capability,
+        start: Callable[[BackendClient], Awaitable[T]],
     ) -> tuple[Lease, T]:
         """Acquire and make the first call; if the backend turns out dead, retry once on a new one.
 
-        The caller releases the lease when its work (a whole stream, say) is done.
+        The caller (which resolved `config` from the registry once) releases the lease when its
+        work, a whole stream say, is done.
         """
         for attempt in range(2):
-            lease = await self.acquire(name, capability)
+            lease = await self.acquire(config, capability)
             try:
                 return lease, await start(lease.client)
             except OpenAIError as exc:
                 lease.release()
                 if await self._lost(lease.instance, exc) and attempt == 0:
-                    log.warning("backend for %s was lost; starting it again", name)
+                    log.warning("backend for %s was lost; starting it again", config.name)
                     continue
                 raise
             except BaseException:
@@ -286,10 +290,13 @@ class BackendManager:
         raise AssertionError("unreachable")
 
     async def call(
-        self, name: str, capability: Capability, start: Callable[[BackendClient], Awaitable[T]]
+        self,
+        config: ModelConfig,
+        capability: Capability,
+        start: Callable[[BackendClient], Awaitable[T]],
     ) -> T:
         """A whole unary request: acquire, call (retried once on a dead backend), release."""
-        lease, result = await self.open(name, capability, start)
+        lease, result = await self.open(config, capability, start)
         lease.release()
         return result
 
@@ -304,8 +311,8 @@ class BackendManager:
                 log.error("could not preload %s: %s", name, exc.message)
 
         task = asyncio.get_running_loop().create_task(load())
-        self._supervisors.add(task)
-        task.add_done_callback(self._supervisors.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _lost(self, instance: BackendInstance, error: OpenAIError) -> bool:
         """Whether `error` means the backend is gone (or lost its model); if so, forget it."""
@@ -426,8 +433,8 @@ class BackendManager:
         self._instances[config.name] = instance
         if process is not None:
             task = asyncio.create_task(self._supervise(instance))
-            self._supervisors.add(task)
-            task.add_done_callback(self._supervisors.discard)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return instance
 
     async def _wait_healthy(self, instance: BackendInstance, socket_path: Path | None) -> None:
@@ -491,8 +498,8 @@ class BackendManager:
         task = asyncio.get_running_loop().create_task(
             instance.client.channel.close(grace=_CHANNEL_CLOSE_GRACE_SECONDS)
         )
-        self._supervisors.add(task)
-        task.add_done_callback(self._supervisors.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # Stopping ---------------------------------------------------------------------------------
 

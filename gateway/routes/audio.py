@@ -24,7 +24,7 @@ async def _transcribe(
     model = form.get("model")
     if not isinstance(model, str) or not model:
         raise invalid_request("model is required", param="model")
-    manager.registry.get(model)  # an unknown model is a 404 before anything else
+    config = manager.registry.get(model)  # an unknown model is a 404 before anything else
     data = await upload.read()
     limit = manager.settings.max_upload_bytes
     if len(data) > limit:
@@ -51,7 +51,7 @@ async def _transcribe(
     )
     answer = await unless_client_leaves(
         request,
-        manager.call(model, Capability.TRANSCRIPTION, lambda client: client.transcribe(call)),
+        manager.call(config, Capability.TRANSCRIPTION, lambda client: client.transcribe(call)),
     )
     body, media_type = audio.render(
         answer,

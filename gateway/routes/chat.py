@@ -30,9 +30,9 @@ class ChatController(Controller):
             chunks = text.ChatChunks(
                 id=id_, created=created, model=body.model, include_usage=include_usage
             )
-            return await stream_text(manager, body.model, generate, chunks)
+            return await stream_text(manager, config, generate, chunks)
         response = await unless_client_leaves(
             request,
-            manager.call(body.model, Capability.TEXT, lambda client: client.generate(generate)),
+            manager.call(config, Capability.TEXT, lambda client: client.generate(generate)),
         )
         return Response(text.chat_completion(response, id=id_, created=created, model=body.model))

@@ -15,7 +15,7 @@ from litestar.response import ServerSentEvent
 
 from backends.runtime.backend import Capability
 from gateway.client import BackendClient
-from gateway.config import validation_error_field
+from gateway.config import ModelConfig, validation_error_field
 from gateway.errors import OpenAIError, invalid_request
 from gateway.manager import BackendManager
 from protos.hearth.backend.v1 import backend_pb2 as pb
@@ -82,7 +82,7 @@ def _event(chunk: Any) -> str:
 
 
 async def stream_text(
-    manager: BackendManager, model: str, request: pb.GenerateRequest, chunks: ChunkBuilder
+    manager: BackendManager, config: ModelConfig, request: pb.GenerateRequest, chunks: ChunkBuilder
 ) -> ServerSentEvent:
     """An SSE response for a text generation.
 
@@ -100,7 +100,7 @@ async def stream_text(
             await stream.aclose()
             raise
 
-    lease, (stream, first) = await manager.open(model, Capability.TEXT, start)
+    lease, (stream, first) = await manager.open(config, Capability.TEXT, start)
 
     async def events() -> AsyncIterator[str]:
         try:

@@ -21,10 +21,10 @@ class EmbeddingsController(Controller):
         self, request: Request[Any, Any, Any], manager: BackendManager
     ) -> CreateEmbeddingResponse:
         body = decode_body(await request.body(), EmbeddingRequest)
-        manager.registry.get(body.model)
+        config = manager.registry.get(body.model)
         embed = embeddings.embed_request(body)
         response = await manager.call(
-            body.model, Capability.EMBEDDINGS, lambda client: client.embed(embed)
+            config, Capability.EMBEDDINGS, lambda client: client.embed(embed)
         )
         return embeddings.embedding_response(
             response, model=body.model, encoding_format=body.encoding_format

@@ -29,11 +29,11 @@ class ImagesController(Controller):
         body = decode_body(await request.body(), ImageGenerationRequest)
         if not body.model:
             raise invalid_request("model is required: GET /v1/models lists them", param="model")
-        manager.registry.get(body.model)
+        config = manager.registry.get(body.model)
         call = generate_image_request(body)
         answer = await unless_client_leaves(
             request,
-            manager.call(body.model, Capability.IMAGES, lambda client: client.generate_image(call)),
+            manager.call(config, Capability.IMAGES, lambda client: client.generate_image(call)),
         )
         images = []
         for image in answer.images:

@@ -28,7 +28,7 @@ class TokenizeController(Controller):
         body = decode_body(await request.body(), TokenizeRequest)
         call = pb.TokenizeRequest(text=body.content, add_special=body.add_special)
         response = await manager.call(
-            body.model, Capability.TEXT, lambda client: client.tokenize(call)
+            manager.registry.get(body.model), Capability.TEXT, lambda client: client.tokenize(call)
         )
         return TokenizeResponse(tokens=list(response.tokens))
 
@@ -39,6 +39,8 @@ class TokenizeController(Controller):
         body = decode_body(await request.body(), DetokenizeRequest)
         call = pb.DetokenizeRequest(tokens=body.tokens)
         response = await manager.call(
-            body.model, Capability.TEXT, lambda client: client.detokenize(call)
+            manager.registry.get(body.model),
+            Capability.TEXT,
+            lambda client: client.detokenize(call),
         )
         return DetokenizeResponse(content=response.text)
