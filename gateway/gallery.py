@@ -500,14 +500,12 @@ class Installer:
     def index(self) -> GalleryIndex:
         return load_gallery(self.index_path)
 
-    def apply(self, name: str) -> InstallJob:
-        entry = self.index().get(name)
-        if entry is None:
-            raise KeyError(name)
-        running = next((j for j in self.jobs.values() if j.model == name and j.active), None)
+    def apply(self, entry: GalleryEntry) -> InstallJob:
+        """Start installing `entry`, or return the job already installing it."""
+        running = next((j for j in self.jobs.values() if j.model == entry.name and j.active), None)
         if running is not None:
             return running  # the same install twice is one install
-        job = InstallJob(id=f"job-{secrets.token_hex(8)}", model=name)
+        job = InstallJob(id=f"job-{secrets.token_hex(8)}", model=entry.name)
         job.progress.files_total = len(entry.files)
         self.jobs[job.id] = job
         task = asyncio.get_running_loop().create_task(self._run(job, entry))

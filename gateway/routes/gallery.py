@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -54,16 +55,15 @@ class GalleryController(Controller):
     async def apply(self, request: Request[Any, Any, Any], installer: Installer) -> dict[str, Any]:
         body = decode_body(await request.body(), ApplyRequest)
         name = body.id.removeprefix("gallery@")
-        _index(installer)
-        try:
-            job = installer.apply(name)
-        except KeyError:
+        entry = _index(installer).get(name)
+        if entry is None:
             raise OpenAIError(
                 404,
                 f"the gallery has no model '{name}'; GET /models/available lists them",
                 param="id",
                 code="model_not_found",
-            ) from None
+            )
+        job = installer.apply(entry)
         return job.view()
 
     @get("/jobs/{job_id:str}")
@@ -98,5 +98,6 @@ class GalleryController(Controller):
             if other.name != name and other.model:
                 keep.add((installer.models_dir / other.model).resolve())
         entry = _index(installer).get(name)
-        remove_files(config, entry, installer.models_dir, keep)
+        # rmtree of a model directory can take a while: not on the event loop.
+        await asyncio.to_thread(remove_files, config, entry, installer.models_dir, keep)
         return Response({"id": name, "object": "model", "deleted": True})
