@@ -9,12 +9,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from backends.runtime.backend import Capability
 from gateway.errors import OpenAIError, from_grpc
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1 import backend_pb2_grpc as pb_grpc
+from protos.hearth.backend.v1.contract import MAX_MESSAGE_BYTES, Capability
 
-MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -9,7 +9,7 @@ import grpc
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
-from backends.runtime.errors import PARAM_KEY, REASON_KEY
+from protos.hearth.backend.v1.contract import PARAM_KEY, REASON_KEY
 
 log = logging.getLogger("hearth.gateway")
 

@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from backends.runtime import Backend, BackendError, Capability, invalid
 from backends.runtime.files import require_safetensors
 from protos.hearth.backend.v1 import backend_pb2 as pb
+from protos.hearth.backend.v1.contract import Reason
 
 log = logging.getLogger("hearth.backend.diffusers")
 
@@ -157,7 +158,7 @@ class DiffusersBackend(Backend):
                 images = self.pipeline(**options).images
         except _Cancelled as stop:
             log.info("image generation cancelled at step %s of %d", stop.args[0], steps)
-            raise BackendError(grpc.StatusCode.CANCELLED, "cancelled", "cancelled") from None
+            raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled") from None
         response = pb.GenerateImageResponse()
         for image, seed in zip(images, seeds, strict=True):
             buffer = io.BytesIO()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections.abc import Iterator
 
@@ -10,16 +9,7 @@ import grpc
 
 from backends.runtime.errors import BackendError
 from protos.hearth.backend.v1 import backend_pb2 as pb
-
-
-class Capability(enum.Enum):
-    """A service of the contract; its value is the name health reports it under."""
-
-    TEXT = "hearth.backend.v1.Text"
-    EMBEDDINGS = "hearth.backend.v1.Embeddings"
-    TRANSCRIPTION = "hearth.backend.v1.Transcription"
-    IMAGES = "hearth.backend.v1.Images"
-
+from protos.hearth.backend.v1.contract import Capability, Reason
 
 # The method a subclass overrides to offer each capability.
 _CAPABILITY_METHODS = {
@@ -32,7 +22,7 @@ _CAPABILITY_METHODS = {
 
 def _unimplemented(what: str) -> BackendError:
     return BackendError(
-        grpc.StatusCode.UNIMPLEMENTED, "unsupported", f"this backend does not support {what}"
+        grpc.StatusCode.UNIMPLEMENTED, Reason.UNSUPPORTED, f"this backend does not support {what}"
     )
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-REASON_KEY = "hearth-error-reason"
-PARAM_KEY = "hearth-error-param"
+from protos.hearth.backend.v1.contract import PARAM_KEY, REASON_KEY
 
 
 class BackendError(Exception):
@@ -21,7 +20,7 @@ class BackendError(Exception):
     ) -> None:
         super().__init__(message)
         self.code = code
-        self.reason = reason
+        self.reason = str(reason)
         self.message = message
         self.param = param
 

@@ -22,15 +22,14 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from backends.runtime.backend import Backend, Capability
-from backends.runtime.errors import REASON_KEY, BackendError
+from backends.runtime.backend import Backend
+from backends.runtime.errors import BackendError
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1 import backend_pb2_grpc as pb_grpc
+from protos.hearth.backend.v1.contract import MAX_MESSAGE_BYTES, REASON_KEY, Capability, Reason
 
 log = logging.getLogger("hearth.backend")
 
-#: Media (audio in, images out) travels inside messages: allow large ones.
-MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -85,7 +84,9 @@ class _Runtime:
             await _abort(
                 context,
                 BackendError(
-                    grpc.StatusCode.FAILED_PRECONDITION, "model_not_loaded", "no model is loaded"
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    Reason.MODEL_NOT_LOADED,
+                    "no model is loaded",
                 ),
             )
         if capability not in self.serving:
@@ -94,7 +95,7 @@ class _Runtime:
                 context,
                 BackendError(
                     grpc.StatusCode.UNIMPLEMENTED,
-                    "unsupported",
+                    Reason.UNSUPPORTED,
                     f"model '{self.model_name}' does not support {name}",
                 ),
             )
@@ -177,7 +178,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort(
         grpc.StatusCode.INTERNAL,
         f"backend error: {type(exc).__name__}: {exc}",
-        trailing_metadata=((REASON_KEY, "internal"),),
+        trailing_metadata=((REASON_KEY, Reason.INTERNAL.value),),
     )
 
 
@@ -197,12 +198,14 @@ class _Lifecycle(pb_grpc.LifecycleServicer):
             except Exception as exc:
                 rt.state = pb.MODEL_STATE_FAILED
                 if isinstance(exc, FileNotFoundError):
-                    exc = BackendError(grpc.StatusCode.NOT_FOUND, "model_file_not_found", str(exc))
+                    exc = BackendError(
+                        grpc.StatusCode.NOT_FOUND, Reason.MODEL_FILE_NOT_FOUND, str(exc)
+                    )
                 elif not isinstance(exc, BackendError):
                     log.error("loading %s failed", request.model_name, exc_info=exc)
                     exc = BackendError(
                         grpc.StatusCode.INTERNAL,
-                        "load_failed",
+                        Reason.LOAD_FAILED,
                         f"could not load model '{request.model_name}': {type(exc).__name__}: {exc}",
                     )
                 await _abort(context, exc)

@@ -14,6 +14,7 @@ from google.protobuf import json_format
 
 from backends.runtime.errors import BackendError, invalid
 from protos.hearth.backend.v1 import backend_pb2 as pb
+from protos.hearth.backend.v1.contract import Reason
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -107,7 +108,7 @@ def token_budget(request: pb.GenerateRequest, prompt_tokens: int, context: int) 
     """
     if prompt_tokens >= context:
         raise invalid(
-            "context_length_exceeded",
+            Reason.CONTEXT_LENGTH_EXCEEDED,
             f"the prompt is {prompt_tokens} tokens, and this model's context holds {context}: "
             "shorten the prompt or raise context_size in the model YAML",
             param="messages" if request.WhichOneof("input") == "chat" else "prompt",

@@ -35,6 +35,7 @@ from backends.runtime.text import (
     token_budget,
 )
 from protos.hearth.backend.v1 import backend_pb2 as pb
+from protos.hearth.backend.v1.contract import Reason
 
 log = logging.getLogger("hearth.backend.transformers")
 
@@ -242,7 +243,7 @@ class TransformersBackend(Backend):
             pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
         ):
             raise invalid(
-                "unsupported",
+                Reason.UNSUPPORTED,
                 "the transformers backend cannot constrain output to JSON; use a llama model",
                 param="response_format",
             )
@@ -401,7 +402,7 @@ class TransformersBackend(Backend):
         with self.lock, torch.inference_mode():
             for start in range(0, len(texts), _EMBED_CHUNK):
                 if cancelled.is_set():
-                    raise BackendError(grpc.StatusCode.CANCELLED, "cancelled", "cancelled")
+                    raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
                 batch = self.tokenizer(
                     texts[start : start + _EMBED_CHUNK],
                     padding=True,

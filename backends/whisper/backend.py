@@ -19,6 +19,7 @@ from google.protobuf import json_format
 
 from backends.runtime import Backend, BackendError, Capability, invalid
 from protos.hearth.backend.v1 import backend_pb2 as pb
+from protos.hearth.backend.v1.contract import Reason
 
 log = logging.getLogger("hearth.backend.whisper")
 
@@ -116,7 +117,7 @@ class WhisperBackend(Backend):
         translate = request.task == pb.TRANSCRIPTION_TASK_TRANSLATE
         if translate and not self.multilingual:
             raise invalid(
-                "unsupported",
+                Reason.UNSUPPORTED,
                 "this is an English-only Whisper model: it cannot translate",
                 param="model",
             )
@@ -148,7 +149,7 @@ class WhisperBackend(Backend):
         for index, segment in enumerate(segments):
             if cancelled.is_set():
                 log.info("transcription cancelled after %d segments", index)
-                raise BackendError(grpc.StatusCode.CANCELLED, "cancelled", "cancelled")
+                raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
             texts.append(segment.text)
             response.segments.append(
                 pb.TranscriptionSegment(

@@ -7,11 +7,11 @@ from typing import Any
 from litestar import Controller, Request, Response, post
 from litestar.datastructures import UploadFile
 
-from backends.runtime.backend import Capability
 from gateway.errors import OpenAIError, invalid_request
 from gateway.manager import BackendManager
 from gateway.routes.common import unless_client_leaves
 from gateway.translate import audio
+from protos.hearth.backend.v1.contract import Capability
 
 
 async def _transcribe(

@@ -6,11 +6,11 @@ from typing import Any
 
 from litestar import Controller, Request, Response, post
 
-from backends.runtime.backend import Capability
 from gateway.manager import BackendManager
 from gateway.routes.common import decode_body, new_id, now, stream_text, unless_client_leaves
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.translate import text
+from protos.hearth.backend.v1.contract import Capability
 
 
 class ChatController(Controller):

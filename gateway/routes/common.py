@@ -13,12 +13,12 @@ import msgspec
 from litestar import Request
 from litestar.response import ServerSentEvent
 
-from backends.runtime.backend import Capability
 from gateway.client import BackendClient
 from gateway.config import ModelConfig, validation_error_field
 from gateway.errors import OpenAIError, invalid_request
 from gateway.manager import BackendManager
 from protos.hearth.backend.v1 import backend_pb2 as pb
+from protos.hearth.backend.v1.contract import Capability
 
 T = TypeVar("T")
 

@@ -6,11 +6,11 @@ from typing import Any
 
 from litestar import Controller, Request, post
 
-from backends.runtime.backend import Capability
 from gateway.manager import BackendManager
 from gateway.routes.common import decode_body
 from gateway.schemas.embeddings import CreateEmbeddingResponse, EmbeddingRequest
 from gateway.translate import embeddings
+from protos.hearth.backend.v1.contract import Capability
 
 
 class EmbeddingsController(Controller):

@@ -7,13 +7,13 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get, post
 
-from backends.runtime.backend import Capability
 from gateway.errors import OpenAIError, invalid_request
 from gateway.generated import GeneratedImages
 from gateway.manager import BackendManager
 from gateway.routes.common import decode_body, now, unless_client_leaves
 from gateway.schemas.images import Image, ImageGenerationRequest, ImagesResponse
 from gateway.translate.images import generate_image_request
+from protos.hearth.backend.v1.contract import Capability
 
 
 class ImagesController(Controller):

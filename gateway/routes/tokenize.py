@@ -6,7 +6,6 @@ from typing import Any
 
 from litestar import Controller, Request, post
 
-from backends.runtime.backend import Capability
 from gateway.manager import BackendManager
 from gateway.routes.common import decode_body
 from gateway.schemas.tokenize import (
@@ -16,6 +15,7 @@ from gateway.schemas.tokenize import (
     TokenizeResponse,
 )
 from protos.hearth.backend.v1 import backend_pb2 as pb
+from protos.hearth.backend.v1.contract import Capability
 
 
 class TokenizeController(Controller):

@@ -1,0 +1,24 @@
+"""The backend manager, one job a module.
+
+- `registry`: the models dir (model YAML), re-read when it changes
+- `admission`: a model's concurrency slots and queue, and a request's lease
+- `instance`: one backend and what is known about it
+- `process`: spawning, health-waiting, loading and stopping backend processes
+- `supervisor`: process exits and the periodic look at every backend
+- `manager`: `BackendManager`, which composes them
+"""
+
+from gateway.manager.admission import Lease
+from gateway.manager.instance import BackendInstance, State
+from gateway.manager.manager import BackendManager
+from gateway.manager.process import load_request_for
+from gateway.manager.registry import ModelRegistry
+
+__all__ = [
+    "BackendInstance",
+    "BackendManager",
+    "Lease",
+    "ModelRegistry",
+    "State",
+    "load_request_for",
+]

@@ -1,0 +1,73 @@
+"""One backend process (or remote address) serving one model, and what is known about it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from gateway.client import BackendClient
+from gateway.config import ModelConfig
+from gateway.manager.admission import Slots
+from protos.hearth.backend.v1.contract import Capability
+
+#: Lines of a backend's output kept for error messages.
+OUTPUT_LINES = 40
+
+
+class State(enum.StrEnum):
+    """Where a backend is in its life, as GET /backends shows it."""
+
+    STARTING = "starting"  # the process is starting, not yet healthy
+    LOADING = "loading"  # healthy, loading its model
+    READY = "ready"  # serving
+    DRAINING = "draining"  # finishing the requests it has, then it stops
+    STOPPED = "stopped"  # gone
+
+
+@dataclass(eq=False)
+class BackendInstance:
+    """One backend and its model, from spawn to stop."""
+
+    config: ModelConfig
+    address: str
+    client: BackendClient
+    process: asyncio.subprocess.Process | None
+    slots: Slots
+    state: State = State.STARTING
+    capabilities: frozenset[Capability] = frozenset()
+    output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_LINES))
+    #: time.monotonic() of the last request's end (or of the load).
+    last_used: float = field(default_factory=time.monotonic)
+    #: Wall-clock time the model became ready.
+    loaded_at: float | None = None
+    dead: bool = False
+
+    @property
+    def alive(self) -> bool:
+        if self.dead:
+            return False
+        return self.process is None or self.process.returncode is None
+
+    @property
+    def local(self) -> bool:
+        """A process of ours, on this machine (not a remote address)."""
+        return self.process is not None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    async def exited(self, timeout: float) -> bool:
+        """Whether the process has ended, waiting up to `timeout` seconds to find out."""
+        if self.process is None:
+            return self.dead
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.process.wait(), timeout)
+        return self.process.returncode is not None
+
+    def recent_output(self, lines: int = 12) -> str:
+        return "\n".join(list(self.output)[-lines:])

@@ -1,0 +1,45 @@
+"""The words that travel with backend.proto.
+
+Capability names (what health reports each service under), the trailing-metadata keys of a failed
+call, the reason codes both sides act on, and the message-size limit. The gateway and the
+backends import them from here, and never from each other.
+"""
+
+from __future__ import annotations
+
+import enum
+
+#: Trailing-metadata key of a failed call's machine-readable reason.
+REASON_KEY = "hearth-error-reason"
+#: Trailing-metadata key of the request field at fault, when there is one.
+PARAM_KEY = "hearth-error-param"
+
+#: Media (audio in, images out) travels inside messages: both ends allow messages this large.
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+
+
+class Capability(enum.Enum):
+    """A service of the contract; its value is the name health reports it under."""
+
+    TEXT = "hearth.backend.v1.Text"
+    EMBEDDINGS = "hearth.backend.v1.Embeddings"
+    TRANSCRIPTION = "hearth.backend.v1.Transcription"
+    IMAGES = "hearth.backend.v1.Images"
+
+
+class Reason(enum.StrEnum):
+    """Reasons the runtime itself reports, and that the gateway acts on."""
+
+    #: The backend has no model loaded (it restarted, or Load failed): load it again.
+    MODEL_NOT_LOADED = "model_not_loaded"
+    #: The model cannot serve this kind of call.
+    UNSUPPORTED = "unsupported"
+    #: Load failed; the message says why.
+    LOAD_FAILED = "load_failed"
+    MODEL_FILE_NOT_FOUND = "model_file_not_found"
+    #: The caller gave up and the engine stopped.
+    CANCELLED = "cancelled"
+    #: A bug or an engine failure: the message says what.
+    INTERNAL = "internal"
+    #: The prompt and the requested tokens do not fit the context window.
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
