@@ -65,8 +65,8 @@ def scratch_models() -> Iterator[Path]:
 
 
 @contextmanager
-def gateway(models: Path) -> Iterator[tuple[httpx.Client, int]]:
-    """A `hearth run` on `models`: an HTTP client for it, and its pid."""
+def gateway(models: Path, env: dict[str, str] | None = None) -> Iterator[tuple[httpx.Client, int]]:
+    """A `hearth run` on `models` (with `env` added): an HTTP client for it, and its pid."""
     port = free_port()
     log_path = models.parent / "gateway.log"
     with log_path.open("wb") as log:
@@ -84,6 +84,7 @@ def gateway(models: Path) -> Iterator[tuple[httpx.Client, int]]:
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,6 +17,7 @@ from gateway.gallery import Installer, gallery_path
 from gateway.generated import GeneratedImages
 from gateway.manager import BackendManager
 from gateway.routes.audio import AudioController
+from gateway.routes.backends import BackendsController
 from gateway.routes.chat import ChatController
 from gateway.routes.completions import CompletionsController
 from gateway.routes.embeddings import EmbeddingsController
@@ -25,6 +27,8 @@ from gateway.routes.images import ImagesController, generated_image
 from gateway.routes.models import ModelsController
 from gateway.routes.tokenize import TokenizeController
 from gateway.settings import Settings
+
+log = logging.getLogger("hearth")
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 # Image URLs are unguessable and short-lived: a browser or <img> tag can fetch them without a key.
@@ -78,6 +82,7 @@ def create_app(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def backends(app: Litestar) -> AsyncIterator[None]:
         manager = BackendManager(settings)
+        log.info("%s", manager.budget.describe())
         await manager.start()
         generated = GeneratedImages.private(manager.runtime_dir, settings.image_ttl)
         generated.start()
@@ -104,6 +109,7 @@ def create_app(settings: Settings) -> Litestar:
     return Litestar(
         route_handlers=[
             audio,
+            BackendsController,
             ChatController,
             CompletionsController,
             ImagesController,

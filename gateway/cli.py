@@ -1,10 +1,13 @@
-"""The `hearth` command: `hearth run`, and `hearth models available | list | install | remove`."""
+"""The `hearth` command: `hearth run`, `hearth ps`, and
+`hearth models available | list | install | remove`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +15,36 @@ from gateway.settings import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from gateway.config import parse_keep_alive
+    from gateway.units import parse_size
+
     preload = getattr(args, "preload", None)
-    return Settings.from_env(
-        host=getattr(args, "host", None),
-        port=getattr(args, "port", None),
-        models_dir=args.models_dir,
-        runtime_dir=getattr(args, "runtime_dir", None),
-        log_level=getattr(args, "log_level", None),
-        preload=tuple(preload) if preload else None,
-    )
+    memory = getattr(args, "memory", None)
+    keep_alive = getattr(args, "keep_alive", None)
+    try:
+        if keep_alive is not None:
+            parse_keep_alive(keep_alive)
+        return Settings.from_env(
+            host=getattr(args, "host", None),
+            port=getattr(args, "port", None),
+            models_dir=getattr(args, "models_dir", None),
+            runtime_dir=getattr(args, "runtime_dir", None),
+            log_level=getattr(args, "log_level", None),
+            preload=tuple(preload) if preload else None,
+            cpus=getattr(args, "cpus", None),
+            memory=parse_size(memory) if memory is not None else None,
+            max_loaded_models=getattr(args, "max_loaded_models", None),
+            keep_alive=keep_alive,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _budget(settings: Settings) -> Any:
+    from gateway.manager.budget import Machine
+
+    return Machine().budget(settings.cpus, settings.memory)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,19 +78,40 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fits(footprint: Any, budget: Any) -> tuple[str, str]:
+    """The 'needs' and 'fits' columns of a model list."""
+    from gateway.manager.footprint import fit
+    from gateway.units import format_size
+
+    view = fit(footprint, budget.memory_bytes)
+    if view["memory_bytes"] is None:
+        return "?", "?"
+    needs = f"~{format_size(view['memory_bytes'])}"
+    if view["memory_from"] != "estimate":
+        needs += f" ({view['memory_from']})"
+    return needs, "fits" if view["fits"] else "too big"
+
+
 def models_list(args: argparse.Namespace) -> int:
     from gateway.config import load_catalog, resolve_model_path
+    from gateway.manager.footprint import FootprintBook
 
     settings = _settings(args)
     catalog = load_catalog(settings.models_dir)
     if not catalog.models and not catalog.errors:
         print(f"no models in {settings.models_dir.resolve()}")
+    budget = _budget(settings)
+    book = FootprintBook(settings.models_dir)
+    if catalog.models:
+        print(f"# {budget.describe()}")
     for config in sorted(catalog.models.values(), key=lambda c: c.name):
         where = "-"
         if config.model:
             path = resolve_model_path(settings.models_dir, config.model)
             where = config.model if path.exists() else f"{config.model} (missing)"
-        print(f"{config.name}\t{config.backend}\t{where}")
+        remote = config.backend in catalog.backends and catalog.backends[config.backend].address
+        needs, fits = _fits(book.footprint(config, remote=bool(remote)), budget)
+        print(f"{config.name}\t{config.backend}\t{where}\t{needs}\t{fits}")
     for error in catalog.errors:
         print(f"error: {error}", file=sys.stderr)
     return 1 if catalog.errors else 0
@@ -84,14 +129,19 @@ def _gallery() -> Any:
 
 
 def models_available(args: argparse.Namespace) -> int:
-    from gateway.gallery import is_installed
+    from gateway.gallery import entry_footprint, is_installed
+    from gateway.manager.footprint import FootprintBook
 
     settings = _settings(args)
+    budget = _budget(settings)
+    book = FootprintBook(settings.models_dir)
+    print(f"# {budget.describe()}")
     for entry in _gallery().entries:
         state = "installed" if is_installed(entry, settings.models_dir) else "-"
         checked = "verified" if entry.verified else "unverified"
         backend = entry.config.get("backend", "?")
-        print(f"{entry.name}\t{backend}\t{state}\t{checked}\t{entry.description}")
+        needs, fits = _fits(entry_footprint(entry, settings.models_dir, book), budget)
+        print(f"{entry.name}\t{backend}\t{state}\t{checked}\t{needs}\t{fits}\t{entry.description}")
     return 0
 
 
@@ -193,6 +243,82 @@ def models_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def ps(args: argparse.Namespace) -> int:
+    """What a running gateway has loaded (GET /backends), like `ollama ps`."""
+    import httpx
+
+    settings = _settings(args)
+    host = settings.host if settings.host not in {"0.0.0.0", "::"} else "127.0.0.1"
+    url = f"http://{host}:{settings.port}/backends"
+    headers = {}
+    key = os.environ.get("HEARTH_API_KEY") or next(iter(settings.api_keys), None)
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    try:
+        response = httpx.get(url, headers=headers, timeout=10)
+    except httpx.TransportError as exc:
+        print(f"error: no gateway answers at {url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"error: {url} answered {response.status_code}: {response.text}", file=sys.stderr)
+        return 1
+    print(render_backends(response.json()))
+    return 0
+
+
+def render_backends(view: dict[str, Any], now: float | None = None) -> str:
+    """GET /backends as the table `hearth ps` prints."""
+    from gateway.units import format_size
+
+    now = time.time() if now is None else now
+    rows = [["NAME", "BACKEND", "STATE", "PID", "THREADS", "MEMORY (PLANNED)", "REQUESTS", "UNTIL"]]
+    for item in view.get("data", []):
+        memory = item.get("memory") or {}
+        rss, planned = memory.get("rss_bytes"), memory.get("planned_bytes")
+        used = format_size(rss) if rss else "-"
+        if planned:
+            used += f" ({format_size(planned)} {memory.get('planned_from', '')})".rstrip()
+        threads = "-"
+        if item.get("threads"):
+            threads = f"{item['threads']}/{item.get('threads_max') or item['threads']}"
+        requests = item.get("requests") or {}
+        busy = f"{requests.get('in_flight', 0)}+{requests.get('queued', 0)} queued"
+        until = "-"
+        if item.get("state") == "ready":
+            expires = item.get("expires_at")
+            if item.get("keep_alive_seconds") is None:
+                until = "forever"
+            elif expires is None:
+                until = "busy"
+            else:
+                until = _in_words(expires - now)
+        if item.get("state") == "failed":
+            until = (item.get("last_error") or "").splitlines()[0][:60]
+        pid = str(item["pid"]) if item.get("pid") else "-"
+        state = item.get("state", "?")
+        rows.append(
+            [item["model"], item.get("backend", "-"), state, pid, threads, used, busy, until]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    budget = view.get("budget") or {}
+    if budget:
+        lines.append(
+            f"\n{budget.get('cores')} core(s); memory for models "
+            f"{format_size(budget.get('memory_used_bytes', 0))} of "
+            f"{format_size(budget.get('memory_bytes', 0))} in use"
+        )
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _in_words(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(0, int(seconds))} seconds from now"
+    if seconds < 5400:
+        return f"{int(seconds // 60)} minutes from now"
+    return f"{seconds / 3600:.1f} hours from now"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hearth", description="A local OpenAI-compatible gateway")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -206,7 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--runtime-dir", type=Path, help="where backend sockets live")
     run_parser.add_argument("--log-level", help="debug, info, warning, error")
     run_parser.add_argument("--preload", nargs="+", metavar="NAME", help="models to load at start")
+    run_parser.add_argument(
+        "--cpus", type=int, help="cores backends may compute on (default: the physical cores)"
+    )
+    run_parser.add_argument(
+        "--memory", help="memory loaded models may take, e.g. 12G (default: available less 10%%)"
+    )
+    run_parser.add_argument(
+        "--max-loaded-models", type=int, help="most models loaded at once (default: no limit)"
+    )
+    run_parser.add_argument(
+        "--keep-alive", help="idle time before a model is unloaded (default 5m; -1: never)"
+    )
     run_parser.set_defaults(handler=run)
+
+    ps_parser = commands.add_parser("ps", help="what a running gateway has loaded")
+    ps_parser.add_argument("--host", help="the gateway's address (default 127.0.0.1)")
+    ps_parser.add_argument("--port", type=int, help="its port (default 8080)")
+    ps_parser.set_defaults(handler=ps)
 
     models = commands.add_parser("models", help="manage models").add_subparsers(
         dest="models_command", required=True

@@ -83,6 +83,13 @@ class BackendClient:
     async def unload(self) -> None:
         await self._call(self._lifecycle.Unload, pb.UnloadRequest(), 30)
 
+    async def set_threads(self, threads: int) -> int:
+        """Ask the engine to compute with `threads` from its next step; what is in effect."""
+        reply = await self._call(
+            self._lifecycle.SetThreads, pb.SetThreadsRequest(threads=threads), 5
+        )
+        return int(reply.threads)
+
     async def generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
         return await self._call(self._text.Generate, request)
 

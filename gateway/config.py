@@ -7,6 +7,7 @@ file and the field named. Model file paths are relative to the models dir and ne
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Annotated, Any
 
 import msgspec
 import yaml
+
+from gateway.units import parse_size
 
 log = logging.getLogger("hearth.config")
 
@@ -63,8 +66,12 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Prepended as a system message when a chat has none.
     system_prompt: str | None = None
     parameters: Parameters = msgspec.field(default_factory=Parameters)
-    #: Idle time before the backend process is ended ("30s", "15m", "2h"); unset: never.
-    keep_alive: str | None = None
+    #: Idle time before the backend process is ended ("30s", "15m", "2h", seconds; 0: right
+    #: after each request; -1: never). Unset: the gateway's default (HEARTH_KEEP_ALIVE, 5m).
+    keep_alive: str | int | float | None = None
+    #: What loading the model takes in memory ("6GiB"), where the estimate from its files is
+    #: wrong or impossible (a custom backend). Unset: estimated, then measured.
+    memory: str | int | None = None
     #: Requests one backend works on at once; more wait in a queue of `max_queue`, then 429.
     max_concurrency: _Positive = 1
     max_queue: Annotated[int, msgspec.Meta(ge=0)] = 64
@@ -74,7 +81,11 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     source: str = ""
 
     def keep_alive_seconds(self) -> float | None:
-        return None if self.keep_alive is None else parse_duration(self.keep_alive)
+        """Idle seconds before unloading (math.inf: never); None: the gateway's default."""
+        return None if self.keep_alive is None else parse_keep_alive(self.keep_alive)
+
+    def memory_bytes(self) -> int | None:
+        return None if self.memory is None else parse_size(self.memory)
 
 
 class CustomBackend(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -103,6 +114,26 @@ def parse_duration(text: str) -> float:
     if not match:
         raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 15m, 2h)")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def parse_keep_alive(value: str | int | float) -> float:
+    """Ollama's keep_alive: a duration or seconds; 0 unloads at once; negative keeps forever."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a keep_alive: {value!r} (use e.g. 5m, 30s, 0 or -1)")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        negative = text.startswith("-")
+        try:
+            seconds = parse_duration(text[1:] if negative else text)
+        except ValueError:
+            raise ValueError(f"not a keep_alive: {value!r} (use e.g. 5m, 30s, 0 or -1)") from None
+        if negative:
+            seconds = -seconds
+    if math.isnan(seconds):
+        raise ValueError(f"not a keep_alive: {value!r}")
+    return math.inf if seconds < 0 else seconds
 
 
 def _read_yaml(path: Path) -> Any:
@@ -157,9 +188,14 @@ def load_model_file(path: Path, models_dir: Path) -> ModelConfig:
     config: ModelConfig = _convert(data, ModelConfig, path)
     if config.keep_alive is not None:
         try:
-            parse_duration(config.keep_alive)
+            config.keep_alive_seconds()
         except ValueError as exc:
             raise ConfigError(f"{path}: keep_alive: {exc}") from None
+    if config.memory is not None:
+        try:
+            config.memory_bytes()
+        except ValueError as exc:
+            raise ConfigError(f"{path}: memory: {exc}") from None
     if config.model is not None:
         try:
             resolve_model_path(models_dir, config.model)

@@ -32,6 +32,7 @@ import msgspec
 import yaml
 
 from gateway.config import ConfigError, ModelConfig, _convert, _read_yaml, resolve_model_path
+from gateway.manager.footprint import Footprint, FootprintBook, estimate_before_download
 
 log = logging.getLogger("hearth.gallery")
 
@@ -76,6 +77,8 @@ class GalleryFile(msgspec.Struct, forbid_unknown_fields=True):
     sha256: _Sha256
     uri: str | None = None
     parts: list[GalleryPart] | None = None
+    #: Bytes, where known: how much a model needs is told before it is downloaded.
+    size: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
     def __post_init__(self) -> None:
         _check_relative(self.filename, "filename")
@@ -105,6 +108,11 @@ class GalleryEntry(msgspec.Struct, forbid_unknown_fields=True):
         if not self.files:
             raise ValueError(f"{self.name}: lists no files")
         self.model_config()  # the YAML it would write must be valid
+
+    def download_bytes(self) -> int | None:
+        """The files' bytes, if the index gives every size."""
+        sizes = [f.size for f in self.files]
+        return None if any(s is None for s in sizes) else sum(s or 0 for s in sizes)
 
     def model_config(self) -> ModelConfig:
         return msgspec.convert({"name": self.name, **self.config, "model": self.model}, ModelConfig)
@@ -348,6 +356,20 @@ def is_installed(entry: GalleryEntry, models_dir: Path) -> bool:
     return all((models_dir / f.filename).is_file() for f in entry.files)
 
 
+def entry_footprint(entry: GalleryEntry, models_dir: Path, book: FootprintBook) -> Footprint | None:
+    """What `entry` needs in memory: from its files once installed, else from the sizes the
+    index gives (None where it gives none)."""
+    if is_installed(entry, models_dir):
+        try:
+            return book.footprint(entry.model_config())
+        except ValueError:
+            return None
+    size = entry.download_bytes()
+    if size is None:
+        return None
+    return estimate_before_download(str(entry.config.get("backend")), entry.config, size)
+
+
 def install_entry(
     entry: GalleryEntry,
     models_dir: Path,
@@ -425,9 +447,11 @@ def install_named(names: list[str], models_dir: Path, index: GalleryIndex | None
 def remove_files(
     config: ModelConfig, entry: GalleryEntry | None, models_dir: Path, keep: set[Path]
 ) -> None:
-    """Delete a model's YAML, then its files (those no other model uses)."""
+    """Delete a model's YAML, then its files (those no other model uses), then what was
+    measured of it."""
     if config.source:
         Path(config.source).unlink(missing_ok=True)
+    FootprintBook(models_dir).forget(config.name)
     paths: list[Path] = []
     if entry is not None:
         paths = [models_dir / f.filename for f in entry.files]

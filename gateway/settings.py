@@ -8,6 +8,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from gateway.config import parse_keep_alive
+from gateway.units import parse_size
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -33,6 +36,20 @@ class Settings:
     image_ttl: float = 3600.0
     #: Largest audio upload accepted (OpenAI's own limit is 25 MB).
     max_upload_bytes: int = 25 * 1024 * 1024
+    #: Cores backends may compute on; None: the physical cores this process may use.
+    cpus: int | None = None
+    #: Bytes of memory loaded models may take; None: what is available, less a reserve.
+    memory: int | None = None
+    #: Most models loaded at once; None: as many as memory allows.
+    max_loaded_models: int | None = None
+    #: Idle time before a model is unloaded, for models whose YAML sets none (-1: never).
+    keep_alive: str = "5m"
+    #: Divide the cores among the models computing at each moment. Off (HEARTH_SHARE_CORES=0):
+    #: every backend keeps the threads it loaded with, as before this existed (for comparison).
+    share_cores: bool = True
+
+    def default_keep_alive_seconds(self) -> float:
+        return parse_keep_alive(self.keep_alive)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -42,15 +59,30 @@ class Settings:
         for f in fields(cls):
             raw = env.get(f"HEARTH_{f.name.upper()}")
             if raw is not None and raw != "":
-                values[f.name] = _parse(f.name, raw)
+                try:
+                    values[f.name] = _parse(f.name, raw)
+                except ValueError as exc:
+                    raise ValueError(f"HEARTH_{f.name.upper()}={raw!r}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         return replace(settings, models_dir=Path(settings.models_dir))
 
 
 def _parse(name: str, raw: str) -> Any:
-    if name in {"port", "max_upload_bytes"}:
-        return int(raw)
+    if name in {"port", "max_upload_bytes", "cpus", "max_loaded_models"}:
+        value = int(raw)
+        if name != "port" and value < 1:
+            raise ValueError("must be at least 1")
+        return value
+    if name == "memory":
+        return parse_size(raw)
+    if name == "keep_alive":
+        parse_keep_alive(raw)  # refuse a bad value at start, not at the first unload
+        return raw
+    if name == "share_cores":
+        if raw.strip().lower() not in {"0", "1", "true", "false", "on", "off", "yes", "no"}:
+            raise ValueError("use 1 or 0")
+        return raw.strip().lower() in {"1", "true", "on", "yes"}
     if name in {"backend_start_timeout", "load_timeout", "request_timeout", "image_ttl"}:
         return float(raw)
     if name in {"models_dir", "runtime_dir"}:

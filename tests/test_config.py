@@ -45,7 +45,7 @@ def test_a_good_file_decodes_with_defaults(tmp_path: Path) -> None:
         ("backend: llama\n", "name", "required"),
         ("name: m\nbackend: llama\nparameters: {temperature: 7}\n", "parameters.temperature", "<="),
         ("name: m\nbackend: llama\nparameters: {colour: red}\n", "parameters.colour", "unknown"),
-        ("name: m\nbackend: llama\nkeep_alive: soon\n", "keep_alive", "not a duration"),
+        ("name: m\nbackend: llama\nkeep_alive: soon\n", "keep_alive", "not a keep_alive"),
     ],
 )
 def test_errors_name_the_file_and_the_field(

@@ -38,8 +38,10 @@ class DiffusersBackend(Backend):
     """One text-to-image pipeline."""
 
     name = "diffusers"
+    adjustable_threads = True  # torch.set_num_threads between denoising steps
 
     def __init__(self) -> None:
+        self.follow_threads: Any = lambda: None
         self.pipeline: Any = None
         self.steps = 25
         self.guidance_scale: float | None = None
@@ -64,6 +66,8 @@ class DiffusersBackend(Backend):
             raise invalid("invalid_option", f"options.dtype must be one of {', '.join(_DTYPES)}")
         if request.threads:
             torch.set_num_threads(request.threads)
+        self.threads.loaded = torch.get_num_threads()
+        self.follow_threads = self.threads.follow(torch.set_num_threads)
         loader: Any = diffusers.AutoPipelineForText2Image
         if options.get("pipeline"):
             loader = getattr(diffusers, str(options["pipeline"]), None)
@@ -137,6 +141,7 @@ class DiffusersBackend(Backend):
         def watch(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
             if cancelled.is_set():
                 raise _Cancelled(step)
+            self.follow_threads()
             return tensors
 
         options: dict[str, Any] = {
@@ -153,6 +158,7 @@ class DiffusersBackend(Backend):
         guidance = guidance if guidance is not None else self.guidance_scale
         if guidance is not None:
             options["guidance_scale"] = guidance
+        self.follow_threads()
         try:
             with torch.inference_mode():
                 images = self.pipeline(**options).images

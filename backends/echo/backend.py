@@ -11,6 +11,7 @@ make it misbehave on purpose:
 - `fail_after_words`: ...after this many words have been streamed (0: before any).
 - `exit_after_words`: end the whole process abruptly after this many words.
 - `dimensions`: embedding size (default 16).
+- `hold_mb`: keep this many MB of memory resident while loaded (a model bigger than it says).
 """
 
 from __future__ import annotations
@@ -52,13 +53,17 @@ class EchoBackend(Backend):
 
     name = "echo"
     engine_threads = 8  # it only sleeps: let slow streams overlap
+    adjustable_threads = True  # it computes nothing, but takes the share it is given
 
     def __init__(self) -> None:
         self.options: dict[str, Any] = {}
         self.vocabulary: dict[int, str] = {}  # ids seen by tokenize, for detokenize
+        self.held = b""
 
     def load(self, request: pb.LoadRequest) -> pb.LoadResponse:
         self.options = json_format.MessageToDict(request.options)
+        self.threads.loaded = request.threads or 1
+        self.held = b"\x01" * int(float(self.options.get("hold_mb", 0)) * 1e6)  # pages touched
         time.sleep(float(self.options.get("load_delay_ms", 0)) / 1000)
         return pb.LoadResponse(context_size=request.context_size or 4096)
 

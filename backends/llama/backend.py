@@ -73,6 +73,7 @@ class LlamaBackend(Backend):
     """One GGUF model in one llama.cpp context; requests take turns on it."""
 
     name = "llama"
+    adjustable_threads = True
 
     def __init__(self) -> None:
         self.llm: Any = None
@@ -80,6 +81,7 @@ class LlamaBackend(Backend):
         self.embeddings = False
         self.lock = threading.Lock()
         self.eog: frozenset[int] = frozenset()
+        self.follow_threads = self.threads.follow(self._set_threads)
 
     # Lifecycle --------------------------------------------------------------------------------
 
@@ -93,11 +95,12 @@ class LlamaBackend(Backend):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model file not found: {path}")
         options = json_format.MessageToDict(request.options)
+        threads = request.threads or max(1, (os.cpu_count() or 2) // 2)
         settings = {
             "model_path": path,
             "n_ctx": request.context_size or DEFAULT_CONTEXT_SIZE,
-            "n_threads": request.threads or None,
-            "n_threads_batch": request.threads or None,
+            "n_threads": threads,
+            "n_threads_batch": threads,
             "n_batch": request.batch_size or 512,
             "use_mmap": request.mmap if request.HasField("mmap") else True,
             "seed": request.seed if request.HasField("seed") else random.getrandbits(31),
@@ -116,6 +119,7 @@ class LlamaBackend(Backend):
             llm = _open(Llama, {**settings, "pooling_type": _POOLING["mean"]})
         self.llm = llm
         self.embeddings = request.embeddings
+        self.threads.loaded = threads
         self.eog = self._end_of_generation_tokens()
         template = request.chat_template or llm.metadata.get("tokenizer.chat_template", "")
         self.formatter = None
@@ -125,14 +129,32 @@ class LlamaBackend(Backend):
                 eos_token=self._token_text(llm.token_eos()),
                 bos_token=self._token_text(llm.token_bos()),
             )
+        self._warm_up()
         log.info(
             "loaded %s: context %d, %d threads, chat template: %s",
             os.path.basename(path),
             llm.n_ctx(),
-            llm.n_threads,
+            threads,
             "from YAML" if request.chat_template else ("from GGUF" if template else "none"),
         )
-        return pb.LoadResponse(context_size=llm.n_ctx())
+        return pb.LoadResponse(context_size=llm.n_ctx(), threads=threads)
+
+    def _warm_up(self) -> None:
+        """One decode, as llama.cpp's server does at start: the weights are paged in now (so
+        the first request is not slower, and the memory measured after load is what serving
+        takes), not on the first request."""
+        if self.embeddings:
+            self.llm.embed("warm up")
+            return
+        bos = self.llm.token_bos()
+        self.llm.eval([bos if bos >= 0 else 0])
+        self.llm.reset()
+
+    def _set_threads(self, threads: int) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_set_n_threads(self.llm.ctx, threads, threads)
+        log.debug("computing with %d thread(s)", threads)
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -207,6 +229,9 @@ class LlamaBackend(Backend):
         finish = pb.FINISH_REASON_LENGTH
         grammar = self._grammar(request)
         llm.set_seed(sampling.seed if sampling.HasField("seed") else random.getrandbits(31))
+        if budget > 0 and not self._prefill(prompt, cancelled):
+            log.info("generation cancelled while reading the prompt")
+            return
 
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text = StopText(list(sampling.stop))
@@ -239,6 +264,7 @@ class LlamaBackend(Backend):
                     break
                 if produced >= budget:
                     break
+                self.follow_threads()  # the gateway may have given this model more or fewer cores
             else:
                 if grammar is not None and produced < budget:
                     finish = pb.FINISH_REASON_STOP  # the grammar completed
@@ -251,6 +277,31 @@ class LlamaBackend(Backend):
             finish_reason=finish,
             usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=produced),
         )
+
+    def _prefill(self, prompt: list[int], cancelled: threading.Event) -> bool:
+        """Read all of the prompt but its last token, a batch at a time, reusing what the
+        context already holds of it (the same conversation, one turn later).
+
+        `Llama.generate` would read it in one call; in batches, a cancelled call stops between
+        two, and a new thread share applies between two, not only after the whole prompt.
+        Generation then finds the prompt cached and reads only the last token. False if
+        cancelled.
+        """
+        llm = self.llm
+        body = prompt[:-1]
+        cached = 0
+        for held, wanted in zip(llm._input_ids.tolist(), body, strict=False):
+            if held != wanted:
+                break
+            cached += 1
+        llm.n_tokens = cached  # eval() drops the rest of the cache from here
+        for start in range(cached, len(body), llm.n_batch):
+            if cancelled.is_set():
+                return False
+            self.follow_threads()
+            llm.eval(body[start : start + llm.n_batch])
+        self.follow_threads()
+        return True
 
     def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         with self.lock:
@@ -292,6 +343,7 @@ class LlamaBackend(Backend):
                 param="dimensions",
             )
         with self.lock:
+            self.follow_threads()
             rows, count = self.llm.embed(texts, normalize=False, truncate=True, return_count=True)
         vectors = [pb.Embedding(values=_unit(row)) for row in rows]
         return pb.EmbedResponse(embeddings=vectors, prompt_tokens=count)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -26,6 +26,57 @@ def _unimplemented(what: str) -> BackendError:
     )
 
 
+class ThreadShare:
+    """How many threads the engine should compute with now.
+
+    The gateway changes it (SetThreads) as other models start and stop computing; the event loop
+    sets it, and engine code calls the function `follow()` returns between steps (a token, a
+    chunk of prompt, a forward pass), which applies a change. The runtime counts the engine
+    calls in progress, so that SetThreads can answer once the change is in effect.
+    """
+
+    def __init__(self) -> None:
+        #: Threads the model was loaded with: the most it may be given.
+        self.loaded = 0
+        #: Engine calls in progress (kept by the runtime).
+        self.busy = 0
+        self._wanted = 0
+        self._version = 0
+        self._applied_version = 0
+
+    def set(self, threads: int) -> int:
+        """Ask for `threads` (at least 1, at most `loaded`); return what will be in effect."""
+        threads = max(1, threads)
+        if self.loaded:
+            threads = min(threads, self.loaded)
+        self._wanted = threads
+        self._version += 1
+        return threads
+
+    def current(self) -> int:
+        """The thread count to compute with (0: the engine's own choice)."""
+        return self._wanted or self.loaded
+
+    def in_effect(self) -> bool:
+        """The last `set` has been applied by the engine, or nothing is computing."""
+        return self.busy == 0 or self._applied_version >= self._version
+
+    def follow(self, apply: Callable[[int], object]) -> Callable[[], None]:
+        """A function to call between steps: it calls `apply(n)` when the share changed since
+        it last did (each computing thread keeps its own, as OpenMP's setting is per thread)."""
+        seen = threading.local()
+
+        def check() -> None:
+            version = self._version
+            wanted = self.current()
+            if wanted and getattr(seen, "threads", 0) != wanted:
+                apply(wanted)
+                seen.threads = wanted
+            self._applied_version = max(self._applied_version, version)
+
+        return check
+
+
 class Backend:
     """An engine behind the contract.
 
@@ -39,6 +90,17 @@ class Backend:
     #: Threads engine calls run on. One (the default) serialises calls, streams included, on a
     #: thread that never changes; raise it only for an engine that serves calls in parallel.
     engine_threads = 1
+    #: The engine can change its thread count while loaded: it reads `self.threads.current()`
+    #: between steps and applies a change. Set `self.threads.loaded` in `load`.
+    adjustable_threads = False
+
+    @property
+    def threads(self) -> ThreadShare:
+        """The thread count the gateway wants now (see ThreadShare)."""
+        share = self.__dict__.get("_thread_share")
+        if share is None:
+            share = self.__dict__["_thread_share"] = ThreadShare()
+        return share
 
     def load(self, request: pb.LoadRequest) -> pb.LoadResponse:
         """Load the model the request names; raise BackendError if it cannot be loaded."""

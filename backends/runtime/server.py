@@ -36,6 +36,8 @@ GRPC_OPTIONS = [
 ]
 #: Seconds in-flight calls get to finish after SIGTERM.
 STOP_GRACE_SECONDS = 5.0
+#: The longest SetThreads waits for the engine's next step to apply a new thread count.
+SET_THREADS_WAIT_SECONDS = 1.0
 _PARENT_POLL_SECONDS = 1.0
 
 Request = TypeVar("Request")
@@ -110,6 +112,7 @@ class _Runtime:
         """Run one engine call in a worker thread; a cancelled RPC sets its event."""
         await self.check(context, capability)
         cancelled = threading.Event()
+        self.backend.threads.busy += 1
         try:
             return await self.run(fn, request, cancelled)
         except asyncio.CancelledError:
@@ -118,6 +121,8 @@ class _Runtime:
         except Exception as exc:  # every failure leaves as a status, never a crash
             await _abort(context, exc)
             raise AssertionError("unreachable") from exc
+        finally:
+            self.backend.threads.busy -= 1
 
     async def stream(
         self,
@@ -152,6 +157,7 @@ class _Runtime:
                 if close is not None:
                     close()
 
+        self.backend.threads.busy += 1
         self.engine.submit(produce)
         try:
             while True:
@@ -163,6 +169,7 @@ class _Runtime:
                 yield item
         finally:
             cancelled.set()
+            self.backend.threads.busy -= 1
 
 
 class _Failure:
@@ -210,7 +217,12 @@ class _Lifecycle(pb_grpc.LifecycleServicer):
                     )
                 await _abort(context, exc)
             rt.state = pb.MODEL_STATE_READY
-            rt.load_response = response or pb.LoadResponse()
+            response = response or pb.LoadResponse()
+            share = rt.backend.threads
+            share.loaded = share.loaded or response.threads or request.threads
+            response.threads = share.loaded
+            response.adjustable_threads = rt.backend.adjustable_threads
+            rt.load_response = response
             rt.serving = rt.backend.capabilities()
             await rt.publish_health()
             log.info("loaded %s", request.model_name)
@@ -227,8 +239,35 @@ class _Lifecycle(pb_grpc.LifecycleServicer):
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> Any:
         return pb.StatusResponse(
-            state=self.rt.state, model_name=self.rt.model_name, memory_bytes=_resident_bytes()
+            state=self.rt.state,
+            model_name=self.rt.model_name,
+            memory_bytes=_resident_bytes(),
+            threads=self.rt.backend.threads.current(),
         )
+
+    async def SetThreads(
+        self, request: pb.SetThreadsRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        backend = self.rt.backend
+        if not backend.adjustable_threads:
+            await _abort(
+                context,
+                BackendError(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    Reason.UNSUPPORTED,
+                    f"the {backend.name} engine computes with a thread count fixed at load",
+                ),
+            )
+        share = backend.threads
+        threads = share.set(request.threads)
+        # Answer once the engine computes with it (its next step), so that the gateway can hold
+        # a newcomer back until the cores it needs are really free; never wait long for a slow
+        # step (a long prompt chunk on a big model). The engine thread notices the change at
+        # its own pace; a 2 ms poll costs nothing next to a step.
+        deadline = asyncio.get_running_loop().time() + SET_THREADS_WAIT_SECONDS
+        while not share.in_effect() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.002)
+        return pb.SetThreadsResponse(threads=threads)
 
 
 class _Text(pb_grpc.TextServicer):

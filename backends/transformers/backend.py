@@ -111,6 +111,7 @@ class TransformersBackend(Backend):
     """One model directory: a causal LM, or (with `embeddings: true`) a sentence encoder."""
 
     name = "transformers"
+    adjustable_threads = True  # torch.set_num_threads between tokens and forward passes
 
     def __init__(self) -> None:
         self.model: Any = None
@@ -123,6 +124,7 @@ class TransformersBackend(Backend):
         self.max_length = 512
         self.context = 2048
         self.lock = threading.Lock()
+        self.follow_threads: Any = lambda: None
         # generate() always runs on this one thread (torch keeps per-thread state), while the
         # stream thread decodes what it produces.
         self.generator = ThreadPoolExecutor(1, thread_name_prefix="generate")
@@ -156,6 +158,8 @@ class TransformersBackend(Backend):
         dtype = dtype_name if dtype_name == "auto" else getattr(torch, dtype_name)
         if request.threads:
             torch.set_num_threads(request.threads)
+        self.threads.loaded = torch.get_num_threads()
+        self.follow_threads = self.threads.follow(torch.set_num_threads)
         if request.HasField("seed"):
             torch.manual_seed(request.seed)
         common = {"local_files_only": True, "trust_remote_code": trust}
@@ -266,15 +270,18 @@ class TransformersBackend(Backend):
             """Ends generate() at the next token once cancelled or stopped by a stop sequence."""
 
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                follow_threads()  # the gateway may have given this model more or fewer cores
                 done = cancelled.is_set() or text.stopped
                 return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
 
         options = self._generation_options(sampling)
+        follow_threads = self.follow_threads
         seed = sampling.seed if sampling.HasField("seed") else random.getrandbits(31)
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
+                follow_threads()
                 torch.manual_seed(seed)
                 with torch.inference_mode():
                     self.model.generate(
@@ -403,6 +410,7 @@ class TransformersBackend(Backend):
             for start in range(0, len(texts), _EMBED_CHUNK):
                 if cancelled.is_set():
                     raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
+                self.follow_threads()
                 batch = self.tokenizer(
                     texts[start : start + _EMBED_CHUNK],
                     padding=True,

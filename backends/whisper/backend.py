@@ -103,7 +103,7 @@ class WhisperBackend(Backend):
             self.beam_size,
             ", VAD" if self.vad_filter else "",
         )
-        return pb.LoadResponse()
+        return pb.LoadResponse(threads=request.threads or 4)  # faster-whisper's own default
 
     def unload(self) -> None:
         self.model = None

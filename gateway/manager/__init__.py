@@ -5,6 +5,10 @@
 - `instance`: one backend and what is known about it
 - `process`: spawning, health-waiting, loading and stopping backend processes
 - `supervisor`: process exits and the periodic look at every backend
+- `budget`: the machine's cores and memory for models (physical cores, cgroups, overrides)
+- `modelfiles` and `footprint`: a model's memory, estimated from its files, then measured
+- `memory`: which load may proceed, LRU eviction, refusing what never fits
+- `cpu`: dividing the cores among the backends computing at each moment
 - `manager`: `BackendManager`, which composes them
 """
 

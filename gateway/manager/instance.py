@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from gateway.client import BackendClient
 from gateway.config import ModelConfig
 from gateway.manager.admission import Slots
+from gateway.manager.footprint import Footprint
 from protos.hearth.backend.v1.contract import Capability
 
 #: Lines of a backend's output kept for error messages.
@@ -45,6 +47,19 @@ class BackendInstance:
     #: Wall-clock time the model became ready.
     loaded_at: float | None = None
     dead: bool = False
+    #: Idle seconds before it is unloaded (math.inf: never), as the last request left it.
+    keep_alive: float = math.inf
+    #: Memory planned for it before loading, and its resident memory (now, and the most seen).
+    footprint: Footprint = field(default_factory=lambda: Footprint(0, "unknown"))
+    rss: int = 0
+    rss_peak: int = 0
+    #: Threads: the most it was loaded with, what the gateway gives it now, whether it can change.
+    threads_loaded: int = 0
+    threads: int = 0
+    adjustable_threads: bool = False
+    #: The thread count the backend last confirmed, and the lock that orders the updates.
+    threads_applied: int = 0
+    threads_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def alive(self) -> bool:
@@ -68,6 +83,20 @@ class BackendInstance:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.process.wait(), timeout)
         return self.process.returncode is not None
+
+    @property
+    def memory(self) -> int:
+        """Memory to plan with: the most of its footprint and what it was seen to use."""
+        return 0 if not self.local else max(self.footprint.bytes, self.rss_peak)
+
+    @property
+    def busy(self) -> bool:
+        """Working on a request now."""
+        return self.slots.busy > 0
+
+    def expired(self, now: float) -> bool:
+        """Idle for longer than its keep_alive."""
+        return self.slots.idle and now - self.last_used >= self.keep_alive
 
     def recent_output(self, lines: int = 12) -> str:
         return "\n".join(list(self.output)[-lines:])

@@ -1,8 +1,11 @@
-"""BackendManager: composes the registry, admission, processes and supervision.
+"""BackendManager: composes the registry, admission, processes, supervision and the budget.
 
 One backend process per loaded model. The first request for a model starts and loads it;
-concurrent first requests share that one start. A process that dies is noticed, and the next
-request starts a fresh one. Stopping the gateway stops every backend it started.
+concurrent first requests share that one start. Loads are planned against the machine's memory
+budget (idle models are unloaded to make room, least recently used first), the cores are
+divided among the models computing at each moment, and an idle model is unloaded after its
+keep_alive. A process that dies is noticed, and the next request starts a fresh one. Stopping
+the gateway stops every backend it started.
 """
 
 from __future__ import annotations
@@ -10,26 +13,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from gateway.client import BackendClient
 from gateway.config import BUILTIN_BACKENDS, CustomBackend, ModelConfig
 from gateway.errors import OpenAIError
 from gateway.manager.admission import Lease
+from gateway.manager.budget import Machine, MachineBudget, process_rss
+from gateway.manager.cpu import Demand, divide
+from gateway.manager.footprint import FootprintBook
 from gateway.manager.instance import BackendInstance, State
+from gateway.manager.memory import MemoryPlanner
 from gateway.manager.process import Launcher, load_request_for
 from gateway.manager.registry import ModelRegistry
 from gateway.manager.supervisor import Supervisor
 from gateway.settings import Settings
+from gateway.units import format_size
 from protos.hearth.backend.v1.contract import Capability, Reason
 
 log = logging.getLogger("hearth.manager")
 
 T = TypeVar("T")
 _CHANNEL_CLOSE_GRACE_SECONDS = 30.0
+#: How long a backend's cores wait, once it went idle, before the others get them.
+_REBALANCE_DELAY_SECONDS = 0.2
+#: How long a failed start stays on GET /backends.
+_FAILURE_MEMORY_SECONDS = 600.0
 
 _CAPABILITY_WORDS = {
     Capability.TEXT: "text generation (chat and completions)",
@@ -39,16 +53,46 @@ _CAPABILITY_WORDS = {
 }
 
 
+@dataclass(eq=False)
+class _Start:
+    """A start in progress, shared by the requests waiting for it."""
+
+    task: asyncio.Task[BackendInstance]
+    waiters: int = 0
+    waiting_for_memory: bool = False
+    instance: BackendInstance | None = None
+
+
+@dataclass
+class _Failure:
+    at: float
+    message: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class BackendManager:
     """Owns every backend of the gateway: which run, and which requests they serve."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, machine: Machine | None = None) -> None:
         self.settings = settings
         self.registry = ModelRegistry(settings.models_dir)
         self.launcher = Launcher(settings)
         self.supervisor = Supervisor(on_exit=self._exited, tick=self._tick)
+        self.machine = machine or Machine()
+        self.budget: MachineBudget = self.machine.budget(settings.cpus, settings.memory)
+        self.footprints = FootprintBook(settings.models_dir)
+        self.memory = MemoryPlanner(
+            self.budget,
+            holders=self._holders,
+            evict=self._evict,
+            drain=self._drain,
+            max_loaded=settings.max_loaded_models,
+            machine=None if settings.memory is not None else self.machine,
+        )
         self._instances: dict[str, BackendInstance] = {}
-        self._starting: dict[str, asyncio.Task[BackendInstance]] = {}
+        self._draining: set[BackendInstance] = set()
+        self._starting: dict[str, _Start] = {}
+        self._failures: dict[str, _Failure] = {}
         self._closing = False
 
     # Lifecycle of the manager -----------------------------------------------------------------
@@ -62,11 +106,12 @@ class BackendManager:
         """Stop every backend (SIGTERM, then SIGKILL after a grace period)."""
         self._closing = True
         self.supervisor.close()
-        for task in list(self._starting.values()):
-            task.cancel()
-        instances = list(self._instances.values())
+        for start in list(self._starting.values()):
+            start.task.cancel()
+        instances = [*self._instances.values(), *self._draining]
         self._instances.clear()
-        await asyncio.gather(*(self.launcher.stop(i) for i in instances), return_exceptions=True)
+        self._draining.clear()
+        await asyncio.gather(*(self._stop(i, None) for i in instances), return_exceptions=True)
         await self.launcher.close()
 
     # Serving requests -------------------------------------------------------------------------
@@ -83,33 +128,47 @@ class BackendManager:
     def loaded(self) -> dict[str, BackendInstance]:
         return {name: i for name, i in self._instances.items() if i.alive}
 
-    async def acquire(self, config: ModelConfig, capability: Capability) -> Lease:
+    async def acquire(
+        self, config: ModelConfig, capability: Capability, keep_alive: float | None = None
+    ) -> Lease:
         """A slot on a live, loaded backend for `config`'s model that serves `capability`."""
         name = config.name
-        instance = await self._ensure(config)
-        if capability not in instance.capabilities:
-            raise OpenAIError(
-                400,
-                f"model '{name}' does not support {_CAPABILITY_WORDS[capability]}",
-                param="model",
-                code="model_not_supported",
-            )
-        await instance.slots.take(name)
-        return Lease(instance)
+        while True:
+            instance = await self._ensure(config)
+            if capability not in instance.capabilities:
+                raise OpenAIError(
+                    400,
+                    f"model '{name}' does not support {_CAPABILITY_WORDS[capability]}",
+                    param="model",
+                    code="model_not_supported",
+                )
+            await instance.slots.take(name)
+            if not instance.dead:
+                break
+            instance.slots.give()  # it was unloaded while this request queued: start anew
+        lease = Lease(instance, self._released, keep_alive)
+        try:
+            await self._rebalance(instance)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
 
     async def open(
         self,
         config: ModelConfig,
         capability: Capability,
         start: Callable[[BackendClient], Awaitable[T]],
+        keep_alive: float | None = None,
     ) -> tuple[Lease, T]:
         """Acquire and make the first call; if the backend turns out dead, retry once on a new one.
 
         The caller (which resolved `config` from the registry once) releases the lease when its
-        work, a whole stream say, is done.
+        work, a whole stream say, is done. `keep_alive` is the request's own (seconds, math.inf
+        for never), which then applies to the model until another request says otherwise.
         """
         for attempt in range(2):
-            lease = await self.acquire(config, capability)
+            lease = await self.acquire(config, capability, keep_alive)
             try:
                 return lease, await start(lease.client)
             except OpenAIError as exc:
@@ -128,9 +187,10 @@ class BackendManager:
         config: ModelConfig,
         capability: Capability,
         start: Callable[[BackendClient], Awaitable[T]],
+        keep_alive: float | None = None,
     ) -> T:
         """A whole unary request: acquire, call (retried once on a dead backend), release."""
-        lease, result = await self.open(config, capability, start)
+        lease, result = await self.open(config, capability, start, keep_alive)
         lease.release()
         return result
 
@@ -145,6 +205,26 @@ class BackendManager:
                 log.error("could not preload %s: %s", name, exc.message)
 
         self.supervisor.spawn(load())
+
+    def _released(self, lease: Lease) -> None:
+        """A request ended: its keep_alive applies, the cores are divided again."""
+        instance = lease.instance
+        if lease.keep_alive is not None:
+            instance.keep_alive = lease.keep_alive
+        else:
+            instance.keep_alive = self.default_keep_alive(instance.config)
+        self.memory.notify()
+        if instance.slots.idle and not instance.dead:
+            if instance.state == State.DRAINING:
+                self.supervisor.spawn(self._stop(instance, "drained"))
+            elif instance.keep_alive == 0:
+                self.supervisor.spawn(self._stop(instance, "keep_alive 0"))
+        self._rebalance_soon()
+
+    def default_keep_alive(self, config: ModelConfig) -> float:
+        """The model YAML's keep_alive, else the gateway's default (seconds; inf: never)."""
+        own = config.keep_alive_seconds()
+        return own if own is not None else self.settings.default_keep_alive_seconds()
 
     async def _lost(self, instance: BackendInstance, error: OpenAIError) -> bool:
         """Whether `error` means the backend is gone (or lost its model); if so, forget it."""
@@ -166,13 +246,20 @@ class BackendManager:
             return instance
         if instance is not None:
             self._forget(instance)
-        task = self._starting.get(config.name)
-        if task is None:
-            task = asyncio.create_task(self._start(config))
-            self._starting[config.name] = task
-            task.add_done_callback(lambda _: self._starting.pop(config.name, None))
-        # shield: one impatient client leaving must not abort the start the others wait on.
-        return await asyncio.shield(task)
+        start = self._starting.get(config.name)
+        if start is None:
+            start = _Start(asyncio.create_task(self._start(config)))
+            self._starting[config.name] = start
+            start.task.add_done_callback(lambda _: self._starting.pop(config.name, None))
+        start.waiters += 1
+        try:
+            # shield: one impatient client leaving must not abort the start the others wait on.
+            return await asyncio.shield(start.task)
+        finally:
+            start.waiters -= 1
+            if start.waiters == 0 and start.waiting_for_memory and not start.task.done():
+                # Everyone who asked has gone: stop waiting for memory for nobody.
+                start.task.cancel()
 
     # Starting a backend -----------------------------------------------------------------------
 
@@ -186,16 +273,70 @@ class BackendManager:
             )
         return custom
 
+    def thread_ceiling(self, config: ModelConfig) -> int:
+        """The most threads a model computes with: its YAML `threads`, within the budget."""
+        return min(config.threads or self.budget.cores, self.budget.cores)
+
     async def _start(self, config: ModelConfig) -> BackendInstance:
-        instance = await self.launcher.spawn(config, self._custom(config))
+        try:
+            instance = await self._plan_and_start(config)
+        except OpenAIError as exc:
+            self._failures[config.name] = _Failure(time.time(), exc.message)
+            raise
+        self._failures.pop(config.name, None)
+        return instance
+
+    async def _plan_and_start(self, config: ModelConfig) -> BackendInstance:
+        custom = self._custom(config)
+        remote = custom is not None and custom.address is not None
+        footprint = self.footprints.footprint(config, remote=remote)
+        start = self._starting.get(config.name)
+        if start is not None:
+            start.waiting_for_memory = True
+        try:
+            reservation = await self.memory.reserve(
+                config.name, footprint, timeout=self.settings.load_timeout
+            )
+        finally:
+            if start is not None:
+                start.waiting_for_memory = False
+        try:
+            instance = await self.launcher.spawn(config, custom)
+            instance.footprint = footprint
+            if start is not None:
+                start.instance = instance
+            await self._load(instance, config)
+        finally:
+            reservation.release()
+        instance.state = State.READY
+        instance.loaded_at = time.time()
+        instance.last_used = time.monotonic()
+        instance.keep_alive = self.default_keep_alive(config)
+        self._instances[config.name] = instance
+        self.supervisor.watch(instance)
+        if instance.local:
+            self._measure(instance)
+            self.footprints.record(config, instance.rss_peak, footprint.bytes)
+        log.info(
+            "%s ready: %d thread(s)%s, %s resident (planned %s)",
+            config.name,
+            instance.threads_loaded,
+            "" if instance.adjustable_threads else " fixed",
+            format_size(instance.rss),
+            footprint.describe(),
+        )
+        return instance
+
+    async def _load(self, instance: BackendInstance, config: ModelConfig) -> None:
         pump = None
         if instance.process is not None:
             pump = asyncio.create_task(self.launcher.pump_output(instance))
         try:
             await self.launcher.wait_healthy(instance)
-            request = load_request_for(config, self.settings.models_dir)
+            ceiling = self.thread_ceiling(config)
+            request = load_request_for(config, self.settings.models_dir, threads=ceiling)
             started = time.monotonic()
-            await self.launcher.load(instance, request)
+            response = await self.launcher.load(instance, request)
             log.info("loaded %s in %.2f s", config.name, time.monotonic() - started)
         except BaseException:
             await self.launcher.stop(instance)
@@ -203,12 +344,9 @@ class BackendManager:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pump, 1.0)
             raise
-        instance.state = State.READY
-        instance.loaded_at = time.time()
-        instance.last_used = time.monotonic()
-        self._instances[config.name] = instance
-        self.supervisor.watch(instance)
-        return instance
+        instance.threads_loaded = response.threads or ceiling
+        instance.threads = instance.threads_applied = instance.threads_loaded
+        instance.adjustable_threads = response.adjustable_threads
 
     def _exited(self, instance: BackendInstance, code: int) -> None:
         """A process ended: if nobody asked for it, say so; the next request starts a new one."""
@@ -222,41 +360,221 @@ class BackendManager:
                 code,
                 instance.recent_output(),
             )
+            self._failures[instance.config.name] = _Failure(
+                time.time(), f"exited unexpectedly with code {code}"
+            )
         self._forget(instance)
 
     def _forget(self, instance: BackendInstance) -> None:
+        if not instance.dead:
+            self._record(instance)
         instance.dead = True
         instance.state = State.STOPPED
-        if self._instances.get(instance.config.name) is instance:
-            del self._instances[instance.config.name]
+        self._detach(instance)
         # Calls still in flight fail on their own (UNAVAILABLE) and are answered as such;
         # closing the channel at once would cancel them instead.
         self.supervisor.spawn(instance.client.channel.close(grace=_CHANNEL_CLOSE_GRACE_SECONDS))
 
-    # Stopping ---------------------------------------------------------------------------------
-
-    async def unload(self, name: str) -> bool:
-        """Stop the backend serving `name`; False if none was running."""
-        instance = self._instances.get(name)
-        if instance is None:
-            return False
-        await self._stop(instance)
-        return True
-
-    async def _stop(self, instance: BackendInstance) -> None:
+    def _detach(self, instance: BackendInstance) -> None:
         if self._instances.get(instance.config.name) is instance:
             del self._instances[instance.config.name]
+        self._draining.discard(instance)
+        self.memory.notify()
+
+    # Memory and cores -------------------------------------------------------------------------
+
+    def _holders(self) -> list[BackendInstance]:
+        """Backends that hold memory: loaded, and draining."""
+        return [*self._instances.values(), *self._draining]
+
+    def _measure(self, instance: BackendInstance) -> None:
+        if instance.pid is not None:
+            instance.rss = process_rss(instance.pid)
+            instance.rss_peak = max(instance.rss_peak, instance.rss)
+
+    def _record(self, instance: BackendInstance) -> None:
+        """Keep what a backend was seen to use, for the next load of its model."""
+        if instance.local and instance.rss_peak and instance.state != State.STARTING:
+            self.footprints.record(instance.config, instance.rss_peak, instance.footprint.bytes)
+
+    async def _evict(self, instance: BackendInstance, why: str) -> None:
+        await self._stop(instance, why)
+
+    def _drain(self, instance: BackendInstance, why: str) -> None:
+        """Let `instance` finish what it has, take nothing new, then stop."""
+        if instance.state != State.READY:
+            return
+        log.info("draining %s %s", instance.config.name, why)
+        instance.state = State.DRAINING
+        if self._instances.get(instance.config.name) is instance:
+            del self._instances[instance.config.name]
+        self._draining.add(instance)
+        if instance.slots.idle:
+            self.supervisor.spawn(self._stop(instance, "drained"))
+
+    async def _rebalance(self, newcomer: BackendInstance | None = None) -> None:
+        """Divide the cores among the local backends computing now, and tell those whose share
+        changed. A newcomer's request waits until its share is set and every backend giving
+        up cores has done so at its next step: a model computing with more threads than it has
+        cores for collapses (its threads wait for each other, spinning). Shares that grow are
+        sent in the background."""
+        if not self.settings.share_cores:
+            return
+        computing = [i for i in self._holders() if i.local and i.busy and not i.dead]
+        demands = [Demand(i.threads_loaded or 1, i.adjustable_threads) for i in computing]
+        waits = []
+        for instance, share in zip(computing, divide(self.budget.cores, demands), strict=True):
+            if not instance.adjustable_threads:
+                continue
+            instance.threads = share
+            if share == instance.threads_applied:
+                continue
+            if newcomer is not None and (instance is newcomer or share < instance.threads_applied):
+                waits.append(self._push_threads(instance))
+            else:
+                self.supervisor.spawn(self._push_threads(instance))
+        if waits:
+            await asyncio.gather(*waits)
+
+    def _rebalance_soon(self) -> None:
+        """Give the cores of a backend that went idle to the others, unless a new request
+        arrives first: back-to-back requests (a client embedding batch after batch) should not
+        make the other models' thread counts flap."""
+
+        async def later() -> None:
+            await asyncio.sleep(_REBALANCE_DELAY_SECONDS)
+            await self._rebalance()
+
+        self.supervisor.spawn(later())
+
+    async def _push_threads(self, instance: BackendInstance) -> None:
+        async with instance.threads_lock:  # one update at a time, always the latest share
+            wanted = instance.threads
+            if wanted == instance.threads_applied or instance.dead:
+                return
+            try:
+                log.debug("%s: %d thread(s)", instance.config.name, wanted)
+                instance.threads_applied = await instance.client.set_threads(wanted)
+            except OpenAIError as exc:
+                log.debug("could not set %s's threads: %s", instance.config.name, exc.message)
+
+    # Stopping ---------------------------------------------------------------------------------
+
+    async def unload(self, name: str, drain: bool = False) -> bool:
+        """Unload `name`: at once, or (drain) once its requests in flight have ended.
+
+        False if it was not loaded.
+        """
+        instance = self._instances.get(name)
+        if instance is None:
+            draining = [i for i in self._draining if i.config.name == name]
+            if not draining:
+                return False
+            instance = draining[0]
+        if drain and not instance.slots.idle:
+            self._drain(instance, "on request")
+            return True
+        await self._stop(instance, "on request")
+        return True
+
+    def is_draining(self, name: str) -> bool:
+        return any(i.config.name == name and not i.dead for i in self._draining)
+
+    async def _stop(self, instance: BackendInstance, why: str | None) -> None:
+        if instance.dead:
+            return
+        if why is not None:
+            log.info("unloading %s %s", instance.config.name, why)
+        self._measure(instance)
+        self._record(instance)
+        self._detach(instance)
         await self.launcher.stop(instance)
+        self.memory.notify()
 
     async def _tick(self) -> None:
-        """End backends idle for longer than their model's keep_alive."""
+        """Measure every backend; end those idle past their keep_alive or drained; and if
+        backends grew past the budget, unload idle ones, least recently used first."""
         now = time.monotonic()
-        for instance in list(self._instances.values()):
-            keep_alive = instance.config.keep_alive_seconds()
-            if (
-                keep_alive is not None
-                and instance.slots.idle
-                and now - instance.last_used > keep_alive
-            ):
-                log.info("unloading %s after %.0f s idle", instance.config.name, keep_alive)
-                await self._stop(instance)
+        for instance in self._holders():
+            self._measure(instance)
+        for instance in list(self._holders()):
+            if instance.dead:
+                continue
+            if instance.state == State.DRAINING and instance.slots.idle:
+                await self._stop(instance, "drained")
+            elif instance.expired(now):
+                await self._stop(instance, f"after {instance.keep_alive:g} s idle")
+        excess = self.memory.over_budget()
+        if excess:
+            idle = sorted(
+                (i for i in self._holders() if i.local and i.slots.idle and not i.dead),
+                key=lambda i: i.last_used,
+            )
+            for instance in idle:
+                if self.memory.over_budget() == 0:
+                    break
+                await self._stop(
+                    instance, f"because loaded models grew {format_size(excess)} past the budget"
+                )
+
+    # What GET /backends shows -----------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        """Every backend: state, pid, threads, memory, requests, times, last error."""
+        now_wall, now = time.time(), time.monotonic()
+        rows = [self._row(i, now_wall, now) for i in self._holders()]
+        for name, start in self._starting.items():
+            instance = start.instance
+            if instance is not None and not instance.dead:
+                rows.append(self._row(instance, now_wall, now))
+            else:
+                rows.append({"model": name, "state": "queued for memory", "pid": None})
+        shown = {row["model"] for row in rows}
+        for name, failure in list(self._failures.items()):
+            if now_wall - failure.at > _FAILURE_MEMORY_SECONDS:
+                del self._failures[name]
+            elif name not in shown:
+                rows.append({"model": name, "state": "failed", "last_error": failure.message})
+        for row in rows:
+            last = self._failures.get(row["model"])
+            row.setdefault("last_error", last.message if last else None)
+        budget = self.budget
+        return {
+            "object": "list",
+            "data": sorted(rows, key=lambda r: r["model"]),
+            "budget": {
+                "cores": budget.cores,
+                "cores_from": budget.cores_from,
+                "memory_bytes": budget.memory_bytes,
+                "memory_from": budget.memory_from,
+                "memory_used_bytes": self.memory.used(),
+                "max_loaded_models": self.settings.max_loaded_models,
+            },
+        }
+
+    def _row(self, instance: BackendInstance, now_wall: float, now: float) -> dict[str, Any]:
+        last_used = now_wall - (now - instance.last_used)
+        keep_alive = instance.keep_alive
+        expires = None
+        if instance.state == State.READY and math.isfinite(keep_alive) and instance.slots.idle:
+            expires = last_used + keep_alive
+        return {
+            "model": instance.config.name,
+            "backend": instance.config.backend,
+            "state": str(instance.state),
+            "pid": instance.pid,
+            "threads": instance.threads_applied or None,
+            "threads_max": instance.threads_loaded or None,
+            "adjustable_threads": instance.adjustable_threads,
+            "memory": {
+                "rss_bytes": instance.rss if instance.local else None,
+                "peak_rss_bytes": instance.rss_peak if instance.local else None,
+                "planned_bytes": instance.footprint.bytes,
+                "planned_from": instance.footprint.source,
+            },
+            "requests": {"in_flight": instance.slots.busy, "queued": instance.slots.waiting},
+            "loaded_at": int(instance.loaded_at) if instance.loaded_at else None,
+            "last_used_at": int(last_used),
+            "keep_alive_seconds": keep_alive if math.isfinite(keep_alive) else None,
+            "expires_at": int(expires) if expires is not None else None,
+        }

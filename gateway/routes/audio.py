@@ -9,7 +9,7 @@ from litestar.datastructures import UploadFile
 
 from gateway.errors import OpenAIError, invalid_request
 from gateway.manager import BackendManager
-from gateway.routes.common import unless_client_leaves
+from gateway.routes.common import keep_alive_of, unless_client_leaves
 from gateway.translate import audio
 from protos.hearth.backend.v1.contract import Capability
 
@@ -25,6 +25,7 @@ async def _transcribe(
     if not isinstance(model, str) or not model:
         raise invalid_request("model is required", param="model")
     config = manager.registry.get(model)  # an unknown model is a 404 before anything else
+    keep_alive = keep_alive_of(_text(form.get("keep_alive")))
     data = await upload.read()
     limit = manager.settings.max_upload_bytes
     if len(data) > limit:
@@ -51,7 +52,9 @@ async def _transcribe(
     )
     answer = await unless_client_leaves(
         request,
-        manager.call(config, Capability.TRANSCRIPTION, lambda client: client.transcribe(call)),
+        manager.call(
+            config, Capability.TRANSCRIPTION, lambda client: client.transcribe(call), keep_alive
+        ),
     )
     body, media_type = audio.render(
         answer,

@@ -7,7 +7,14 @@ from typing import Any
 from litestar import Controller, Request, Response, post
 
 from gateway.manager import BackendManager
-from gateway.routes.common import decode_body, new_id, now, stream_text, unless_client_leaves
+from gateway.routes.common import (
+    decode_body,
+    keep_alive_of,
+    new_id,
+    now,
+    stream_text,
+    unless_client_leaves,
+)
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.translate import text
 from protos.hearth.backend.v1.contract import Capability
@@ -23,6 +30,7 @@ class ChatController(Controller):
         # Annotated as Response so that a stream keeps its own text/event-stream media type.
         body = decode_body(await request.body(), ChatCompletionRequest)
         config = manager.registry.get(body.model)
+        keep_alive = keep_alive_of(body.keep_alive)
         generate = text.chat_request(body, config)
         id_, created = new_id("chatcmpl"), now()
         if body.stream:
@@ -30,9 +38,11 @@ class ChatController(Controller):
             chunks = text.ChatChunks(
                 id=id_, created=created, model=body.model, include_usage=include_usage
             )
-            return await stream_text(manager, config, generate, chunks)
+            return await stream_text(manager, config, generate, chunks, keep_alive)
         response = await unless_client_leaves(
             request,
-            manager.call(config, Capability.TEXT, lambda client: client.generate(generate)),
+            manager.call(
+                config, Capability.TEXT, lambda client: client.generate(generate), keep_alive
+            ),
         )
         return Response(text.chat_completion(response, id=id_, created=created, model=body.model))

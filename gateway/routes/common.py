@@ -14,7 +14,7 @@ from litestar import Request
 from litestar.response import ServerSentEvent
 
 from gateway.client import BackendClient
-from gateway.config import ModelConfig, validation_error_field
+from gateway.config import ModelConfig, parse_keep_alive, validation_error_field
 from gateway.errors import OpenAIError, invalid_request
 from gateway.manager import BackendManager
 from protos.hearth.backend.v1 import backend_pb2 as pb
@@ -63,6 +63,16 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         raise invalid_request(f"the request body is not valid JSON: {exc}") from None
 
 
+def keep_alive_of(value: str | int | float | None) -> float | None:
+    """A request's keep_alive in seconds (math.inf: never), None when it sent none."""
+    if value is None:
+        return None
+    try:
+        return parse_keep_alive(value)
+    except ValueError as exc:
+        raise invalid_request(str(exc), param="keep_alive") from None
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
@@ -82,7 +92,11 @@ def _event(chunk: Any) -> str:
 
 
 async def stream_text(
-    manager: BackendManager, config: ModelConfig, request: pb.GenerateRequest, chunks: ChunkBuilder
+    manager: BackendManager,
+    config: ModelConfig,
+    request: pb.GenerateRequest,
+    chunks: ChunkBuilder,
+    keep_alive: float | None = None,
 ) -> ServerSentEvent:
     """An SSE response for a text generation.
 
@@ -100,7 +114,7 @@ async def stream_text(
             await stream.aclose()
             raise
 
-    lease, (stream, first) = await manager.open(config, Capability.TEXT, start)
+    lease, (stream, first) = await manager.open(config, Capability.TEXT, start, keep_alive)
 
     async def events() -> AsyncIterator[str]:
         try:

@@ -7,7 +7,7 @@ from typing import Any
 from litestar import Controller, Request, post
 
 from gateway.manager import BackendManager
-from gateway.routes.common import decode_body
+from gateway.routes.common import decode_body, keep_alive_of
 from gateway.schemas.embeddings import CreateEmbeddingResponse, EmbeddingRequest
 from gateway.translate import embeddings
 from protos.hearth.backend.v1.contract import Capability
@@ -22,9 +22,10 @@ class EmbeddingsController(Controller):
     ) -> CreateEmbeddingResponse:
         body = decode_body(await request.body(), EmbeddingRequest)
         config = manager.registry.get(body.model)
+        keep_alive = keep_alive_of(body.keep_alive)
         embed = embeddings.embed_request(body)
         response = await manager.call(
-            config, Capability.EMBEDDINGS, lambda client: client.embed(embed)
+            config, Capability.EMBEDDINGS, lambda client: client.embed(embed), keep_alive
         )
         return embeddings.embedding_response(
             response, model=body.model, encoding_format=body.encoding_format

@@ -11,8 +11,9 @@ from litestar.response import Response
 
 from gateway.config import ConfigError
 from gateway.errors import OpenAIError
-from gateway.gallery import Installer, is_installed, remove_files
+from gateway.gallery import Installer, entry_footprint, is_installed, remove_files
 from gateway.manager import BackendManager
+from gateway.manager.footprint import fit
 from gateway.routes.common import decode_body
 
 
@@ -33,8 +34,10 @@ class GalleryController(Controller):
     path = "/models"
 
     @get("/available")
-    async def available(self, installer: Installer) -> dict[str, Any]:
+    async def available(self, installer: Installer, manager: BackendManager) -> dict[str, Any]:
+        """The gallery, and whether each model is installed and fits this machine's memory."""
         index = _index(installer)
+        budget = manager.budget.memory_bytes
         return {
             "object": "list",
             "data": [
@@ -46,9 +49,12 @@ class GalleryController(Controller):
                     "backend": entry.config.get("backend"),
                     "verified": entry.verified,
                     "installed": is_installed(entry, installer.models_dir),
+                    "download_bytes": entry.download_bytes(),
+                    **fit(entry_footprint(entry, installer.models_dir, manager.footprints), budget),
                 }
                 for entry in index.entries
             ],
+            "budget": {"memory_bytes": budget, "memory_from": manager.budget.memory_from},
         }
 
     @post("/apply", status_code=200)

@@ -10,7 +10,7 @@ from litestar import Controller, Request, Response, get, post
 from gateway.errors import OpenAIError, invalid_request
 from gateway.generated import GeneratedImages
 from gateway.manager import BackendManager
-from gateway.routes.common import decode_body, now, unless_client_leaves
+from gateway.routes.common import decode_body, keep_alive_of, now, unless_client_leaves
 from gateway.schemas.images import Image, ImageGenerationRequest, ImagesResponse
 from gateway.translate.images import generate_image_request
 from protos.hearth.backend.v1.contract import Capability
@@ -30,10 +30,13 @@ class ImagesController(Controller):
         if not body.model:
             raise invalid_request("model is required: GET /v1/models lists them", param="model")
         config = manager.registry.get(body.model)
+        keep_alive = keep_alive_of(body.keep_alive)
         call = generate_image_request(body)
         answer = await unless_client_leaves(
             request,
-            manager.call(config, Capability.IMAGES, lambda client: client.generate_image(call)),
+            manager.call(
+                config, Capability.IMAGES, lambda client: client.generate_image(call), keep_alive
+            ),
         )
         images = []
         for image in answer.images:

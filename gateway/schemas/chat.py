@@ -6,7 +6,15 @@ from typing import Any, Literal
 
 import msgspec
 
-from gateway.schemas.common import MaxTokens, Penalty, StreamOptions, Temperature, TopP, Usage
+from gateway.schemas.common import (
+    KeepAlive,
+    MaxTokens,
+    Penalty,
+    StreamOptions,
+    Temperature,
+    TopP,
+    Usage,
+)
 
 
 class ContentPart(msgspec.Struct):
@@ -78,6 +86,8 @@ class ChatCompletionRequest(msgspec.Struct):
     top_k: int | None = None
     min_p: TopP | None = None
     repeat_penalty: float | None = None
+    # Ollama's: how long the model stays loaded after this request.
+    keep_alive: KeepAlive = None
 
 
 class ChatCompletionMessage(msgspec.Struct):

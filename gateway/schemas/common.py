@@ -20,3 +20,7 @@ class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+#: Ollama's keep_alive on a request: "5m", seconds, 0 (unload after this request), -1 (never).
+KeepAlive = str | int | float | None

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import msgspec
 
-from gateway.schemas.common import MaxTokens, Penalty, StreamOptions, Temperature, TopP, Usage
+from gateway.schemas.common import (
+    KeepAlive,
+    MaxTokens,
+    Penalty,
+    StreamOptions,
+    Temperature,
+    TopP,
+    Usage,
+)
 
 
 class CompletionRequest(msgspec.Struct):
@@ -26,6 +34,8 @@ class CompletionRequest(msgspec.Struct):
     top_k: int | None = None
     min_p: TopP | None = None
     repeat_penalty: float | None = None
+    # Ollama's: how long the model stays loaded after this request.
+    keep_alive: KeepAlive = None
 
 
 class CompletionChoice(msgspec.Struct):

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from gateway.schemas.common import KeepAlive
+
 
 class EmbeddingRequest(msgspec.Struct):
     model: str
@@ -14,6 +16,8 @@ class EmbeddingRequest(msgspec.Struct):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
     user: str | None = None
+    # Ollama's: how long the model stays loaded after this request.
+    keep_alive: KeepAlive = None
 
 
 class EmbeddingData(msgspec.Struct):

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from gateway.schemas.common import KeepAlive
+
 
 class ImageGenerationRequest(msgspec.Struct):
     prompt: str
@@ -19,6 +21,8 @@ class ImageGenerationRequest(msgspec.Struct):
     num_inference_steps: Annotated[int, msgspec.Meta(ge=1, le=500)] | None = None
     negative_prompt: str | None = None
     guidance_scale: Annotated[float, msgspec.Meta(ge=0, le=50)] | None = None
+    # Ollama's: how long the model stays loaded after this request.
+    keep_alive: KeepAlive = None
 
 
 class Image(msgspec.Struct, omit_defaults=True):

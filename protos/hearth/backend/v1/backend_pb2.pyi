@@ -77,10 +77,14 @@ class LoadRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., context_size: _Optional[int] = ..., threads: _Optional[int] = ..., batch_size: _Optional[int] = ..., mmap: _Optional[bool] = ..., seed: _Optional[int] = ..., chat_template: _Optional[str] = ..., embeddings: _Optional[bool] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class LoadResponse(_message.Message):
-    __slots__ = ("context_size",)
+    __slots__ = ("context_size", "threads", "adjustable_threads")
     CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    ADJUSTABLE_THREADS_FIELD_NUMBER: _ClassVar[int]
     context_size: int
-    def __init__(self, context_size: _Optional[int] = ...) -> None: ...
+    threads: int
+    adjustable_threads: bool
+    def __init__(self, context_size: _Optional[int] = ..., threads: _Optional[int] = ..., adjustable_threads: _Optional[bool] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ()
@@ -95,14 +99,28 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("state", "model_name", "memory_bytes")
+    __slots__ = ("state", "model_name", "memory_bytes", "threads")
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
     state: ModelState
     model_name: str
     memory_bytes: int
-    def __init__(self, state: _Optional[_Union[ModelState, str]] = ..., model_name: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+    threads: int
+    def __init__(self, state: _Optional[_Union[ModelState, str]] = ..., model_name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
+
+class SetThreadsRequest(_message.Message):
+    __slots__ = ("threads",)
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    threads: int
+    def __init__(self, threads: _Optional[int] = ...) -> None: ...
+
+class SetThreadsResponse(_message.Message):
+    __slots__ = ("threads",)
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    threads: int
+    def __init__(self, threads: _Optional[int] = ...) -> None: ...
 
 class FunctionCall(_message.Message):
     __slots__ = ("name", "arguments")

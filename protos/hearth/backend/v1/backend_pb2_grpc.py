@@ -53,6 +53,11 @@ class LifecycleStub:
                 request_serializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.StatusRequest.SerializeToString,
                 response_deserializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.SetThreads = channel.unary_unary(
+                '/hearth.backend.v1.Lifecycle/SetThreads',
+                request_serializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.SetThreadsRequest.SerializeToString,
+                response_deserializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.SetThreadsResponse.FromString,
+                _registered_method=True)
 
 
 class LifecycleServicer:
@@ -82,6 +87,16 @@ class LifecycleServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetThreads(self, request, context):
+        """Changes how many threads the engine computes with, from its next step on (a token, a
+        forward pass), up to the threads it was loaded with. The gateway calls it as other models
+        start and stop computing, so that models sharing the machine never oversubscribe its cores.
+        A backend whose engine cannot change it answers UNIMPLEMENTED (and says so in Load).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LifecycleServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +114,11 @@ def add_LifecycleServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.StatusRequest.FromString,
                     response_serializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.StatusResponse.SerializeToString,
+            ),
+            'SetThreads': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetThreads,
+                    request_deserializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.SetThreadsRequest.FromString,
+                    response_serializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.SetThreadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -186,6 +206,33 @@ class Lifecycle:
             '/hearth.backend.v1.Lifecycle/Status',
             protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.StatusRequest.SerializeToString,
             protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetThreads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hearth.backend.v1.Lifecycle/SetThreads',
+            protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.SetThreadsRequest.SerializeToString,
+            protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.SetThreadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

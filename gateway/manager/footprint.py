@@ -1,0 +1,286 @@
+"""How much memory a model takes once loaded: estimated from its files, then measured.
+
+The estimate adds what each engine keeps resident: the backend process with its engine imported
+(`RUNTIME_BYTES`), the weights as the engine holds them, and the engine's own buffers (llama.cpp:
+the KV cache for `context_size` and a share of its compute buffers, read from the GGUF header).
+After a load the gateway measures the process's resident memory, keeps its peak while it
+serves, and records it in `<models dir>/.hearth/footprints.json`: the next load of the same model
+with the same settings is planned with what was measured, not with the formula.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.config import ModelConfig, resolve_model_path
+from gateway.manager.modelfiles import ModelFileError, folder_bytes, read_gguf, read_safetensors
+from gateway.units import MIB, format_size
+
+log = logging.getLogger("hearth.manager")
+
+#: Resident memory of a backend process with its engine imported and no model (measured on
+#: x86-64 Linux with Python 3.11: interpreter, grpc, protobuf, and the engine's libraries).
+RUNTIME_BYTES = {
+    "echo": 45 * MIB,
+    "llama": 80 * MIB,
+    "transformers": 330 * MIB,
+    "whisper": 130 * MIB,
+    "diffusers": 450 * MIB,
+}
+#: A custom backend we know nothing about, until it has been measured once.
+UNKNOWN_BYTES = 256 * MIB
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# CTranslate2 holds weights in the compute type: int8 halves a float16 file, float32 doubles it
+# (on a CPU "float16" and "default" run as float32, which is what a CPU supports).
+_CT2_FACTOR = {
+    "int8": 0.55,
+    "int8_float32": 0.55,
+    "int8_float16": 0.55,
+    "float32": 2.0,
+    "float16": 2.0,
+    "default": 2.0,
+}
+# llama.cpp reserves compute buffers for its largest graph (a full batch of prompt tokens) but
+# touches them only as far as a request uses them: count half.
+_COMPUTE_SHARE = 0.5
+# Architectures llama.cpp runs without a KV cache (encoders: embedding models).
+_ENCODERS = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "t5encoder"})
+_DEFAULT_CONTEXT = 4096
+_DEFAULT_BATCH = 512
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Memory a model takes loaded, where that figure came from, and what it is made of."""
+
+    bytes: int
+    #: "estimate" (from files), "measured" (an earlier load), "declared" (YAML `memory:`),
+    #: "remote" (another machine's memory), or "unknown" (a custom backend not yet measured).
+    source: str
+    parts: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if not self.parts:
+            return f"{format_size(self.bytes)} ({self.source})"
+        detail = " + ".join(f"{name} {format_size(n)}" for name, n in self.parts.items())
+        return f"{format_size(self.bytes)} ({self.source}: {detail})"
+
+
+def estimate(config: ModelConfig, models_dir: Path) -> Footprint:
+    """The formula's figure for `config` from its files (an `unknown` one where there is none)."""
+    runtime = RUNTIME_BYTES.get(config.backend)
+    if runtime is None:
+        return Footprint(UNKNOWN_BYTES, "unknown")
+    parts = {"runtime": runtime}
+    path = resolve_model_path(models_dir, config.model) if config.model else None
+    try:
+        if path is not None and path.exists():
+            parts.update(_ENGINE_PARTS.get(config.backend, _no_parts)(config, path))
+    except (OSError, ModelFileError) as exc:
+        log.warning("cannot read %s to estimate its memory: %s", config.name, exc)
+    return Footprint(sum(parts.values()), "estimate", parts)
+
+
+def estimate_before_download(backend: str, config: dict[str, Any], file_bytes: int) -> Footprint:
+    """A rougher figure for a gallery model not yet downloaded: runtime plus weights."""
+    runtime = RUNTIME_BYTES.get(backend, UNKNOWN_BYTES)
+    options = config.get("options") or {}
+    weights = file_bytes
+    if backend == "whisper":
+        weights = int(file_bytes * _CT2_FACTOR.get(str(options.get("compute_type")), 0.55))
+    parts = {"runtime": runtime, "weights": weights}
+    if backend == "llama":
+        # Without the header, the KV cache and buffers are guessed as a tenth of the weights.
+        parts["buffers"] = weights // 10
+    return Footprint(sum(parts.values()), "estimate", parts)
+
+
+def _no_parts(config: ModelConfig, path: Path) -> dict[str, int]:
+    return {}
+
+
+def _llama(config: ModelConfig, path: Path) -> dict[str, int]:
+    header = read_gguf(path)
+    context = config.context_size or _DEFAULT_CONTEXT
+    batch = min(config.batch_size or _DEFAULT_BATCH, context)
+    layers = int(header.get("block_count", 0) or 0)
+    width = int(header.get("embedding_length", 0) or 0)
+    heads = int(header.get("attention.head_count", 0) or 0)
+    kv_heads = int(header.get("attention.head_count_kv", heads) or heads)
+    head_width = width // heads if heads else 0
+    key_width = int(header.get("attention.key_length", head_width) or head_width)
+    value_width = int(header.get("attention.value_length", head_width) or head_width)
+    vocabulary = int(header.metadata.get("tokenizer.ggml.tokens", 0) or 0)
+    parts = {"weights": header.tensor_bytes}
+    if header.architecture not in _ENCODERS:
+        # f16 keys and values for every position of the context, in every layer.
+        parts["kv_cache"] = context * layers * kv_heads * (key_width + value_width) * 2
+    # The largest of: a batch's logits, a batch's attention scores over the whole context; plus
+    # the batch's activations.
+    compute = max(vocabulary, (heads + 1) * context) * batch * 4 + 8 * width * batch * 4
+    parts["compute"] = int(compute * _COMPUTE_SHARE)
+    return parts
+
+
+def _transformers(config: ModelConfig, path: Path) -> dict[str, int]:
+    summary = read_safetensors(path)
+    dtype = str(config.options.get("dtype", "float32"))
+    per_parameter = _DTYPE_BYTES.get(dtype)
+    weights = summary.parameters * per_parameter if per_parameter else summary.bytes
+    parts = {"weights": weights}
+    if not config.embeddings:
+        settings = _json(path / "config.json")
+        layers = int(settings.get("num_hidden_layers", 0) or 0)
+        heads = int(settings.get("num_attention_heads", 0) or 0)
+        kv_heads = int(settings.get("num_key_value_heads", heads) or heads)
+        width = int(settings.get("hidden_size", 0) or 0)
+        head_width = int(settings.get("head_dim", 0) or (width // heads if heads else 0))
+        positions = int(settings.get("max_position_embeddings", 0) or 2048)
+        context = config.context_size or positions
+        parts["kv_cache"] = context * layers * kv_heads * head_width * 2 * (per_parameter or 4)
+    return parts
+
+
+def _whisper(config: ModelConfig, path: Path) -> dict[str, int]:
+    compute_type = str(config.options.get("compute_type", "int8"))
+    weights = int(folder_bytes(path, ("model.bin",)) * _CT2_FACTOR.get(compute_type, 1.0))
+    beams = int(config.options.get("beam_size", 5) or 1)
+    return {"weights": weights, "decoding": 12 * MIB * beams}
+
+
+def _diffusers(config: ModelConfig, path: Path) -> dict[str, int]:
+    summary = read_safetensors(path)
+    per_parameter = _DTYPE_BYTES.get(str(config.options.get("dtype", "float32")), 4)
+    weights = summary.parameters * per_parameter
+    # Activations of the denoiser and the VAE decoder grow with the image: a fifth of the
+    # weights covers a 512x512 image on Stable Diffusion 1.5-sized pipelines.
+    return {"weights": weights, "activations": weights // 5}
+
+
+_ENGINE_PARTS = {
+    "llama": _llama,
+    "transformers": _transformers,
+    "whisper": _whisper,
+    "diffusers": _diffusers,
+}
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def fingerprint(config: ModelConfig, models_dir: Path) -> str:
+    """What decides a model's footprint: its files (size, mtime) and its load settings."""
+    files: list[tuple[str, int, int]] = []
+    if config.model:
+        with contextlib.suppress(OSError, ValueError):
+            path = resolve_model_path(models_dir, config.model)
+            items = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+            for item in items:
+                stat = item.stat()
+                files.append((item.name, stat.st_size, stat.st_mtime_ns))
+    settings = {
+        "backend": config.backend,
+        "model": config.model,
+        "files": files,
+        "context_size": config.context_size,
+        "batch_size": config.batch_size,
+        "embeddings": config.embeddings,
+        "options": config.options,
+    }
+    encoded = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+def fit(footprint: Footprint | None, budget_bytes: int) -> dict[str, Any]:
+    """How a model's memory compares with the machine's budget, as the model lists show it."""
+    if footprint is None:
+        return {"memory_bytes": None, "memory_from": None, "fits": None}
+    return {
+        "memory_bytes": footprint.bytes,
+        "memory_from": footprint.source,
+        "fits": footprint.source == "remote" or footprint.bytes <= budget_bytes,
+    }
+
+
+class FootprintBook:
+    """Footprints of the models dir's models: declared, measured, or estimated, in that order.
+
+    What was measured is kept in `<models dir>/.hearth/footprints.json`, read afresh at each use
+    (it is small, and read only when a model loads or stops), so that the CLI and the gateway
+    see the same book.
+    """
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = models_dir
+        self.path = models_dir / ".hearth" / "footprints.json"
+
+    def _measured(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return (
+            {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+        )
+
+    def footprint(self, config: ModelConfig, remote: bool = False) -> Footprint:
+        if remote:
+            return Footprint(0, "remote")
+        declared = config.memory_bytes()
+        if declared is not None:
+            return Footprint(declared, "declared")
+        known = self._measured().get(config.name)
+        if known is not None and known.get("fingerprint") == fingerprint(config, self.models_dir):
+            with contextlib.suppress(TypeError, ValueError):
+                return Footprint(int(known["bytes"]), "measured")
+        return estimate(config, self.models_dir)
+
+    def record(self, config: ModelConfig, measured: int, estimated: int) -> None:
+        """Keep what a load really took, for the next load of the same model and settings."""
+        book = self._measured()
+        book[config.name] = {
+            "fingerprint": fingerprint(config, self.models_dir),
+            "bytes": measured,
+            "estimated": estimated,
+            "measured_at": int(time.time()),
+        }
+        self._write(book)
+
+    def forget(self, name: str) -> None:
+        """Drop a removed model's record (and the book itself once it is empty)."""
+        book = self._measured()
+        if book.pop(name, None) is not None:
+            self._write(book)
+
+    def _write(self, book: dict[str, dict[str, Any]]) -> None:
+        try:
+            if not book:
+                self.path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()
+                return
+            self.path.parent.mkdir(exist_ok=True)
+            descriptor, temporary = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+            try:
+                with os.fdopen(descriptor, "w") as handle:
+                    json.dump(book, handle, indent=1, sort_keys=True)
+                os.replace(temporary, self.path)
+            except BaseException:
+                Path(temporary).unlink(missing_ok=True)
+                raise
+        except OSError as exc:  # a read-only models dir: measurements are not kept
+            log.debug("cannot record footprints in %s: %s", self.path, exc)
