@@ -200,3 +200,81 @@ def test_yaml_chat_template_replaces_the_models_own(
     own = greedy_chat(client, max_tokens=1)
     assert own.usage is not None
     assert own.usage.prompt_tokens != answer.usage.prompt_tokens
+
+
+def test_a_long_prompt_read_in_batches_gives_the_same_answer(
+    gateway: Gateway, http: httpx.Client
+) -> None:
+    # batch_size 16: a 100-token prompt is read in 7 batches, the answer must not change,
+    # whether the context holds nothing, another prompt, or this very prompt already.
+    tiny = "backend: llama\nmodel: tiny-llama.gguf\ncontext_size: 256"
+    write_model(gateway.models_dir, "tiny-batched", f"{tiny}\nbatch_size: 16")
+    prompt = " ".join(f"w{i}" for i in range(60))
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0.0}
+
+    def complete(model: str, text: str = prompt) -> dict[str, object]:
+        answer = http.post("/v1/completions", json={**body, "model": model, "prompt": text})
+        assert answer.status_code == 200, answer.text
+        return answer.json()  # type: ignore[no-any-return]
+
+    reference = complete("tiny-llama")
+    first = complete("tiny-batched")
+    again = complete("tiny-batched")  # the whole prompt is cached now
+    complete("tiny-batched", "something else entirely")
+    after_other = complete("tiny-batched")
+    texts = {r["choices"][0]["text"] for r in (reference, first, again, after_other)}  # type: ignore[index]
+    assert len(texts) == 1
+    assert first["usage"] == reference["usage"]
+
+
+@pytest.mark.real_model
+def test_two_llama_models_computing_at_once_each_take_half_the_cores(real_models: Path) -> None:
+    import concurrent.futures
+
+    models = real_models.parent / "sharing-models"
+    models.mkdir(exist_ok=True)
+    source = real_models / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    target = models / source.name
+    if not target.exists():
+        target.hardlink_to(source)
+    for name in ("left", "right"):
+        write_model(models, name, f"backend: llama\nmodel: {source.name}\nthreads: 2")
+    gateway = Gateway(models, env={"HEARTH_CPUS": "2", "HEARTH_LOG_LEVEL": "debug"}).start()
+    try:
+        body = {
+            "messages": [{"role": "user", "content": "Write a story about a lighthouse."}],
+            "max_tokens": 80,
+            "temperature": 0.0,
+            "stream": True,
+        }
+
+        def stream(model: str) -> list[str]:
+            pieces = []
+            with (
+                httpx.Client(base_url=gateway.url, timeout=120) as http,
+                http.stream(
+                    "POST", "/v1/chat/completions", json={**body, "model": model}
+                ) as response,
+            ):
+                for line in response.iter_lines():
+                    if line.startswith("data: {") and '"content"' in line:
+                        pieces.append(line)
+            return pieces
+
+        for name in ("left", "right"):  # load both first
+            httpx.post(
+                f"{gateway.url}/v1/completions",
+                json={"model": name, "prompt": "hi", "max_tokens": 1},
+                timeout=120,
+            )
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(stream, ["left", "right"]))
+        assert all(len(pieces) >= 40 for pieces in results)
+        log = gateway.log()
+        # Each engine computed with one thread while the other ran.
+        for name in ("left", "right"):
+            assert (
+                f"hearth.backend.{name}: DEBUG hearth.backend.llama: computing with 1 thread" in log
+            )
+    finally:
+        gateway.cleanup()

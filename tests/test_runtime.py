@@ -21,11 +21,12 @@ from tests.conftest import ROOT, Gateway, short_tempdir, wait_until
 
 
 class Backend:
-    def __init__(self, name: str = "echo") -> None:
+    def __init__(self, name: str = "echo", script: Path | None = None) -> None:
         self.socket = short_tempdir() / "b.sock"
         self.address = f"unix://{self.socket}"
+        program = [str(script)] if script else ["-m", f"backends.{name}"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", f"backends.{name}", "--address", self.address],
+            [sys.executable, *program, "--address", self.address],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -94,6 +95,29 @@ def test_backend_error_becomes_status_and_reason(backend: Backend) -> None:
     assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
     assert caught.value.details() == "nope"
     assert dict(caught.value.trailing_metadata())["hearth-error-reason"] == "too_far"
+
+
+def test_set_threads_is_capped_to_what_the_model_was_loaded_with(backend: Backend) -> None:
+    loaded = backend.lifecycle.Load(pb.LoadRequest(model_name="e", threads=4), timeout=10)
+    assert (loaded.threads, loaded.adjustable_threads) == (4, True)
+    assert backend.lifecycle.SetThreads(pb.SetThreadsRequest(threads=2), timeout=5).threads == 2
+    assert backend.lifecycle.Status(pb.StatusRequest(), timeout=5).threads == 2
+    assert backend.lifecycle.SetThreads(pb.SetThreadsRequest(threads=64), timeout=5).threads == 4
+    assert backend.lifecycle.SetThreads(pb.SetThreadsRequest(threads=0), timeout=5).threads == 1
+
+
+def test_a_backend_that_cannot_change_its_threads_says_so() -> None:
+    custom = Backend(script=ROOT / "tests" / "custom" / "reverse_backend.py")
+    try:
+        loaded = custom.lifecycle.Load(pb.LoadRequest(model_name="r", threads=3), timeout=10)
+        assert (loaded.threads, loaded.adjustable_threads) == (3, False)
+        with pytest.raises(grpc.RpcError) as caught:
+            custom.lifecycle.SetThreads(pb.SetThreadsRequest(threads=1), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        custom.channel.close()
+        custom.process.kill()
+        custom.process.wait()
 
 
 def test_sigterm_stops_gracefully(backend: Backend) -> None:
