@@ -278,3 +278,28 @@ def test_two_llama_models_computing_at_once_each_take_half_the_cores(real_models
             )
     finally:
         gateway.cleanup()
+
+
+def test_a_recurrent_model_answers_prompts_that_share_a_beginning(
+    gateway: Gateway, http: httpx.Client, tmp_path: Path
+) -> None:
+    # A Mamba model keeps a state that cannot be cut back to a shared prefix: after a prompt,
+    # another that starts the same way must be read from scratch, not fail or mix the two.
+    from tests.tiny_models import write_tiny_mamba_gguf
+
+    write_tiny_mamba_gguf(gateway.models_dir / "tiny-mamba.gguf")
+    write_model(gateway.models_dir, "tiny-mamba", "backend: llama\nmodel: tiny-mamba.gguf")
+    # keep_alive 0: a fresh process for every request, the reference.
+    fresh = "backend: llama\nmodel: tiny-mamba.gguf\nkeep_alive: 0"
+    write_model(gateway.models_dir, "tiny-mamba-fresh", fresh)
+    first, second = "the water was long and", "the water was hot and"
+
+    def complete(model: str, prompt: str) -> str:
+        body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0}
+        answer = http.post("/v1/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        return str(answer.json()["choices"][0]["text"])
+
+    expected = {p: complete("tiny-mamba-fresh", p) for p in (first, second)}
+    for prompt in (first, second, first, first, second):
+        assert complete("tiny-mamba", prompt) == expected[prompt]

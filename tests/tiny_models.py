@@ -21,19 +21,16 @@ _WORDS = (
 ).split()
 
 
-def write_tiny_llama_gguf(path: Path, *, seed: int = 0) -> Path:
-    """A llama-architecture GGUF: 64-wide, 2 blocks, SPM vocabulary, a chat template.
+def _spm_vocabulary(
+    controls: tuple[str, ...] = (),
+) -> tuple[list[str], list[int], list[float], int]:
+    """A small SentencePiece-style vocabulary: specials, the 256 byte tokens, letters and words.
+    Returns the tokens, their types, their scores and the index of the first word piece."""
+    from gguf import TokenType
 
-    Its output never favours end-of-sequence, byte or control tokens, so greedy generation
-    produces words until max_tokens.
-    """
-    from gguf import GGUFWriter, TokenType
-
-    tokens: list[str] = ["<unk>", "<s>", "</s>"]
+    tokens: list[str] = ["<unk>", "<s>", "</s>", *controls]
     types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
-    for control in ("<|system|>", "<|user|>", "<|assistant|>"):
-        tokens.append(control)
-        types.append(TokenType.CONTROL)
+    types += [TokenType.CONTROL] * len(controls)
     for byte in range(256):
         tokens.append(f"<0x{byte:02X}>")
         types.append(TokenType.BYTE)
@@ -44,6 +41,76 @@ def write_tiny_llama_gguf(path: Path, *, seed: int = 0) -> Path:
         tokens.append(piece)
         types.append(TokenType.NORMAL)
     scores = [0.0] * first_word + [float(len(p)) for p in pieces]
+    return tokens, [int(t) for t in types], scores, first_word
+
+
+def write_tiny_mamba_gguf(path: Path, *, seed: int = 0) -> Path:
+    """A Mamba GGUF (a recurrent model: its state cannot be cut back to a prefix), 64-wide,
+    2 blocks, the same vocabulary as the tiny llama, no chat template."""
+    from gguf import GGUFWriter
+
+    tokens, types, scores, first_word = _spm_vocabulary()
+    vocab = len(tokens)
+    embed, blocks, inner, state, kernel, rank = 64, 2, 128, 8, 4, 4
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int, scale: float = 0.2) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    writer = GGUFWriter(str(path), "mamba")
+    writer.add_context_length(512)
+    writer.add_embedding_length(embed)
+    writer.add_block_count(blocks)
+    writer.add_feed_forward_length(0)
+    writer.add_head_count(0)
+    writer.add_head_count_kv(0)
+    writer.add_ssm_conv_kernel(kernel)
+    writer.add_ssm_inner_size(inner)
+    writer.add_ssm_state_size(state)
+    writer.add_ssm_time_step_rank(rank)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(0)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    output = weight(vocab, embed, scale=1.0)
+    output[:first_word] = 0.0
+    output[first_word:] += 0.5 * np.abs(output[first_word:]).mean()
+    writer.add_tensor("token_embd.weight", weight(vocab, embed, scale=1.0))
+    writer.add_tensor("output_norm.weight", np.ones(embed, dtype=np.float32))
+    writer.add_tensor("output.weight", output)
+    for block in range(blocks):
+        prefix = f"blk.{block}"
+        writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(embed, dtype=np.float32))
+        writer.add_tensor(f"{prefix}.ssm_in.weight", weight(2 * inner, embed))
+        writer.add_tensor(f"{prefix}.ssm_conv1d.weight", weight(inner, kernel))
+        writer.add_tensor(f"{prefix}.ssm_conv1d.bias", weight(inner))
+        writer.add_tensor(f"{prefix}.ssm_x.weight", weight(rank + 2 * state, inner))
+        writer.add_tensor(f"{prefix}.ssm_dt.weight", weight(inner, rank))
+        writer.add_tensor(f"{prefix}.ssm_dt.bias", weight(inner))
+        writer.add_tensor(f"{prefix}.ssm_a", -np.abs(weight(inner, state, scale=1.0)) - 0.1)
+        writer.add_tensor(f"{prefix}.ssm_d", np.ones(inner, dtype=np.float32))
+        writer.add_tensor(f"{prefix}.ssm_out.weight", weight(embed, inner))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_tiny_llama_gguf(path: Path, *, seed: int = 0) -> Path:
+    """A llama-architecture GGUF: 64-wide, 2 blocks, SPM vocabulary, a chat template.
+
+    Its output never favours end-of-sequence, byte or control tokens, so greedy generation
+    produces words until max_tokens.
+    """
+    from gguf import GGUFWriter
+
+    tokens, types, scores, first_word = _spm_vocabulary(("<|system|>", "<|user|>", "<|assistant|>"))
     vocab = len(tokens)
 
     embed, blocks, heads, kv_heads, ff = 64, 2, 4, 2, 128
@@ -67,7 +134,7 @@ def write_tiny_llama_gguf(path: Path, *, seed: int = 0) -> Path:
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
-    writer.add_token_types([int(t) for t in types])
+    writer.add_token_types(types)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)

@@ -294,7 +294,14 @@ class LlamaBackend(Backend):
             if held != wanted:
                 break
             cached += 1
-        llm.n_tokens = cached  # eval() drops the rest of the cache from here
+        if cached < llm.n_tokens:
+            # Keep the shared beginning, drop the rest. A recurrent or hybrid model (Mamba,
+            # RWKV) keeps a state that cannot be cut back: it starts over.
+            recurrent = getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False)
+            if recurrent or not llm._ctx.kv_cache_seq_rm(-1, cached, -1):
+                llm.reset()
+                cached = 0
+        llm.n_tokens = cached
         for start in range(cached, len(body), llm.n_batch):
             if cancelled.is_set():
                 return False
