@@ -249,6 +249,8 @@ def ps(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     host = settings.host if settings.host not in {"0.0.0.0", "::"} else "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
     url = f"http://{host}:{settings.port}/backends"
     headers = {}
     key = os.environ.get("HEARTH_API_KEY") or next(iter(settings.api_keys), None)

@@ -104,16 +104,23 @@ class BackendsFile(msgspec.Struct, forbid_unknown_fields=True):
     backends: list[CustomBackend] = msgspec.field(default_factory=list)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SECONDS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*$")
+_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|us|µs|ns|s|m|h))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(text: str) -> float:
-    """'90', '30s', '15m', '2h' → seconds."""
-    match = _DURATION.match(str(text))
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 15m, 2h)")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    """'90', '30s', '15m', '2h', and Go's compound form that Ollama prints ('1h30m', '5m0s')
+    → seconds."""
+    raw = str(text)
+    plain = _SECONDS.match(raw)
+    if plain:
+        return float(plain.group(1))
+    compact = raw.strip().replace(" ", "")
+    if not _DURATION.match(compact):
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 15m, 2h, 1h30m)")
+    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(compact))
 
 
 def parse_keep_alive(value: str | int | float) -> float:

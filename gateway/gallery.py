@@ -362,7 +362,7 @@ def entry_footprint(entry: GalleryEntry, models_dir: Path, book: FootprintBook) 
     if is_installed(entry, models_dir):
         try:
             return book.footprint(entry.model_config())
-        except ValueError:
+        except (ValueError, OSError):
             return None
     size = entry.download_bytes()
     if size is None:

@@ -48,6 +48,15 @@ class Settings:
     #: every backend keeps the threads it loaded with, as before this existed (for comparison).
     share_cores: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("cpus", "max_loaded_models"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, not {value}")
+        if self.memory is not None and self.memory < 1:
+            raise ValueError(f"memory must be more than 0, not {self.memory}")
+        parse_keep_alive(self.keep_alive)
+
     def default_keep_alive_seconds(self) -> float:
         return parse_keep_alive(self.keep_alive)
 

@@ -163,7 +163,8 @@ def test_sizes_read_as_people_do() -> None:
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [("5m", 300.0), ("30s", 30.0), ("1h", 3600.0), (90, 90.0), (0, 0.0), ("0", 0.0),
-     (-1, math.inf), ("-1", math.inf), ("-5m", math.inf), (2.5, 2.5)],
+     (-1, math.inf), ("-1", math.inf), ("-5m", math.inf), (2.5, 2.5),
+     ("1h30m", 5400.0), ("5m0s", 300.0)],
 )  # fmt: skip
 def test_keep_alive_values(value: str | int | float, seconds: float) -> None:
     assert parse_keep_alive(value) == seconds
@@ -249,10 +250,44 @@ def test_what_was_measured_replaces_the_estimate_until_the_files_change(
     config = load_model_file(write_model(tmp_path, "m", "backend: llama\nmodel: m.gguf"), tmp_path)
     book = FootprintBook(tmp_path)
     assert book.footprint(config).source == "estimate"
-    book.record(config, 123 * MIB, 100 * MIB)
+    book.record(config, 123 * MIB)
+    book.record(config, 100 * MIB)  # a lighter run does not lower what was seen
     measured = FootprintBook(tmp_path).footprint(config)
     assert (measured.source, measured.bytes) == ("measured", 123 * MIB)
     (tmp_path / "m.gguf").write_bytes(tiny_gguf.read_bytes() + b"\0" * 64)  # a new file
     assert book.footprint(config).source == "estimate"
     book.forget("m")
     assert not (tmp_path / ".hearth").exists()
+
+
+def test_model_files_that_lie_still_get_an_estimate(tmp_path: Path) -> None:
+    import json
+    import struct
+
+    from gateway.config import load_model_file
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    header = json.dumps({"w": {"dtype": "F32", "shape": None, "data_offsets": [0, 4]}}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    config = load_model_file(
+        write_model(tmp_path, "odd", "backend: transformers\nmodel: odd\nembeddings: true"),
+        tmp_path,
+    )
+    footprint = estimate(config, tmp_path)
+    assert footprint.source == "estimate"
+    assert footprint.parts["weights"] == (folder / "model.safetensors").stat().st_size
+
+
+def test_a_gguf_nesting_arrays_without_end_is_refused(tmp_path: Path) -> None:
+    import struct
+
+    deep = tmp_path / "deep.gguf"
+    key = b"general.x"
+    value = b"".join(struct.pack("<IQ", 9, 1) for _ in range(3000))  # arrays of arrays of ...
+    deep.write_bytes(
+        b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+        + struct.pack("<I", 9) + value + b"\0" * 64
+    )  # fmt: skip
+    with pytest.raises(ModelFileError, match="too deep"):
+        read_gguf(deep)

@@ -46,6 +46,15 @@ def test_bad_settings_are_one_clear_line(tmp_path: Path) -> None:
     )
 
 
+def test_run_refuses_impossible_limits(tmp_path: Path) -> None:
+    result = hearth("run", "--models-dir", str(tmp_path), "--max-loaded-models", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: max-loaded-models must be at least 1, not 0"
+    result = hearth("run", "--models-dir", str(tmp_path), "--keep-alive", "soon")
+    assert result.returncode == 2
+    assert "not a keep_alive: 'soon'" in result.stderr
+
+
 def test_ps_shows_what_is_loaded() -> None:
     view = {
         "data": [

@@ -167,6 +167,17 @@ def test_keep_alive_per_request(tmp_path: Path, started: Any) -> None:
     assert "unloading m after 1 s idle" in gateway.log()
 
 
+def test_back_to_back_requests_with_keep_alive_0_all_succeed(tmp_path: Path, started: Any) -> None:
+    # Each request unloads the model when it ends; one arriving at that moment must get a
+    # fresh backend, never the one being stopped.
+    write_model(tmp_path, "m", "backend: echo\nmax_concurrency: 2")
+    gateway = started(tmp_path)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        codes = list(pool.map(lambda _: ask(gateway, "m", keep_alive=0).status_code, range(24)))
+    assert codes == [200] * 24
+    assert wait_until(lambda: gateway.backend_pids() == [], timeout=10)
+
+
 def test_keep_alive_defaults_to_five_minutes_and_can_be_set(tmp_path: Path, started: Any) -> None:
     write_model(tmp_path, "m", "backend: echo")
     gateway = started(tmp_path)

@@ -61,7 +61,7 @@ class Lease:
     ) -> None:
         self.instance = instance
         self.client = instance.client
-        #: The request's own keep_alive in seconds (negative: forever), if it sent one.
+        #: The request's own keep_alive in seconds (math.inf: forever), if it sent one.
         self.keep_alive = keep_alive
         self._on_release = on_release
         self._released = False

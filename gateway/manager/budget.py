@@ -22,6 +22,8 @@ RESERVE_FRACTION = 0.10
 RESERVE_MINIMUM = 512 * MIB
 #: A cgroup v1 limit at or above this means "no limit" (the kernel writes ~2^63).
 _UNLIMITED = 1 << 60
+#: The memory budget where the machine does not say what it has.
+UNLIMITED = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,13 @@ class MachineBudget:
     memory_from: str
 
     def describe(self) -> str:
+        if self.memory_bytes >= UNLIMITED:
+            memory = "no memory limit"
+        else:
+            memory = f"{format_size(self.memory_bytes)} of memory for models"
         return (
             f"machine budget: {self.cores} core(s) ({self.cores_from}); "
-            f"{format_size(self.memory_bytes)} of memory for models ({self.memory_from})"
+            f"{memory} ({self.memory_from})"
         )
 
 
@@ -191,11 +197,33 @@ class Machine:
         if memory is not None:
             memory_bytes, memory_from = memory, "HEARTH_MEMORY"
         else:
-            available, source = self.available_memory()
-            reserve = max(RESERVE_MINIMUM, int(available * RESERVE_FRACTION))
-            memory_bytes = max(0, available - reserve)
-            memory_from = f"{source} {format_size(available)} less {format_size(reserve)} reserve"
+            memory_bytes, memory_from = self._memory_for_models(0)
         return MachineBudget(cores, memory_bytes, cores_from, memory_from)
+
+    def _memory_for_models(self, held: int) -> tuple[int, str]:
+        """What is available now plus `held` (what our own backends hold), less the reserve."""
+        available, source = self.available_memory()
+        if not available:
+            return UNLIMITED, "unknown: no /proc/meminfo; set HEARTH_MEMORY"
+        available += held
+        reserve = max(RESERVE_MINIMUM, int(available * RESERVE_FRACTION))
+        text = f"{source} {format_size(available)} less {format_size(reserve)} reserve"
+        return max(0, available - reserve), text
+
+    def regrown(self, budget: MachineBudget, held: int) -> MachineBudget | None:
+        """A larger budget if more memory is available now than when `budget` was measured.
+
+        `held` is the anonymous memory of our own backends (file pages, such as mmap-ed
+        weights, already count as available). A gateway started while the machine was briefly
+        busy so does not keep a small budget for ever. None when it has not grown or was set
+        by HEARTH_MEMORY.
+        """
+        if budget.memory_from == "HEARTH_MEMORY":
+            return None
+        memory_bytes, memory_from = self._memory_for_models(held)
+        if memory_bytes <= budget.memory_bytes:
+            return None
+        return MachineBudget(budget.cores, memory_bytes, budget.cores_from, memory_from)
 
 
 def _v1_mounts(controller: str) -> list[str]:
@@ -224,12 +252,45 @@ def _stat(path: Path, key: str) -> int | None:
     return None
 
 
-def process_rss(pid: int, proc: Path = Path("/proc")) -> int:
-    """Resident memory of a process in bytes (0 once it is gone)."""
-    try:
-        for line in (proc / str(pid) / "status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+@dataclass(frozen=True)
+class Resident:
+    """Resident memory of a process and its descendants: all of it, and its anonymous part
+    (what the kernel cannot drop, unlike the pages of mapped files)."""
+
+    total: int = 0
+    anonymous: int = 0
+
+
+def resident_memory(pids: list[int], proc: Path = Path("/proc")) -> dict[int, Resident]:
+    """Resident memory of each process in `pids` with its children (a custom backend's command
+    may be a shell that starts the engine), from one pass over /proc."""
+    parents: dict[int, int] = {}
+    own: dict[int, Resident] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            pid = int(entry.name)
+            parents[pid] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            own[pid] = _status_memory(entry / "status")
+        except (OSError, ValueError, IndexError):
+            continue
+    wanted = set(pids)
+    sums = {pid: [0, 0] for pid in pids}
+    for pid, memory in own.items():
+        ancestor, hops = pid, 0
+        while ancestor not in wanted and ancestor in parents and hops < 64:
+            ancestor, hops = parents[ancestor], hops + 1
+        if ancestor in wanted:
+            sums[ancestor][0] += memory.total
+            sums[ancestor][1] += memory.anonymous
+    return {pid: Resident(total, anonymous) for pid, (total, anonymous) in sums.items()}
+
+
+def _status_memory(path: Path) -> Resident:
+    values = {}
+    for line in path.read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssShmem"):
+            values[key] = int(rest.split()[0]) * 1024
+    return Resident(values.get("VmRSS", 0), values.get("RssAnon", 0) + values.get("RssShmem", 0))

@@ -89,7 +89,19 @@ def estimate(config: ModelConfig, models_dir: Path) -> Footprint:
             parts.update(_ENGINE_PARTS.get(config.backend, _no_parts)(config, path))
     except (OSError, ModelFileError) as exc:
         log.warning("cannot read %s to estimate its memory: %s", config.name, exc)
+        parts.update(_size_only(path))
+    except Exception as exc:  # a file that lies about itself: the engine will say what is wrong
+        log.warning("cannot make sense of %s to estimate its memory: %r", config.name, exc)
+        parts.update(_size_only(path))
     return Footprint(sum(parts.values()), "estimate", parts)
+
+
+def _size_only(path: Path | None) -> dict[str, int]:
+    """The weights as the files' size, when the files cannot be read as what they claim."""
+    try:
+        return {"weights": folder_bytes(path)} if path is not None and path.exists() else {}
+    except OSError:
+        return {}
 
 
 def estimate_before_download(backend: str, config: dict[str, Any], file_bytes: int) -> Footprint:
@@ -254,15 +266,17 @@ class FootprintBook:
                 return Footprint(int(known["bytes"]), "measured")
         return estimate(config, self.models_dir)
 
-    def record(self, config: ModelConfig, measured: int, estimated: int) -> None:
-        """Keep what a load really took, for the next load of the same model and settings."""
+    def record(self, config: ModelConfig, measured: int) -> None:
+        """Keep the most a model was seen to take, for the next load of the same files and
+        settings (a run that served only short prompts does not lower it)."""
         book = self._measured()
-        book[config.name] = {
-            "fingerprint": fingerprint(config, self.models_dir),
-            "bytes": measured,
-            "estimated": estimated,
-            "measured_at": int(time.time()),
-        }
+        key = fingerprint(config, self.models_dir)
+        known = book.get(config.name)
+        if known is not None and known.get("fingerprint") == key:
+            with contextlib.suppress(TypeError, ValueError):
+                if int(known["bytes"]) >= measured:
+                    return
+        book[config.name] = {"fingerprint": key, "bytes": measured, "measured_at": int(time.time())}
         self._write(book)
 
     def forget(self, name: str) -> None:

@@ -53,6 +53,8 @@ class BackendInstance:
     footprint: Footprint = field(default_factory=lambda: Footprint(0, "unknown"))
     rss: int = 0
     rss_peak: int = 0
+    #: The part of `rss` the kernel cannot drop (not pages of mapped files).
+    rss_anonymous: int = 0
     #: Threads: the most it was loaded with, what the gateway gives it now, whether it can change.
     threads_loaded: int = 0
     threads: int = 0

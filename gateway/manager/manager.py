@@ -24,7 +24,7 @@ from gateway.client import BackendClient
 from gateway.config import BUILTIN_BACKENDS, CustomBackend, ModelConfig
 from gateway.errors import OpenAIError
 from gateway.manager.admission import Lease
-from gateway.manager.budget import Machine, MachineBudget, process_rss
+from gateway.manager.budget import Machine, MachineBudget, resident_memory
 from gateway.manager.cpu import Demand, divide
 from gateway.manager.footprint import FootprintBook
 from gateway.manager.instance import BackendInstance, State
@@ -79,10 +79,10 @@ class BackendManager:
         self.launcher = Launcher(settings)
         self.supervisor = Supervisor(on_exit=self._exited, tick=self._tick)
         self.machine = machine or Machine()
-        self.budget: MachineBudget = self.machine.budget(settings.cpus, settings.memory)
+        budget = self.machine.budget(settings.cpus, settings.memory)
         self.footprints = FootprintBook(settings.models_dir)
         self.memory = MemoryPlanner(
-            self.budget,
+            budget,
             holders=self._holders,
             evict=self._evict,
             drain=self._drain,
@@ -91,9 +91,18 @@ class BackendManager:
         )
         self._instances: dict[str, BackendInstance] = {}
         self._draining: set[BackendInstance] = set()
+        #: Taken out of service, their process not yet gone: their memory still counts.
+        self._stopping: set[BackendInstance] = set()
         self._starting: dict[str, _Start] = {}
+        #: Models asked to unload while they were starting: unloaded once their requests end.
+        self._unload_when_started: set[str] = set()
         self._failures: dict[str, _Failure] = {}
         self._closing = False
+
+    @property
+    def budget(self) -> MachineBudget:
+        """The machine's cores and memory for models (the memory may grow: see MemoryPlanner)."""
+        return self.memory.budget
 
     # Lifecycle of the manager -----------------------------------------------------------------
 
@@ -108,10 +117,10 @@ class BackendManager:
         self.supervisor.close()
         for start in list(self._starting.values()):
             start.task.cancel()
-        instances = [*self._instances.values(), *self._draining]
+        instances = [*self._instances.values(), *self._draining, *self._stopping]
         self._instances.clear()
         self._draining.clear()
-        await asyncio.gather(*(self._stop(i, None) for i in instances), return_exceptions=True)
+        await asyncio.gather(*(self.launcher.stop(i) for i in instances), return_exceptions=True)
         await self.launcher.close()
 
     # Serving requests -------------------------------------------------------------------------
@@ -195,11 +204,17 @@ class BackendManager:
         return result
 
     def preload(self, name: str) -> None:
-        """Start and load `name` in the background; a failure is logged, not raised."""
+        """Start and load `name` in the background; a failure is logged, not raised.
+
+        A preloaded model stays loaded (keep_alive -1) unless its YAML sets a keep_alive.
+        """
 
         async def load() -> None:
             try:
-                await self._ensure(self.registry.get(name))
+                config = self.registry.get(name)
+                instance = await self._ensure(config)
+                if config.keep_alive is None:
+                    instance.keep_alive = math.inf
                 log.info("preloaded %s", name)
             except OpenAIError as exc:
                 log.error("could not preload %s: %s", name, exc.message)
@@ -216,9 +231,9 @@ class BackendManager:
         self.memory.notify()
         if instance.slots.idle and not instance.dead:
             if instance.state == State.DRAINING:
-                self.supervisor.spawn(self._stop(instance, "drained"))
+                self._stop_soon(instance, "drained")
             elif instance.keep_alive == 0:
-                self.supervisor.spawn(self._stop(instance, "keep_alive 0"))
+                self._stop_soon(instance, "keep_alive 0")
         self._rebalance_soon()
 
     def default_keep_alive(self, config: ModelConfig) -> float:
@@ -250,7 +265,12 @@ class BackendManager:
         if start is None:
             start = _Start(asyncio.create_task(self._start(config)))
             self._starting[config.name] = start
-            start.task.add_done_callback(lambda _: self._starting.pop(config.name, None))
+
+            def finished(_: object, name: str = config.name, mine: _Start = start) -> None:
+                if self._starting.get(name) is mine:
+                    del self._starting[name]
+
+            start.task.add_done_callback(finished)
         start.waiters += 1
         try:
             # shield: one impatient client leaving must not abort the start the others wait on.
@@ -258,7 +278,10 @@ class BackendManager:
         finally:
             start.waiters -= 1
             if start.waiters == 0 and start.waiting_for_memory and not start.task.done():
-                # Everyone who asked has gone: stop waiting for memory for nobody.
+                # Everyone who asked has gone: stop waiting for memory for nobody. A request
+                # that arrives now starts afresh rather than joining a start being cancelled.
+                if self._starting.get(config.name) is start:
+                    del self._starting[config.name]
                 start.task.cancel()
 
     # Starting a backend -----------------------------------------------------------------------
@@ -273,8 +296,12 @@ class BackendManager:
             )
         return custom
 
-    def thread_ceiling(self, config: ModelConfig) -> int:
-        """The most threads a model computes with: its YAML `threads`, within the budget."""
+    def thread_ceiling(self, config: ModelConfig, remote: bool = False) -> int:
+        """The most threads a model computes with: its YAML `threads`, within the budget (a
+        remote backend's cores are its machine's, not ours: it gets the YAML's, or its own
+        default)."""
+        if remote:
+            return config.threads or 0
         return min(config.threads or self.budget.cores, self.budget.cores)
 
     async def _start(self, config: ModelConfig) -> BackendInstance:
@@ -289,7 +316,8 @@ class BackendManager:
     async def _plan_and_start(self, config: ModelConfig) -> BackendInstance:
         custom = self._custom(config)
         remote = custom is not None and custom.address is not None
-        footprint = self.footprints.footprint(config, remote=remote)
+        # Reading a model's header (and hashing its folder's listing) is file work: off the loop.
+        footprint = await asyncio.to_thread(self.footprints.footprint, config, remote)
         start = self._starting.get(config.name)
         if start is not None:
             start.waiting_for_memory = True
@@ -305,7 +333,7 @@ class BackendManager:
             instance.footprint = footprint
             if start is not None:
                 start.instance = instance
-            await self._load(instance, config)
+            await self._load(instance, config, remote)
         finally:
             reservation.release()
         instance.state = State.READY
@@ -314,9 +342,14 @@ class BackendManager:
         instance.keep_alive = self.default_keep_alive(config)
         self._instances[config.name] = instance
         self.supervisor.watch(instance)
+        if config.name in self._unload_when_started:
+            self._unload_when_started.discard(config.name)
+            instance.keep_alive = 0  # its waiting requests are served, then it goes
+            if start is None or start.waiters == 0:
+                self._stop_soon(instance, "on request")
         if instance.local:
-            self._measure(instance)
-            self.footprints.record(config, instance.rss_peak, footprint.bytes)
+            self._measure([instance])
+            self._record(instance)
         log.info(
             "%s ready: %d thread(s)%s, %s resident (planned %s)",
             config.name,
@@ -327,13 +360,13 @@ class BackendManager:
         )
         return instance
 
-    async def _load(self, instance: BackendInstance, config: ModelConfig) -> None:
+    async def _load(self, instance: BackendInstance, config: ModelConfig, remote: bool) -> None:
         pump = None
         if instance.process is not None:
             pump = asyncio.create_task(self.launcher.pump_output(instance))
         try:
             await self.launcher.wait_healthy(instance)
-            ceiling = self.thread_ceiling(config)
+            ceiling = self.thread_ceiling(config, remote)
             request = load_request_for(config, self.settings.models_dir, threads=ceiling)
             started = time.monotonic()
             response = await self.launcher.load(instance, request)
@@ -371,6 +404,7 @@ class BackendManager:
         instance.dead = True
         instance.state = State.STOPPED
         self._detach(instance)
+        self._stopping.discard(instance)
         # Calls still in flight fail on their own (UNAVAILABLE) and are answered as such;
         # closing the channel at once would cancel them instead.
         self.supervisor.spawn(instance.client.channel.close(grace=_CHANNEL_CLOSE_GRACE_SECONDS))
@@ -384,18 +418,31 @@ class BackendManager:
     # Memory and cores -------------------------------------------------------------------------
 
     def _holders(self) -> list[BackendInstance]:
-        """Backends that hold memory: loaded, and draining."""
+        """Backends that hold memory: loaded, draining, and stopping."""
+        return [*self._instances.values(), *self._draining, *self._stopping]
+
+    def _serving(self) -> list[BackendInstance]:
+        """Backends that may still have requests: loaded, and draining."""
         return [*self._instances.values(), *self._draining]
 
-    def _measure(self, instance: BackendInstance) -> None:
-        if instance.pid is not None:
-            instance.rss = process_rss(instance.pid)
+    def _measure(self, instances: list[BackendInstance]) -> None:
+        """Resident memory of each backend's process (and its children), and its peak."""
+        local = [i for i in instances if i.pid is not None]
+        if not local:
+            return
+        measured = resident_memory([i.pid for i in local if i.pid is not None])
+        for instance in local:
+            assert instance.pid is not None
+            memory = measured.get(instance.pid)
+            if memory is None or not memory.total:
+                continue
+            instance.rss, instance.rss_anonymous = memory.total, memory.anonymous
             instance.rss_peak = max(instance.rss_peak, instance.rss)
 
     def _record(self, instance: BackendInstance) -> None:
         """Keep what a backend was seen to use, for the next load of its model."""
         if instance.local and instance.rss_peak and instance.state != State.STARTING:
-            self.footprints.record(instance.config, instance.rss_peak, instance.footprint.bytes)
+            self.footprints.record(instance.config, instance.rss_peak)
 
     async def _evict(self, instance: BackendInstance, why: str) -> None:
         await self._stop(instance, why)
@@ -410,7 +457,7 @@ class BackendManager:
             del self._instances[instance.config.name]
         self._draining.add(instance)
         if instance.slots.idle:
-            self.supervisor.spawn(self._stop(instance, "drained"))
+            self._stop_soon(instance, "drained")
 
     async def _rebalance(self, newcomer: BackendInstance | None = None) -> None:
         """Divide the cores among the local backends computing now, and tell those whose share
@@ -420,7 +467,7 @@ class BackendManager:
         sent in the background."""
         if not self.settings.share_cores:
             return
-        computing = [i for i in self._holders() if i.local and i.busy and not i.dead]
+        computing = [i for i in self._serving() if i.local and i.busy and not i.dead]
         demands = [Demand(i.threads_loaded or 1, i.adjustable_threads) for i in computing]
         waits = []
         for instance, share in zip(computing, divide(self.budget.cores, demands), strict=True):
@@ -434,7 +481,8 @@ class BackendManager:
             else:
                 self.supervisor.spawn(self._push_threads(instance))
         if waits:
-            await asyncio.gather(*waits)
+            # Shielded: a client leaving meanwhile must not leave a share half told.
+            await asyncio.shield(asyncio.gather(*waits))
 
     def _rebalance_soon(self) -> None:
         """Give the cores of a backend that went idle to the others, unless a new request
@@ -460,84 +508,110 @@ class BackendManager:
 
     # Stopping ---------------------------------------------------------------------------------
 
-    async def unload(self, name: str, drain: bool = False) -> bool:
+    async def unload(self, name: str, drain: bool = False) -> str:
         """Unload `name`: at once, or (drain) once its requests in flight have ended.
 
-        False if it was not loaded.
+        Returns what became of it: "unloaded", "draining" (its requests end first), or
+        "not_loaded".
         """
         instance = self._instances.get(name)
         if instance is None:
-            draining = [i for i in self._draining if i.config.name == name]
-            if not draining:
-                return False
-            instance = draining[0]
+            draining = [i for i in self._draining if i.config.name == name and not i.dead]
+            if draining:
+                return "draining"
+            if name in self._starting:
+                # Unloaded once loaded and its waiting requests are served.
+                self._unload_when_started.add(name)
+                return "draining"
+            return "not_loaded"
         if drain and not instance.slots.idle:
             self._drain(instance, "on request")
-            return True
+            return "draining"
         await self._stop(instance, "on request")
-        return True
+        return "unloaded"
 
-    def is_draining(self, name: str) -> bool:
-        return any(i.config.name == name and not i.dead for i in self._draining)
-
-    async def _stop(self, instance: BackendInstance, why: str | None) -> None:
+    def _retire(self, instance: BackendInstance, why: str | None) -> bool:
+        """Take `instance` out of service now (no request can take it after this returns); its
+        memory counts until its process is gone. False if it already was."""
         if instance.dead:
-            return
+            return False
         if why is not None:
             log.info("unloading %s %s", instance.config.name, why)
-        self._measure(instance)
+        self._measure([instance])
         self._record(instance)
         self._detach(instance)
-        await self.launcher.stop(instance)
-        self.memory.notify()
+        instance.dead = True
+        instance.state = State.STOPPED
+        self._stopping.add(instance)
+        return True
+
+    async def _stop(self, instance: BackendInstance, why: str | None) -> None:
+        if not self._retire(instance, why):
+            return
+        await self._end(instance)
+
+    def _stop_soon(self, instance: BackendInstance, why: str) -> None:
+        """Retire at once (so no request can take it), end the process in the background."""
+        if self._retire(instance, why):
+            self.supervisor.spawn(self._end(instance))
+
+    async def _end(self, instance: BackendInstance) -> None:
+        try:
+            await self.launcher.stop(instance)
+        finally:
+            self._stopping.discard(instance)
+            self.memory.notify()
 
     async def _tick(self) -> None:
         """Measure every backend; end those idle past their keep_alive or drained; and if
         backends grew past the budget, unload idle ones, least recently used first."""
         now = time.monotonic()
-        for instance in self._holders():
-            self._measure(instance)
-        for instance in list(self._holders()):
+        self._measure(self._serving())
+        for instance in self._serving():
             if instance.dead:
                 continue
             if instance.state == State.DRAINING and instance.slots.idle:
-                await self._stop(instance, "drained")
+                self._stop_soon(instance, "drained")
             elif instance.expired(now):
-                await self._stop(instance, f"after {instance.keep_alive:g} s idle")
+                self._stop_soon(instance, f"after {instance.keep_alive:g} s idle")
         excess = self.memory.over_budget()
-        if excess:
-            idle = sorted(
-                (i for i in self._holders() if i.local and i.slots.idle and not i.dead),
-                key=lambda i: i.last_used,
+        while excess:
+            idle = [i for i in self._serving() if i.local and i.slots.idle and not i.dead]
+            if not idle:
+                break
+            victim = min(idle, key=lambda i: i.last_used)
+            await self._stop(
+                victim, f"because loaded models grew {format_size(excess)} past the budget"
             )
-            for instance in idle:
-                if self.memory.over_budget() == 0:
-                    break
-                await self._stop(
-                    instance, f"because loaded models grew {format_size(excess)} past the budget"
-                )
+            excess = self.memory.over_budget()
 
     # What GET /backends shows -----------------------------------------------------------------
 
     def view(self) -> dict[str, Any]:
         """Every backend: state, pid, threads, memory, requests, times, last error."""
         now_wall, now = time.time(), time.monotonic()
-        rows = [self._row(i, now_wall, now) for i in self._holders()]
+        rows = [self._row(i, now_wall, now) for i in self._serving()]
+        shown = {row["model"] for row in rows}
         for name, start in self._starting.items():
+            if name in shown or start.task.done():
+                continue
             instance = start.instance
             if instance is not None and not instance.dead:
                 rows.append(self._row(instance, now_wall, now))
             else:
-                rows.append({"model": name, "state": "queued for memory", "pid": None})
-        shown = {row["model"] for row in rows}
+                config = self.registry.catalog().models.get(name)
+                state = "queued for memory" if start.waiting_for_memory else "starting"
+                rows.append(self._placeholder(name, config, state))
+            shown.add(name)
         for name, failure in list(self._failures.items()):
             if now_wall - failure.at > _FAILURE_MEMORY_SECONDS:
                 del self._failures[name]
             elif name not in shown:
-                rows.append({"model": name, "state": "failed", "last_error": failure.message})
+                config = self.registry.catalog().models.get(name)
+                rows.append(self._placeholder(name, config, "failed"))
         for row in rows:
             last = self._failures.get(row["model"])
-            row.setdefault("last_error", last.message if last else None)
+            row["last_error"] = last.message if last else None
         budget = self.budget
         return {
             "object": "list",
@@ -550,6 +624,25 @@ class BackendManager:
                 "memory_used_bytes": self.memory.used(),
                 "max_loaded_models": self.settings.max_loaded_models,
             },
+        }
+
+    @staticmethod
+    def _placeholder(name: str, config: ModelConfig | None, state: str) -> dict[str, Any]:
+        """A model with no backend process to show (yet, or any more)."""
+        return {
+            "model": name,
+            "backend": config.backend if config else None,
+            "state": state,
+            "pid": None,
+            "threads": None,
+            "threads_max": None,
+            "adjustable_threads": False,
+            "memory": None,
+            "requests": {"in_flight": 0, "queued": 0},
+            "loaded_at": None,
+            "last_used_at": None,
+            "keep_alive_seconds": None,
+            "expires_at": None,
         }
 
     def _row(self, instance: BackendInstance, now_wall: float, now: float) -> dict[str, Any]:

@@ -27,9 +27,8 @@ log = logging.getLogger("hearth.manager")
 class Reservation:
     """Memory held for a load in progress, until the loaded backend accounts for itself."""
 
-    def __init__(self, planner: MemoryPlanner, model: str, footprint: Footprint) -> None:
+    def __init__(self, planner: MemoryPlanner, footprint: Footprint) -> None:
         self.planner = planner
-        self.model = model
         self.bytes = footprint.bytes if footprint.source != "remote" else 0
 
     def release(self) -> None:
@@ -64,8 +63,18 @@ class MemoryPlanner:
         self._changed.set()
 
     def used(self) -> int:
-        """Bytes held by loaded backends and loads in progress."""
+        """Bytes held by loaded backends (stopping ones too) and loads in progress."""
         return sum(h.memory for h in self._holders()) + sum(r.bytes for r in self._reservations)
+
+    def _regrow(self) -> None:
+        """Take a larger budget if the machine has more available now than at start."""
+        if self._machine is None:
+            return
+        held = sum(h.rss_anonymous for h in self._holders() if h.local)
+        grown = self._machine.regrown(self.budget, held)
+        if grown is not None:
+            log.info("more memory is available than at start: %s", grown.describe())
+            self.budget = grown
 
     def refusal(self, model: str, footprint: Footprint) -> OpenAIError | None:
         """The error for a model that can never fit this machine's budget, or None."""
@@ -87,26 +96,32 @@ class MemoryPlanner:
 
     async def reserve(self, model: str, footprint: Footprint, timeout: float) -> Reservation:
         """Room for `model`: at once, after unloading idle backends, or after busy ones drain."""
+        need = 0 if footprint.source == "remote" else footprint.bytes
+        if need + self.used() > self.budget.memory_bytes:
+            self._regrow()
         refused = self.refusal(model, footprint)
         if refused is not None:
             raise refused
-        need = 0 if footprint.source == "remote" else footprint.bytes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         async with self._lock:
             while True:
                 self._changed.clear()
-                holders = [h for h in self._holders() if h.alive]
+                holders = self._holders()  # stopping ones count until their process is gone
                 used = sum(h.memory for h in holders) + sum(r.bytes for r in self._reservations)
                 count = len(holders) + len(self._reservations)
                 over_count = self.max_loaded is not None and count >= self.max_loaded
-                short = used + need > self.budget.memory_bytes
-                if not short and not over_count and not self._short_now(need, holders):
-                    reservation = Reservation(self, model, footprint)
+                short = need > 0 and used + need > self.budget.memory_bytes
+                live_short = not short and self._short_now(need)
+                if not short and not over_count and not live_short:
+                    reservation = Reservation(self, footprint)
                     self._reservations.add(reservation)
                     return reservation
                 why = "the model count limit" if over_count and not short else "memory"
-                idle = [h for h in holders if h.slots.idle and h.state != State.STARTING]
+                # Only what frees memory here helps a shortage of memory: local backends.
+                memory_short = short or live_short
+                candidates = [h for h in holders if h.alive and (h.local or not memory_short)]
+                idle = [h for h in candidates if h.slots.idle and h.state == State.READY]
                 if idle:
                     victim = min(idle, key=lambda h: h.last_used)
                     await self._evict(victim, f"to make room for {model} ({why})")
@@ -115,28 +130,36 @@ class MemoryPlanner:
                     # Only the machine's live free memory is short, and nothing is idle: the
                     # budget says it fits, so load (other programs may give memory back).
                     log.warning("loading %s although the machine's free memory is low", model)
-                    reservation = Reservation(self, model, footprint)
+                    reservation = Reservation(self, footprint)
                     self._reservations.add(reservation)
                     return reservation
-                if not any(h.state == State.DRAINING for h in holders):
-                    busy = [h for h in holders if h.state == State.READY]
+                if not any(h.state == State.DRAINING for h in candidates):
+                    busy = [h for h in candidates if h.state == State.READY]
                     if busy:
                         victim = min(busy, key=lambda h: h.last_used)
                         self._drain(victim, f"to make room for {model} ({why})")
                 remaining = deadline - loop.time()
                 if remaining <= 0:
+                    if why == "memory":
+                        detail = (
+                            f"needs {format_size(need)} of memory and waited {timeout:g} s for "
+                            f"busy models to finish ({format_size(used)} of "
+                            f"{format_size(self.budget.memory_bytes)} in use)"
+                        )
+                    else:
+                        detail = (
+                            f"waited {timeout:g} s for one of the {count} loaded models to "
+                            f"finish (HEARTH_MAX_LOADED_MODELS={self.max_loaded})"
+                        )
                     raise OpenAIError(
                         503,
-                        f"model '{model}' needs {format_size(need)} of memory and waited "
-                        f"{timeout:g} s for busy models to finish "
-                        f"({format_size(used)} of {format_size(self.budget.memory_bytes)} "
-                        "in use); retry shortly",
+                        f"model '{model}' {detail}; retry shortly",
                         code="insufficient_memory",
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)
 
-    def _short_now(self, need: int, holders: list[BackendInstance]) -> bool:
+    def _short_now(self, need: int) -> bool:
         """The machine itself has less free memory than `need` (other programs grew)."""
         if self._machine is None or need == 0:
             return False

@@ -30,6 +30,7 @@ _GGUF_SCALARS = {
     12: ("<d", 8),
 }
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MAX_NESTING = 4
 
 
 class ModelFileError(ValueError):
@@ -76,22 +77,28 @@ class _Reader:
     def skip_string(self) -> None:
         length = self.take("<Q", 8)
         self.at += length
+        if self.at > len(self.data):
+            raise ModelFileError("the GGUF header ends early")
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, depth: int = 0) -> Any:
         if kind in _GGUF_SCALARS:
             return self.take(*_GGUF_SCALARS[kind])
         if kind == _GGUF_STRING:
             return self.string()
         if kind == _GGUF_ARRAY:
+            if depth >= _GGUF_MAX_NESTING:
+                raise ModelFileError("the GGUF header nests arrays too deep")
             item_kind, count = self.take("<I", 4), self.take("<Q", 8)
             if item_kind in _GGUF_SCALARS:
                 self.at += _GGUF_SCALARS[item_kind][1] * count
+                if self.at > len(self.data):
+                    raise ModelFileError("the GGUF header ends early")
             elif item_kind == _GGUF_STRING:
                 for _ in range(count):
                     self.skip_string()
             else:
                 for _ in range(count):
-                    self.value(item_kind)
+                    self.value(item_kind, depth + 1)
             return count  # an array is known by its length here (the vocabulary's size)
         raise ModelFileError(f"unknown GGUF value type {kind}")
 
@@ -119,7 +126,9 @@ def read_gguf(path: Path) -> GGUFHeader:
                 reader.skip_string()
                 dims = reader.take("<I", 4)
                 reader.at += 8 * dims + 4 + 8  # shape, type, offset
-            alignment = int(header.metadata.get("general.alignment", 32)) or 32
+            alignment = header.metadata.get("general.alignment", 32)
+            if not isinstance(alignment, int) or not 1 <= alignment <= 1 << 20:
+                raise ModelFileError(f"{path.name}: general.alignment {alignment!r} is not valid")
             start = -(-reader.at // alignment) * alignment
             header.tensor_bytes = max(0, size - start)
     return header
@@ -137,7 +146,6 @@ class SafetensorsSummary:
 
     parameters: int = 0
     bytes: int = 0
-    files: int = 0
 
 
 def read_safetensors(folder: Path) -> SafetensorsSummary:
@@ -156,15 +164,21 @@ def read_safetensors(folder: Path) -> SafetensorsSummary:
                 header = json.loads(handle.read(length))
             except ValueError:
                 raise ModelFileError(f"{path.name} has no JSON header") from None
+        if not isinstance(header, dict):
+            raise ModelFileError(f"{path.name}: the header is not a JSON object")
         for name, tensor in header.items():
             if name == "__metadata__" or not isinstance(tensor, dict):
                 continue
+            shape = tensor.get("shape")
+            if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+            ):
+                raise ModelFileError(f"{path.name}: tensor {name!r} has no valid shape")
             count = 1
-            for dim in tensor.get("shape", []):
-                count *= int(dim)
+            for dim in shape:
+                count *= dim
             summary.parameters += count
             summary.bytes += count * _SAFETENSORS_DTYPE_BYTES.get(str(tensor.get("dtype")), 4)
-        summary.files += 1
     return summary
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -64,10 +63,3 @@ class Supervisor:
                 raise
             except Exception:  # a bug of ours must not end supervision
                 log.exception("supervisor tick failed")
-
-    async def drain(self) -> None:
-        """Wait briefly for background work (channel closes) to end."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                asyncio.gather(*list(self._background), return_exceptions=True), 1.0
-            )

@@ -27,8 +27,5 @@ class BackendsController(Controller):
             raise OpenAIError(404, "Not found: this server has no such route.")
         if name not in manager.loaded():
             manager.registry.get(name)  # an unknown model is a 404
-        stopped = await manager.unload(name, drain=True)
-        state = "not_loaded"
-        if stopped:
-            state = "draining" if manager.is_draining(name) else "unloaded"
+        state = await manager.unload(name, drain=True)
         return {"object": "backend.unload", "model": name, "state": state}

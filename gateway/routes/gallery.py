@@ -38,9 +38,9 @@ class GalleryController(Controller):
         """The gallery, and whether each model is installed and fits this machine's memory."""
         index = _index(installer)
         budget = manager.budget.memory_bytes
-        return {
-            "object": "list",
-            "data": [
+
+        def describe() -> list[dict[str, Any]]:  # reads model headers: off the event loop
+            return [
                 {
                     "id": entry.name,
                     "description": entry.description,
@@ -53,7 +53,11 @@ class GalleryController(Controller):
                     **fit(entry_footprint(entry, installer.models_dir, manager.footprints), budget),
                 }
                 for entry in index.entries
-            ],
+            ]
+
+        return {
+            "object": "list",
+            "data": await asyncio.to_thread(describe),
             "budget": {"memory_bytes": budget, "memory_from": manager.budget.memory_from},
         }
 
