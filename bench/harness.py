@@ -3,6 +3,7 @@ from hard links (symlinks out of a models dir are refused), and the gallery's en
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -103,6 +104,19 @@ def gateway(models: Path, env: dict[str, str] | None = None) -> Iterator[tuple[h
     finally:
         process.terminate()
         process.wait(30)
+
+
+def chat_pieces(http: httpx.Client, body: dict[str, object]) -> Iterator[str]:
+    """Stream a chat completion; yield each piece of content as it arrives."""
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choices = json.loads(line[6:])["choices"]
+            content = choices[0]["delta"].get("content") if choices else None
+            if content:
+                yield content
 
 
 def interleaved(rounds: int, modes: tuple[str, str]) -> Iterator[str]:

@@ -13,7 +13,6 @@ Tokens are counted the same way for both: the streamed text, re-tokenized by the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import ROOT, gateway, installed, interleaved, link, scratch_models
+from harness import ROOT, chat_pieces, gateway, installed, interleaved, link, scratch_models
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
 MODEL = "smollm2-135m-instruct"
@@ -75,17 +74,10 @@ def through_hearth(http: httpx.Client, max_tokens: int, count: Any) -> Run:
     started = time.perf_counter()
     first = last = 0.0
     pieces = []
-    with http.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            choices = json.loads(line[6:])["choices"]
-            content = choices[0]["delta"].get("content") if choices else None
-            if content:
-                last = time.perf_counter()
-                first = first or last
-                pieces.append(content)
+    for content in chat_pieces(http, body):
+        last = time.perf_counter()
+        first = first or last
+        pieces.append(content)
     return Run(first - started, count("".join(pieces)), last - first)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,34 @@ def _spm_vocabulary(
     return tokens, [int(t) for t in types], scores, first_word
 
 
+def _add_vocabulary(writer: Any, tokens: list[str], types: list[int], scores: list[float]) -> None:
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+
+def _add_word_head(writer: Any, weight: Any, vocab: int, embed: int, first_word: int) -> None:
+    """Embeddings and an output layer that never prefers </s>, bytes or control tokens over
+    words, so that greedy generation produces words until max_tokens."""
+    output = weight(vocab, embed, scale=1.0)
+    output[:first_word] = 0.0
+    output[first_word:] += 0.5 * np.abs(output[first_word:]).mean()
+    writer.add_tensor("token_embd.weight", weight(vocab, embed, scale=1.0))
+    writer.add_tensor("output_norm.weight", np.ones(embed, dtype=np.float32))
+    writer.add_tensor("output.weight", output)
+
+
+def _finish(writer: Any) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_tiny_mamba_gguf(path: Path, *, seed: int = 0) -> Path:
     """A Mamba GGUF (a recurrent model: its state cannot be cut back to a prefix), 64-wide,
     2 blocks, the same vocabulary as the tiny llama, no chat template."""
@@ -70,19 +99,8 @@ def write_tiny_mamba_gguf(path: Path, *, seed: int = 0) -> Path:
     writer.add_ssm_time_step_rank(rank)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(0)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    output = weight(vocab, embed, scale=1.0)
-    output[:first_word] = 0.0
-    output[first_word:] += 0.5 * np.abs(output[first_word:]).mean()
-    writer.add_tensor("token_embd.weight", weight(vocab, embed, scale=1.0))
-    writer.add_tensor("output_norm.weight", np.ones(embed, dtype=np.float32))
-    writer.add_tensor("output.weight", output)
+    _add_vocabulary(writer, tokens, types, scores)
+    _add_word_head(writer, weight, vocab, embed, first_word)
     for block in range(blocks):
         prefix = f"blk.{block}"
         writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(embed, dtype=np.float32))
@@ -95,10 +113,7 @@ def write_tiny_mamba_gguf(path: Path, *, seed: int = 0) -> Path:
         writer.add_tensor(f"{prefix}.ssm_a", -np.abs(weight(inner, state, scale=1.0)) - 0.1)
         writer.add_tensor(f"{prefix}.ssm_d", np.ones(inner, dtype=np.float32))
         writer.add_tensor(f"{prefix}.ssm_out.weight", weight(embed, inner))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     return path
 
 
@@ -131,22 +146,11 @@ def write_tiny_llama_gguf(path: Path, *, seed: int = 0) -> Path:
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(0)  # all F32
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    _add_vocabulary(writer, tokens, types, scores)
     writer.add_add_bos_token(True)
     writer.add_chat_template(TINY_CHAT_TEMPLATE)
 
-    output = weight(vocab, embed, scale=1.0)
-    output[:first_word] = 0.0  # never prefer </s>, bytes or control tokens...
-    output[first_word:] += 0.5 * np.abs(output[first_word:]).mean()  # ...over words
-    writer.add_tensor("token_embd.weight", weight(vocab, embed, scale=1.0))
-    writer.add_tensor("output_norm.weight", np.ones(embed, dtype=np.float32))
-    writer.add_tensor("output.weight", output)
+    _add_word_head(writer, weight, vocab, embed, first_word)
     for block in range(blocks):
         prefix = f"blk.{block}"
         writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(embed, dtype=np.float32))
@@ -158,10 +162,7 @@ def write_tiny_llama_gguf(path: Path, *, seed: int = 0) -> Path:
         writer.add_tensor(f"{prefix}.ffn_gate.weight", weight(ff, embed))
         writer.add_tensor(f"{prefix}.ffn_up.weight", weight(ff, embed))
         writer.add_tensor(f"{prefix}.ffn_down.weight", weight(embed, ff))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     return path
 
 

@@ -118,6 +118,10 @@ class BackendManager:
         for start in list(self._starting.values()):
             start.task.cancel()
         instances = [*self._instances.values(), *self._draining, *self._stopping]
+        self._measure(instances)
+        for instance in instances:
+            if not instance.dead:
+                self._record(instance)  # what it took, for the next run's first load
         self._instances.clear()
         self._draining.clear()
         await asyncio.gather(*(self.launcher.stop(i) for i in instances), return_exceptions=True)
