@@ -273,9 +273,7 @@ def test_two_llama_models_computing_at_once_each_take_half_the_cores(real_models
         log = gateway.log()
         # Each engine computed with one thread while the other ran.
         for name in ("left", "right"):
-            assert (
-                f"hearth.backend.{name}: DEBUG hearth.backend.llama: computing with 1 thread" in log
-            )
+            assert f"hearth.backend.{name}: DEBUG hearth.backend: computing with 1 thread" in log
     finally:
         gateway.cleanup()
 

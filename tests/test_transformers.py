@@ -205,3 +205,35 @@ def test_streamed_pieces_add_up_to_the_whole_decode(tiny_hf: Path, real_models: 
             decoder = _IncrementalText(tokenizer)
             streamed = "".join(decoder.push(token) for token in ids) + decoder.flush()
             assert streamed == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_model_computing_beside_another_takes_its_share_of_the_cores(
+    tiny_hf: Path, tmp_path: Path
+) -> None:
+    import concurrent.futures
+
+    from tests.conftest import link_tree
+
+    link_tree(tiny_hf, tmp_path / "tiny-hf")
+    write_model(tmp_path, "tiny-hf", "backend: transformers\nmodel: tiny-hf\nthreads: 2")
+    write_model(tmp_path, "busy", "backend: echo\noptions: {latency_ms: 100}")
+    gateway = Gateway(tmp_path, env={"HEARTH_CPUS": "2", "HEARTH_LOG_LEVEL": "debug"}).start()
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=60) as http:
+            # Alone, torch computes with both cores.
+            body = {"model": "tiny-hf", "messages": MESSAGES, "max_tokens": 8}
+            assert http.post("/v1/chat/completions", json=body).status_code == 200
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                words = " ".join(["w"] * 40)
+                busy = pool.submit(
+                    http.post, "/v1/completions", json={"model": "busy", "prompt": words}
+                )
+                assert wait_until(lambda: "starting echo backend for busy" in gateway.log())
+                time.sleep(1.0)  # loaded and streaming
+                assert http.post("/v1/chat/completions", json=body).status_code == 200
+                assert busy.result().status_code == 200
+        log = gateway.log()
+        # Beside the busy model, torch was told one thread, on the thread that generates.
+        assert "hearth.backend.tiny-hf: DEBUG hearth.backend: computing with 1 thread" in log
+    finally:
+        gateway.cleanup()

@@ -41,7 +41,6 @@ class DiffusersBackend(Backend):
     adjustable_threads = True  # torch.set_num_threads between denoising steps
 
     def __init__(self) -> None:
-        self.follow_threads: Any = lambda: None
         self.pipeline: Any = None
         self.steps = 25
         self.guidance_scale: float | None = None
@@ -67,7 +66,6 @@ class DiffusersBackend(Backend):
         if request.threads:
             torch.set_num_threads(request.threads)
         self.threads.loaded = torch.get_num_threads()
-        self.follow_threads = self.threads.follow(torch.set_num_threads)
         loader: Any = diffusers.AutoPipelineForText2Image
         if options.get("pipeline"):
             loader = getattr(diffusers, str(options["pipeline"]), None)
@@ -113,6 +111,11 @@ class DiffusersBackend(Backend):
             self.steps,
         )
         return pb.LoadResponse()
+
+    def apply_threads(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     def unload(self) -> None:
         self.pipeline = None

@@ -59,9 +59,6 @@ class EchoBackend(Backend):
         self.options: dict[str, Any] = {}
         self.vocabulary: dict[int, str] = {}  # ids seen by tokenize, for detokenize
         self.held = b""
-        # Echo computes nothing, but applies its share between words like a real engine, so
-        # that the gateway's hand-over of cores is exercised as it is with llama.cpp.
-        self.follow_threads = self.threads.follow(lambda threads: None)
 
     def load(self, request: pb.LoadRequest) -> pb.LoadResponse:
         self.options = json_format.MessageToDict(request.options)
@@ -94,6 +91,8 @@ class EchoBackend(Backend):
         text = StopText(list(sampling.stop))
         sent = 0
         for index, word in enumerate(words):
+            # Echo computes nothing, but takes its share between words like a real engine, so
+            # the gateway's hand-over of cores is exercised as it is with llama.cpp.
             self.follow_threads()
             self._misbehave(index)
             if cancelled.wait(latency) if latency else cancelled.is_set():

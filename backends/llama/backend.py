@@ -81,7 +81,6 @@ class LlamaBackend(Backend):
         self.embeddings = False
         self.lock = threading.Lock()
         self.eog: frozenset[int] = frozenset()
-        self.follow_threads = self.threads.follow(self._set_threads)
 
     # Lifecycle --------------------------------------------------------------------------------
 
@@ -150,11 +149,10 @@ class LlamaBackend(Backend):
         self.llm.eval([bos if bos >= 0 else 0])
         self.llm.reset()
 
-    def _set_threads(self, threads: int) -> None:
+    def apply_threads(self, threads: int) -> None:
         import llama_cpp
 
         llama_cpp.llama_set_n_threads(self.llm.ctx, threads, threads)
-        log.debug("computing with %d thread(s)", threads)
 
     def _token_text(self, token: int) -> str:
         if token < 0:

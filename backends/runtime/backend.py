@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 
@@ -10,6 +11,8 @@ import grpc
 from backends.runtime.errors import BackendError
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Capability, Reason
+
+log = logging.getLogger("hearth.backend")
 
 # The method a subclass overrides to offer each capability.
 _CAPABILITY_METHODS = {
@@ -30,9 +33,9 @@ class ThreadShare:
     """How many threads the engine should compute with now.
 
     The gateway changes it (SetThreads) as other models start and stop computing; the event loop
-    sets it, and engine code calls the function `follow()` returns between steps (a token, a
-    chunk of prompt, a forward pass), which applies a change. The runtime counts the engine
-    calls in progress, so that SetThreads can answer once the change is in effect.
+    sets it, and engine code calls `Backend.follow_threads()` between steps (a token, a batch of
+    prompt, a forward pass), which applies a change. The runtime counts the engine calls in
+    progress, so that SetThreads can answer once the change is in effect.
     """
 
     def __init__(self) -> None:
@@ -43,6 +46,8 @@ class ThreadShare:
         self._wanted = 0
         self._version = 0
         self._applied_version = 0
+        # What each computing thread last applied: OpenMP's setting is per thread.
+        self._seen = threading.local()
 
     def set(self, threads: int) -> int:
         """Ask for `threads` (at least 1, at most `loaded`); return what will be in effect."""
@@ -61,20 +66,14 @@ class ThreadShare:
         """The last `set` has been applied by the engine, or nothing is computing."""
         return self.busy == 0 or self._applied_version >= self._version
 
-    def follow(self, apply: Callable[[int], object]) -> Callable[[], None]:
-        """A function to call between steps: it calls `apply(n)` when the share changed since
-        it last did (each computing thread keeps its own, as OpenMP's setting is per thread)."""
-        seen = threading.local()
-
-        def check() -> None:
-            version = self._version
-            wanted = self.current()
-            if wanted and getattr(seen, "threads", 0) != wanted:
-                apply(wanted)
-                seen.threads = wanted
-            self._applied_version = max(self._applied_version, version)
-
-        return check
+    def follow(self, apply: Callable[[int], object]) -> None:
+        """Call `apply(n)` if the share changed since this thread last applied it."""
+        version = self._version
+        wanted = self.current()
+        if wanted and getattr(self._seen, "threads", 0) != wanted:
+            apply(wanted)
+            self._seen.threads = wanted
+        self._applied_version = max(self._applied_version, version)
 
 
 class Backend:
@@ -90,8 +89,8 @@ class Backend:
     #: Threads engine calls run on. One (the default) serialises calls, streams included, on a
     #: thread that never changes; raise it only for an engine that serves calls in parallel.
     engine_threads = 1
-    #: The engine can change its thread count while loaded: it reads `self.threads.current()`
-    #: between steps and applies a change. Set `self.threads.loaded` in `load`.
+    #: The engine can change its thread count while loaded: it calls `follow_threads()` between
+    #: steps and implements `apply_threads`. Set `self.threads.loaded` in `load`.
     adjustable_threads = False
 
     @property
@@ -101,6 +100,17 @@ class Backend:
         if share is None:
             share = self.__dict__["_thread_share"] = ThreadShare()
         return share
+
+    def follow_threads(self) -> None:
+        """Between two steps of engine work: apply the thread count the gateway gave last."""
+        self.threads.follow(self._apply_threads)
+
+    def _apply_threads(self, threads: int) -> None:
+        self.apply_threads(threads)
+        log.debug("computing with %d thread(s)", threads)
+
+    def apply_threads(self, threads: int) -> None:
+        """Make the engine compute with `threads` from now on, on the calling thread."""
 
     def load(self, request: pb.LoadRequest) -> pb.LoadResponse:
         """Load the model the request names; raise BackendError if it cannot be loaded."""

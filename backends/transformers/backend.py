@@ -124,7 +124,6 @@ class TransformersBackend(Backend):
         self.max_length = 512
         self.context = 2048
         self.lock = threading.Lock()
-        self.follow_threads: Any = lambda: None
         # generate() always runs on this one thread (torch keeps per-thread state), while the
         # stream thread decodes what it produces.
         self.generator = ThreadPoolExecutor(1, thread_name_prefix="generate")
@@ -159,7 +158,6 @@ class TransformersBackend(Backend):
         if request.threads:
             torch.set_num_threads(request.threads)
         self.threads.loaded = torch.get_num_threads()
-        self.follow_threads = self.threads.follow(torch.set_num_threads)
         if request.HasField("seed"):
             torch.manual_seed(request.seed)
         common = {"local_files_only": True, "trust_remote_code": trust}
@@ -208,6 +206,11 @@ class TransformersBackend(Backend):
         if isinstance(options.get("max_length"), (int, float)):
             limits = [int(options["max_length"])]
         self.max_length = min(limits)
+
+    def apply_threads(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     def unload(self) -> None:
         with self.lock:
