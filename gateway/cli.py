@@ -15,15 +15,11 @@ from gateway.settings import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from gateway.config import parse_keep_alive
     from gateway.units import parse_size
 
     preload = getattr(args, "preload", None)
     memory = getattr(args, "memory", None)
-    keep_alive = getattr(args, "keep_alive", None)
     try:
-        if keep_alive is not None:
-            parse_keep_alive(keep_alive)
         return Settings.from_env(
             host=getattr(args, "host", None),
             port=getattr(args, "port", None),
@@ -34,7 +30,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             cpus=getattr(args, "cpus", None),
             memory=parse_size(memory) if memory is not None else None,
             max_loaded_models=getattr(args, "max_loaded_models", None),
-            keep_alive=keep_alive,
+            keep_alive=getattr(args, "keep_alive", None),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

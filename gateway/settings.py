@@ -55,7 +55,7 @@ class Settings:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, not {value}")
         if self.memory is not None and self.memory < 1:
             raise ValueError(f"memory must be more than 0, not {self.memory}")
-        parse_keep_alive(self.keep_alive)
+        parse_keep_alive(self.keep_alive)  # refuse a bad value at start, not at the first unload
 
     def default_keep_alive_seconds(self) -> float:
         return parse_keep_alive(self.keep_alive)
@@ -79,15 +79,9 @@ class Settings:
 
 def _parse(name: str, raw: str) -> Any:
     if name in {"port", "max_upload_bytes", "cpus", "max_loaded_models"}:
-        value = int(raw)
-        if name != "port" and value < 1:
-            raise ValueError("must be at least 1")
-        return value
+        return int(raw)  # ranges are Settings.__post_init__'s to check, for flags too
     if name == "memory":
         return parse_size(raw)
-    if name == "keep_alive":
-        parse_keep_alive(raw)  # refuse a bad value at start, not at the first unload
-        return raw
     if name == "share_cores":
         if raw.strip().lower() not in {"0", "1", "true", "false", "on", "off", "yes", "no"}:
             raise ValueError("use 1 or 0")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import ModelConfig, resolve_model_path
-from gateway.manager.modelfiles import ModelFileError, folder_bytes, read_gguf, read_safetensors
+from gateway.manager.modelfiles import folder_bytes, read_gguf, read_safetensors
 from gateway.units import MIB, format_size
 
 log = logging.getLogger("hearth.manager")
@@ -87,11 +87,8 @@ def estimate(config: ModelConfig, models_dir: Path) -> Footprint:
     try:
         if path is not None and path.exists():
             parts.update(_ENGINE_PARTS.get(config.backend, _no_parts)(config, path))
-    except (OSError, ModelFileError) as exc:
+    except Exception as exc:  # unreadable, or lying about itself: the engine will say what
         log.warning("cannot read %s to estimate its memory: %s", config.name, exc)
-        parts.update(_size_only(path))
-    except Exception as exc:  # a file that lies about itself: the engine will say what is wrong
-        log.warning("cannot make sense of %s to estimate its memory: %r", config.name, exc)
         parts.update(_size_only(path))
     return Footprint(sum(parts.values()), "estimate", parts)
 

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,7 +67,6 @@ class _Start:
 class _Failure:
     at: float
     message: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class BackendManager:
@@ -84,7 +83,7 @@ class BackendManager:
         self.memory = MemoryPlanner(
             budget,
             holders=self._holders,
-            evict=self._evict,
+            evict=self._stop,
             drain=self._drain,
             max_loaded=settings.max_loaded_models,
             machine=None if settings.memory is not None else self.machine,
@@ -403,11 +402,8 @@ class BackendManager:
         self._forget(instance)
 
     def _forget(self, instance: BackendInstance) -> None:
-        if not instance.dead:
-            self._record(instance)
-        instance.dead = True
-        instance.state = State.STOPPED
-        self._detach(instance)
+        """A backend that is gone (its process exited, or a remote one lost its model)."""
+        self._retire(instance, None)
         self._stopping.discard(instance)
         # Calls still in flight fail on their own (UNAVAILABLE) and are answered as such;
         # closing the channel at once would cancel them instead.
@@ -447,9 +443,6 @@ class BackendManager:
         """Keep what a backend was seen to use, for the next load of its model."""
         if instance.local and instance.rss_peak and instance.state != State.STARTING:
             self.footprints.record(instance.config, instance.rss_peak)
-
-    async def _evict(self, instance: BackendInstance, why: str) -> None:
-        await self._stop(instance, why)
 
     def _drain(self, instance: BackendInstance, why: str) -> None:
         """Let `instance` finish what it has, take nothing new, then stop."""
@@ -492,6 +485,11 @@ class BackendManager:
         """Give the cores of a backend that went idle to the others, unless a new request
         arrives first: back-to-back requests (a client embedding batch after batch) should not
         make the other models' thread counts flap."""
+        if not any(
+            i.busy and i.adjustable_threads and i.threads_applied < i.threads_loaded
+            for i in self._serving()
+        ):
+            return  # nobody computing is short of cores: nothing to give (most requests)
 
         async def later() -> None:
             await asyncio.sleep(_REBALANCE_DELAY_SECONDS)
