@@ -26,38 +26,16 @@ import httpx
 from harness import ROOT, gateway, installed, link, scratch_models
 from transcribe import SCRIPT
 
+from gateway.manager.budget import process_memory, resident_memory
 from gateway.units import parse_size
 
 MODELS = ("smollm2-135m-instruct", "all-minilm-l6-v2", "whisper-base")
 MIB = 1024 * 1024
 
 
-def children_rss(parent: int) -> int:
-    """Resident bytes of every process whose parent is `parent` (the backends)."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) != parent:
-                continue
-            for line in (entry / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
-
-
-def own_rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+def backends_rss(gateway: int) -> int:
+    """Resident bytes of every process the gateway started (its descendants)."""
+    return resident_memory([gateway])[gateway].total - process_memory(gateway).total
 
 
 class Sampler:
@@ -72,8 +50,8 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
-            self.peak = max(self.peak, children_rss(self.parent))
-            self.gateway_peak = max(self.gateway_peak, own_rss(self.parent))
+            self.peak = max(self.peak, backends_rss(self.parent))
+            self.gateway_peak = max(self.gateway_peak, process_memory(self.parent).total)
 
     def __enter__(self) -> Sampler:
         self._thread.start()

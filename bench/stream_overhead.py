@@ -23,6 +23,8 @@ from typing import Any
 import httpx
 from harness import ROOT, chat_pieces, gateway, installed, interleaved, link, scratch_models
 
+from gateway.manager.budget import process_memory
+
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
 MODEL = "smollm2-135m-instruct"
 
@@ -39,10 +41,7 @@ class Run:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return process_memory(pid).total / (1024 * 1024)
 
 
 def in_process(llm: Any, max_tokens: int, count: Any) -> Run:

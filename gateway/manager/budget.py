@@ -287,6 +287,14 @@ def resident_memory(pids: list[int], proc: Path = Path("/proc")) -> dict[int, Re
     return {pid: Resident(total, anonymous) for pid, (total, anonymous) in sums.items()}
 
 
+def process_memory(pid: int, proc: Path = Path("/proc")) -> Resident:
+    """Resident memory of one process (nothing, once it is gone)."""
+    try:
+        return _status_memory(proc / str(pid) / "status")
+    except (OSError, ValueError, IndexError):
+        return Resident()
+
+
 def _status_memory(path: Path) -> Resident:
     values = {}
     for line in path.read_text().splitlines():
