@@ -277,21 +277,21 @@ class LlamaBackend(Backend):
         )
 
     def _prefill(self, prompt: list[int], cancelled: threading.Event) -> bool:
-        """Read all of the prompt but its last token, a batch at a time, reusing what the
-        context already holds of it (the same conversation, one turn later).
+        """Read the prompt a batch at a time, reusing what the context already holds of it (the
+        same conversation, one turn later).
 
         `Llama.generate` would read it in one call; in batches, a cancelled call stops between
         two, and a new thread share applies between two, not only after the whole prompt.
-        Generation then finds the prompt cached and reads only the last token. False if
-        cancelled.
+        Generation then finds the whole prompt read and samples at once. False if cancelled.
         """
         llm = self.llm
-        body = prompt[:-1]
         cached = 0
-        for held, wanted in zip(llm._input_ids.tolist(), body, strict=False):
+        for held, wanted in zip(llm._input_ids.tolist(), prompt, strict=False):
             if held != wanted:
                 break
             cached += 1
+        # The last token is always read again: the logits to sample from must be its own.
+        cached = min(cached, len(prompt) - 1)
         if cached < llm.n_tokens:
             # Keep the shared beginning, drop the rest. A recurrent or hybrid model (Mamba,
             # RWKV) keeps a state that cannot be cut back: it starts over.
@@ -300,12 +300,11 @@ class LlamaBackend(Backend):
                 llm.reset()
                 cached = 0
         llm.n_tokens = cached
-        for start in range(cached, len(body), llm.n_batch):
+        for start in range(cached, len(prompt), llm.n_batch):
             if cancelled.is_set():
                 return False
             self.follow_threads()
-            llm.eval(body[start : start + llm.n_batch])
-        self.follow_threads()
+            llm.eval(prompt[start : start + llm.n_batch])
         return True
 
     def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
