@@ -48,11 +48,62 @@ class Settings:
     #: every backend keeps the threads it loaded with, as before this existed (for comparison).
     share_cores: bool = True
 
+    # Staying up: bounds on what one request can make the server do (each a 400/413 past it).
+    #: Largest JSON request body, in bytes.
+    max_body_bytes: int = 10 * 1024 * 1024
+    #: Deepest nesting of arrays and objects in a JSON body.
+    max_json_depth: int = 64
+    #: Longest audio accepted for transcription, in seconds of decoded sound.
+    max_audio_seconds: float = 3600.0
+    #: Most stop sequences in one request, and the longest one (characters).
+    max_stop_sequences: int = 16
+    max_stop_length: int = 1000
+    #: Most embedding inputs in one request, and the most tokens in one input.
+    max_embedding_inputs: int = 2048
+    max_embedding_input_tokens: int = 8192
+    #: Most images in one request (n), the largest side in pixels, the most steps, and the most
+    #: work in one request: n x width x height x steps, in megapixel-steps (2^20 pixels).
+    max_images: int = 10
+    max_image_side: int = 2048
+    max_image_steps: int = 150
+    max_image_work: int = 500
+    #: Longest text for /v1/tokenize, in characters.
+    max_tokenize_chars: int = 1_000_000
+
+    # Staying up: connections and shutdown.
+    #: Seconds a client has to send a request's headers, and then each part of its body.
+    read_timeout: float = 30.0
+    #: Seconds an idle keep-alive connection stays open between requests.
+    idle_timeout: float = 5.0
+    #: Seconds in-flight requests get to finish after SIGTERM before backends are stopped.
+    shutdown_grace: float = 20.0
+
     def __post_init__(self) -> None:
         for name in ("cpus", "max_loaded_models"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, not {value}")
+        for name in (
+            "max_body_bytes",
+            "max_json_depth",
+            "max_stop_sequences",
+            "max_stop_length",
+            "max_embedding_inputs",
+            "max_embedding_input_tokens",
+            "max_images",
+            "max_image_side",
+            "max_image_steps",
+            "max_image_work",
+            "max_tokenize_chars",
+            "max_upload_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1")
+        for name in ("max_audio_seconds", "read_timeout", "idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.replace('_', '-')} must be more than 0")
+        if self.shutdown_grace < 0:
+            raise ValueError("shutdown-grace must be 0 or more")
         if self.memory is not None and self.memory < 1:
             raise ValueError(f"memory must be more than 0, not {self.memory}")
         parse_keep_alive(self.keep_alive)  # refuse a bad value at start, not at the first unload
@@ -77,16 +128,47 @@ class Settings:
         return replace(settings, models_dir=Path(settings.models_dir))
 
 
+_INTS = frozenset(
+    {
+        "port",
+        "cpus",
+        "max_loaded_models",
+        "max_json_depth",
+        "max_stop_sequences",
+        "max_stop_length",
+        "max_embedding_inputs",
+        "max_embedding_input_tokens",
+        "max_images",
+        "max_image_side",
+        "max_image_steps",
+        "max_image_work",
+        "max_tokenize_chars",
+    }
+)
+_FLOATS = frozenset(
+    {
+        "backend_start_timeout",
+        "load_timeout",
+        "request_timeout",
+        "image_ttl",
+        "max_audio_seconds",
+        "read_timeout",
+        "idle_timeout",
+        "shutdown_grace",
+    }
+)
+
+
 def _parse(name: str, raw: str) -> Any:
-    if name in {"port", "max_upload_bytes", "cpus", "max_loaded_models"}:
-        return int(raw)  # ranges are Settings.__post_init__'s to check, for flags too
-    if name == "memory":
+    if name in {"memory", "max_body_bytes", "max_upload_bytes"}:
         return parse_size(raw)
+    if name in _INTS:
+        return int(raw)  # ranges are Settings.__post_init__'s to check, for flags too
     if name == "share_cores":
         if raw.strip().lower() not in {"0", "1", "true", "false", "on", "off", "yes", "no"}:
             raise ValueError("use 1 or 0")
         return raw.strip().lower() in {"1", "true", "on", "yes"}
-    if name in {"backend_start_timeout", "load_timeout", "request_timeout", "image_ttl"}:
+    if name in _FLOATS:
         return float(raw)
     if name in {"models_dir", "runtime_dir"}:
         return Path(raw)

@@ -293,12 +293,14 @@ class EmbedInput(_message.Message):
     def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("inputs", "dimensions")
+    __slots__ = ("inputs", "dimensions", "max_input_tokens")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[EmbedInput]
     dimensions: int
-    def __init__(self, inputs: _Optional[_Iterable[_Union[EmbedInput, _Mapping]]] = ..., dimensions: _Optional[int] = ...) -> None: ...
+    max_input_tokens: int
+    def __init__(self, inputs: _Optional[_Iterable[_Union[EmbedInput, _Mapping]]] = ..., dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
@@ -315,7 +317,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class TranscribeRequest(_message.Message):
-    __slots__ = ("audio", "filename", "task", "language", "prompt", "temperature", "word_timestamps")
+    __slots__ = ("audio", "filename", "task", "language", "prompt", "temperature", "word_timestamps", "max_audio_seconds")
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -323,6 +325,7 @@ class TranscribeRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     WORD_TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
     audio: bytes
     filename: str
     task: TranscriptionTask
@@ -330,7 +333,8 @@ class TranscribeRequest(_message.Message):
     prompt: str
     temperature: float
     word_timestamps: bool
-    def __init__(self, audio: _Optional[bytes] = ..., filename: _Optional[str] = ..., task: _Optional[_Union[TranscriptionTask, str]] = ..., language: _Optional[str] = ..., prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., word_timestamps: _Optional[bool] = ...) -> None: ...
+    max_audio_seconds: float
+    def __init__(self, audio: _Optional[bytes] = ..., filename: _Optional[str] = ..., task: _Optional[_Union[TranscriptionTask, str]] = ..., language: _Optional[str] = ..., prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., word_timestamps: _Optional[bool] = ..., max_audio_seconds: _Optional[float] = ...) -> None: ...
 
 class TranscriptionSegment(_message.Message):
     __slots__ = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob")

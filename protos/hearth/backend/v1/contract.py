@@ -43,3 +43,9 @@ class Reason(enum.StrEnum):
     INTERNAL = "internal"
     #: The prompt and the requested tokens do not fit the context window.
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    #: The decoded audio is longer than the request's max_audio_seconds.
+    AUDIO_TOO_LONG = "audio_too_long"
+    #: An embedding input has more tokens than the request's max_input_tokens.
+    INPUT_TOO_LONG = "input_too_long"
+    #: A response_format / tool schema would make a grammar too large for the engine.
+    SCHEMA_TOO_COMPLEX = "schema_too_complex"
