@@ -2,6 +2,8 @@
 
 Decoded with msgspec into typed structs; unknown keys and wrong types are rejected with the
 file and the field named. Model file paths are relative to the models dir and never escape it.
+Files are parsed by `gateway.safe_yaml`: one too large, or whose aliases expand it too far, is
+reported like any other broken file.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
-import yaml
 
+from gateway.safe_yaml import MODEL_FILE_LIMITS, YAMLLimits, YAMLLoadError, load_yaml
 from gateway.units import parse_size
 
 log = logging.getLogger("hearth.config")
@@ -24,7 +26,10 @@ BUILTIN_BACKENDS = frozenset({"llama", "transformers", "whisper", "diffusers", "
 BACKENDS_FILE_NAMES = frozenset({"backends.yaml", "backends.yml"})
 
 _Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
-_Positive = Annotated[int, msgspec.Meta(ge=1)]
+# Numbers that travel to backends in the contract's 32- and 64-bit fields: a YAML value past
+# them is the file's error at load, not a failure of every request.
+_Positive = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+_Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class ConfigError(Exception):
@@ -36,13 +41,13 @@ class Parameters(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True)
 
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
     min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     max_tokens: _Positive | None = None
     repeat_penalty: Annotated[float, msgspec.Meta(ge=0)] | None = None
     presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
-    seed: int | None = None
+    seed: _Seed | None = None
     stop: list[str] | None = None
 
 
@@ -58,7 +63,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     threads: _Positive | None = None
     batch_size: _Positive | None = None
     mmap: bool | None = None
-    seed: int | None = None
+    seed: _Seed | None = None
     #: The model serves embeddings (and not text generation).
     embeddings: bool = False
     #: A Jinja chat template that replaces the model's own.
@@ -143,13 +148,11 @@ def parse_keep_alive(value: str | int | float) -> float:
     return math.inf if seconds < 0 else seconds
 
 
-def _read_yaml(path: Path) -> Any:
+def _read_yaml(path: Path, limits: YAMLLimits = MODEL_FILE_LIMITS) -> Any:
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+        return load_yaml(path, limits=limits)
+    except YAMLLoadError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _convert(data: Any, kind: type[Any], path: Path) -> Any:

@@ -33,6 +33,7 @@ import yaml
 
 from gateway.config import ConfigError, ModelConfig, _convert, _read_yaml, resolve_model_path
 from gateway.manager.footprint import Footprint, FootprintBook, estimate_before_download
+from gateway.safe_yaml import GALLERY_INDEX_LIMITS
 
 log = logging.getLogger("hearth.gallery")
 
@@ -136,7 +137,7 @@ class GalleryIndex(msgspec.Struct, forbid_unknown_fields=True):
 
 def load_gallery(path: Path = DEFAULT_INDEX) -> GalleryIndex:
     """Decode a gallery index; ConfigError names the file and the field."""
-    data = _read_yaml(path)
+    data = _read_yaml(path, GALLERY_INDEX_LIMITS)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with `entries`")
     index: GalleryIndex = _convert(data, GalleryIndex, path)
@@ -523,6 +524,10 @@ class Installer:
 
     def index(self) -> GalleryIndex:
         return load_gallery(self.index_path)
+
+    async def load_index(self) -> GalleryIndex:
+        """`index`, read and checked in a worker thread: for the event loop."""
+        return await asyncio.to_thread(load_gallery, self.index_path)
 
     def apply(self, entry: GalleryEntry) -> InstallJob:
         """Start installing `entry`, or return the job already installing it."""

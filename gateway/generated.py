@@ -55,6 +55,24 @@ class GeneratedImages:
             return None
         return path
 
+    def read_bytes(self, name: str) -> bytes | None:
+        """The PNG named `name`, or None if the name is malformed, unknown or expired."""
+        path = self.find(name)
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError:  # swept between the look and the read
+            return None
+
+    async def store(self, png: bytes) -> str:
+        """`save`, in a worker thread: for the event loop."""
+        return await asyncio.to_thread(self.save, png)
+
+    async def read(self, name: str) -> bytes | None:
+        """`read_bytes`, in a worker thread: for the event loop."""
+        return await asyncio.to_thread(self.read_bytes, name)
+
     def sweep(self) -> int:
         """Delete expired files; return how many."""
         removed = 0

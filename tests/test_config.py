@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
 
 from gateway.config import (
+    Catalog,
     ConfigError,
     load_catalog,
     load_model_file,
     parse_duration,
     resolve_model_path,
 )
+from gateway.errors import OpenAIError
+from gateway.manager.registry import ModelRegistry
 
 
 def write(directory: Path, name: str, text: str) -> Path:
@@ -125,3 +129,34 @@ def test_custom_backends_are_registered(tmp_path: Path) -> None:
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+async def test_the_registry_picks_up_a_new_model_file_on_the_next_request(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path)
+    write(tmp_path, "first.yaml", "name: first\nbackend: echo\n")
+    assert (await registry.resolve("first")).backend == "echo"
+    with pytest.raises(OpenAIError) as caught:
+        await registry.resolve("second")
+    assert caught.value.status == 404
+    write(tmp_path, "second.yaml", "name: second\nbackend: echo\n")
+    assert (await registry.resolve("second")).name == "second"
+    assert sorted((await registry.current()).models) == ["first", "second"]
+
+
+async def test_callers_at_the_same_time_share_one_read_of_the_models_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[Path] = []
+
+    def counted(models_dir: Path) -> Catalog:
+        reads.append(models_dir)
+        return load_catalog(models_dir)
+
+    monkeypatch.setattr("gateway.manager.registry.load_catalog", counted)
+    write(tmp_path, "m.yaml", "name: m\nbackend: echo\n")
+    registry = ModelRegistry(tmp_path)
+    catalogs = await asyncio.gather(*(registry.current() for _ in range(5)))
+    assert len(reads) == 1
+    assert all(c is catalogs[0] for c in catalogs)
+    await registry.current()  # nothing changed: nothing read again
+    assert len(reads) == 1

@@ -10,13 +10,17 @@ with the same settings is planned with what was measured, not with the formula.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,8 @@ from gateway.manager.modelfiles import folder_bytes, read_gguf, read_safetensors
 from gateway.units import MIB, format_size
 
 log = logging.getLogger("hearth.manager")
+#: One read-modify-write of a footprints.json at a time, whichever book or thread does it.
+_BOOK_LOCK = threading.Lock()
 
 #: Resident memory of a backend process with its engine imported and no model (measured on
 #: x86-64 Linux with Python 3.11: interpreter, grpc, protobuf, and the engine's libraries).
@@ -235,12 +241,15 @@ class FootprintBook:
 
     What was measured is kept in `<models dir>/.hearth/footprints.json`, read afresh at each use
     (it is small, and read only when a model loads or stops), so that the CLI and the gateway
-    see the same book.
+    see the same book. Changes asked for on an event loop (the manager records as a backend
+    stops) are made by the book's writer thread, in order; elsewhere, before returning.
     """
 
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = models_dir
         self.path = models_dir / ".hearth" / "footprints.json"
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
 
     def _measured(self) -> dict[str, dict[str, Any]]:
         try:
@@ -257,6 +266,7 @@ class FootprintBook:
         declared = config.memory_bytes()
         if declared is not None:
             return Footprint(declared, "declared")
+        self._settle()
         known = self._measured().get(config.name)
         if known is not None and known.get("fingerprint") == fingerprint(config, self.models_dir):
             with contextlib.suppress(TypeError, ValueError):
@@ -266,6 +276,42 @@ class FootprintBook:
     def record(self, config: ModelConfig, measured: int) -> None:
         """Keep the most a model was seen to take, for the next load of the same files and
         settings (a run that served only short prompts does not lower it)."""
+        self._change(lambda: self._record(config, measured))
+
+    def forget(self, name: str) -> None:
+        """Drop a removed model's record (and the book itself once it is empty)."""
+        self._change(lambda: self._forget(name))
+
+    def _change(self, change: Callable[[], None]) -> None:
+        """Run `change` now, or, on an event loop, hand it to the writer thread."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            with _BOOK_LOCK:
+                change()
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="hearth-footprints")
+        self._pending = self._writer.submit(self._locked, change)
+        self._pending.add_done_callback(_log_failure)
+
+    @staticmethod
+    def _locked(change: Callable[[], None]) -> None:
+        with _BOOK_LOCK:
+            change()
+
+    def _settle(self) -> None:
+        """Off the event loop, wait for the writer thread's changes (one thread, in order: the
+        last one done means all are)."""
+        pending = self._pending
+        if pending is None:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pending.exception()  # waits; a failure was logged by _log_failure
+
+    def _record(self, config: ModelConfig, measured: int) -> None:
         book = self._measured()
         key = fingerprint(config, self.models_dir)
         known = book.get(config.name)
@@ -276,8 +322,7 @@ class FootprintBook:
         book[config.name] = {"fingerprint": key, "bytes": measured, "measured_at": int(time.time())}
         self._write(book)
 
-    def forget(self, name: str) -> None:
-        """Drop a removed model's record (and the book itself once it is empty)."""
+    def _forget(self, name: str) -> None:
         book = self._measured()
         if book.pop(name, None) is not None:
             self._write(book)
@@ -300,3 +345,9 @@ class FootprintBook:
                 raise
         except OSError as exc:  # a read-only models dir: measurements are not kept
             log.debug("cannot record footprints in %s: %s", self.path, exc)
+
+
+def _log_failure(done: Future[None]) -> None:
+    exc = None if done.cancelled() else done.exception()
+    if exc is not None:
+        log.error("could not update the footprint book", exc_info=exc)
