@@ -6,13 +6,14 @@ import io
 import re
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway
+from tests.conftest import Gateway, link_tree, write_model
 
 FOX = "The quick brown fox jumps over the lazy dog"
 
@@ -253,3 +254,141 @@ def test_a_chat_model_cannot_transcribe(http: httpx.Client, fox_wav: bytes) -> N
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "model_not_supported"
+
+
+# Audio longer than the server's limit (HEARTH_MAX_AUDIO_SECONDS) -------------------------------
+
+LIMIT_SECONDS = 30
+#: What the backend's memory may rise by on a refused upload: the limit's worth of samples
+#: (30 s is under 3 MB) and the decoder's buffers, far below what decoding it all would take.
+REFUSED_GROWTH_BYTES = 64 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def sox() -> str:
+    path = shutil.which("sox")
+    if path is None:
+        pytest.skip("sox is not installed")
+    return path
+
+
+def padded(sox: str, wav: bytes, seconds: float, directory: Path) -> bytes:
+    """`wav` with silence after it, to `seconds` in all, as FLAC."""
+    (directory / "in.wav").write_bytes(wav)
+    out = directory / f"padded-{seconds}.flac"
+    subprocess.run(
+        [sox, str(directory / "in.wav"), str(out), "pad", "0", "100", "trim", "0", str(seconds)],
+        check=True,
+    )
+    return out.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def short_limit(
+    tmp_path_factory: pytest.TempPathFactory, real_models: Path, fox_wav: bytes
+) -> Iterator[Gateway]:
+    """A gateway serving whisper-base that accepts 30 s of audio, the model loaded."""
+    models = tmp_path_factory.mktemp("short-limit")
+    link_tree(real_models / "whisper-base", models / "whisper-base")
+    write_model(models, "whisper-base", "backend: whisper\nmodel: whisper-base")
+    running = Gateway(models, env={"HEARTH_MAX_AUDIO_SECONDS": str(LIMIT_SECONDS)}).start()
+    try:
+        post_audio(running, "fox.wav", fox_wav).raise_for_status()
+        yield running
+    finally:
+        running.cleanup()
+
+
+def post_audio(gateway: Gateway, name: str, audio: bytes) -> httpx.Response:
+    return httpx.post(
+        f"{gateway.url}/v1/audio/transcriptions",
+        files={"file": (name, audio)},
+        data={"model": "whisper-base"},
+        timeout=120,
+    )
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def peak_growth(gateway: Gateway, send: Callable[[], httpx.Response]) -> tuple[httpx.Response, int]:
+    """`send()`'s response, and how many bytes the backend's peak memory rose meanwhile."""
+    (pid,) = gateway.backend_pids()
+    before = _status_kib(pid, "VmRSS")
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak (VmHWM) starts again from now
+    response = send()
+    return response, (_status_kib(pid, "VmHWM") - before) * 1024
+
+
+def assert_too_long(response: httpx.Response) -> None:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "audio_too_long"
+    assert error["param"] == "file"
+    assert f"{LIMIT_SECONDS} seconds" in error["message"]
+    assert "HEARTH_MAX_AUDIO_SECONDS" in error["message"]
+
+
+@pytest.mark.real_model
+def test_audio_under_the_limit_transcribes(
+    short_limit: Gateway, sox: str, fox_wav: bytes, tmp_path: Path
+) -> None:
+    response = post_audio(
+        short_limit, "fox.flac", padded(sox, fox_wav, LIMIT_SECONDS - 1, tmp_path)
+    )
+    assert response.status_code == 200, response.text
+    assert "quick brown fox" in response.json()["text"].lower()
+
+
+@pytest.mark.real_model
+def test_audio_just_past_the_limit_is_refused(
+    short_limit: Gateway, sox: str, fox_wav: bytes, tmp_path: Path
+) -> None:
+    audio = padded(sox, fox_wav, LIMIT_SECONDS + 1, tmp_path)
+    response, growth = peak_growth(short_limit, lambda: post_audio(short_limit, "fox.flac", audio))
+    assert_too_long(response)
+    assert growth < REFUSED_GROWTH_BYTES, f"the backend grew by {growth / 2**20:.0f} MiB"
+    again = post_audio(short_limit, "fox.wav", fox_wav)  # the backend lives on
+    assert again.status_code == 200, again.text
+
+
+@pytest.mark.real_model
+def test_hours_of_compressed_silence_are_refused_cheaply(
+    short_limit: Gateway, sox: str, tmp_path: Path
+) -> None:
+    # Two hours in a few hundred KB: faster_whisper.decode_audio takes over a GB to decode it.
+    path = tmp_path / "silence.flac"
+    subprocess.run([sox, "-n", "-r", "8000", "-c", "1", str(path), "trim", "0", "7200"], check=True)
+    audio = path.read_bytes()
+    assert len(audio) < 1024 * 1024
+    response, growth = peak_growth(
+        short_limit, lambda: post_audio(short_limit, "quiet.flac", audio)
+    )
+    assert_too_long(response)
+    assert growth < REFUSED_GROWTH_BYTES, f"the backend grew by {growth / 2**20:.0f} MiB"
+
+
+def test_decoder_matches_faster_whisper(sox: str, fox_wav: bytes, tmp_path: Path) -> None:
+    import numpy as np
+    from faster_whisper import decode_audio
+
+    from backends.runtime import BackendError
+    from backends.whisper.backend import decode
+
+    (tmp_path / "fox.wav").write_bytes(fox_wav)
+    subprocess.run(
+        [sox, str(tmp_path / "fox.wav"), "-r", "48000", "-c", "2", str(tmp_path / "fox.ogg")],
+        check=True,
+    )
+    for audio in (fox_wav, (tmp_path / "fox.ogg").read_bytes()):  # 22.05 kHz mono, 48 kHz stereo
+        expected = decode_audio(io.BytesIO(audio), sampling_rate=16000)
+        np.testing.assert_array_equal(decode(audio), expected)
+        seconds = len(expected) / 16000
+        np.testing.assert_array_equal(decode(audio, max_seconds=seconds), expected)
+        with pytest.raises(BackendError) as refused:
+            decode(audio, max_seconds=seconds - 0.5)
+        assert refused.value.reason == "audio_too_long"

@@ -12,8 +12,10 @@ import logging
 import os
 import threading
 import wave
+from collections.abc import Generator, Iterator
+from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import json_format
@@ -22,33 +24,102 @@ from backends.runtime import Backend, BackendError, Capability, invalid
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Reason
 
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
 log = logging.getLogger("hearth.backend.whisper")
 
 # Models are local directories: never reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SAMPLE_RATE = 16000
+#: Source samples resampled at once: large enough to keep the resampler's per-call cost small,
+#: small enough that decoding stops within a few seconds of the limit.
+_GROUP_SAMPLES = 65536
 _COMPUTE_TYPES = ("int8", "int8_float32", "float32", "float16", "int8_float16", "default")
 
 
-def decode(audio: bytes) -> Any:
-    """The upload as 16 kHz mono float32 samples; anything PyAV cannot read is invalid_audio."""
+def decode(audio: bytes, max_seconds: float = 0.0) -> npt.NDArray[np.float32]:
+    """The upload as 16 kHz mono float32 samples, the same as faster_whisper.decode_audio's.
+
+    Decoded a group of frames at a time and stopped once past `max_seconds` (0: no limit) with
+    audio_too_long, so memory is bounded by the limit, not by how well the upload compresses
+    (25 MB of Opus silence is hours of audio, tens of GB as samples). Anything PyAV cannot read
+    is invalid_audio.
+    """
     import av
-    from faster_whisper import decode_audio
+    import numpy as np
 
     if not audio:
         raise invalid("invalid_audio", "the audio file is empty", param="file")
+    most = round(max_seconds * SAMPLE_RATE) if max_seconds > 0 else None
+    # Kept as s16 until the end: half the bytes of float32.
+    chunks: list[npt.NDArray[np.int16]] = []
+    count = 0
     try:
-        samples = decode_audio(io.BytesIO(audio), sampling_rate=SAMPLE_RATE)
+        with closing(_resampled(audio)) as groups:
+            for chunk in groups:
+                chunks.append(chunk)
+                count += len(chunk)
+                if most is not None and count > most:
+                    chunks.clear()  # a traceback keeps this frame's locals alive
+                    raise invalid(
+                        Reason.AUDIO_TOO_LONG,
+                        f"the audio is longer than this server's limit of {max_seconds:g} "
+                        "seconds (the server setting HEARTH_MAX_AUDIO_SECONDS raises it)",
+                        param="file",
+                    )
     except (av.error.FFmpegError, ValueError, IndexError, StopIteration) as exc:
         raise invalid(
             "invalid_audio",
             f"cannot decode the audio (send wav, mp3, flac, ogg, m4a or webm): {exc}",
             param="file",
         ) from None
-    if len(samples) == 0:
+    if count == 0:
         raise invalid("invalid_audio", "the file holds no audio samples", param="file")
+    samples = np.empty(count, dtype=np.float32)
+    end = count
+    while chunks:  # last chunk first, each freed once copied: the peak is not both copies
+        chunk = chunks.pop()
+        # Exactly faster-whisper's astype(float32) / 32768: a power of two.
+        np.multiply(chunk, np.float32(1 / 32768), out=samples[end - len(chunk) : end])
+        end -= len(chunk)
     return samples
+
+
+def _resampled(audio: bytes) -> Generator[npt.NDArray[np.int16], None, None]:
+    """The first audio stream as 16 kHz mono s16, in chunks of one resampled group each.
+
+    faster-whisper's steps (frames grouped in a FIFO without their timestamps, then resampled;
+    the resampler flushed at the end), in smaller groups so that the limit is checked often.
+    """
+    import av
+    import numpy as np
+
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    fifo = av.AudioFifo()
+
+    def resample(group: av.AudioFrame | None) -> Iterator[npt.NDArray[np.int16]]:
+        for out in resampler.resample(group):
+            yield out.to_ndarray().reshape(-1).astype(np.int16, copy=False)
+
+    with av.open(io.BytesIO(audio), mode="r", metadata_errors="ignore") as container:
+        frames = container.decode(audio=0)
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                break
+            except av.error.InvalidDataError:
+                break  # corrupt data ends the audio, as in faster-whisper
+            frame.pts = None
+            fifo.write(frame)
+            if fifo.samples >= _GROUP_SAMPLES:
+                yield from resample(fifo.read())
+    if fifo.samples:
+        yield from resample(fifo.read())
+    yield from resample(None)  # flush the resampler
 
 
 class WhisperBackend(Backend):
@@ -146,7 +217,7 @@ class WhisperBackend(Backend):
                 f"'{language}' is not a language this model knows (use ISO-639-1, e.g. 'en')",
                 param="language",
             )
-        samples = decode(request.audio)
+        samples = decode(request.audio, request.max_audio_seconds)
         # OpenAI: 0 (or unset) lets the model raise the temperature when decoding fails.
         temperature: Any = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if self.fallback else 0.0
         if request.HasField("temperature") and request.temperature > 0:

@@ -35,8 +35,9 @@ def transcribe_request(
     temperature: str | None,
     response_format: str,
     granularities: list[str],
+    max_audio_seconds: float,
 ) -> pb.TranscribeRequest:
-    """Checked form fields as the backend's request."""
+    """Checked form fields as the backend's request; the backend refuses audio past the limit."""
     if response_format not in RESPONSE_FORMATS:
         raise invalid_request(
             f"response_format must be one of {', '.join(RESPONSE_FORMATS)}",
@@ -60,6 +61,7 @@ def transcribe_request(
         language=(language or "").strip().lower(),
         prompt=prompt or "",
         word_timestamps="word" in granularities,
+        max_audio_seconds=max_audio_seconds,
     )
     if temperature not in (None, ""):
         try:
