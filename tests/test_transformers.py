@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.settings import Settings
 from tests.conftest import Gateway, wait_until, write_model
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
@@ -146,6 +147,19 @@ def test_long_inputs_are_truncated_or_refused(
     strict = http.post("/v1/embeddings", json={"model": "all-minilm-strict", "input": [long_text]})
     assert strict.status_code == 400
     assert strict.json()["error"]["code"] == "input_too_long"
+
+
+def test_an_input_past_the_servers_token_bound_is_refused_not_truncated(
+    client: openai.OpenAI, http: httpx.Client
+) -> None:
+    most = Settings().max_embedding_input_tokens
+    body = {"model": "all-minilm-l6-v2", "input": ["short", "word " * (most + 10)]}
+    response = http.post("/v1/embeddings", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("input_too_long", "input")
+    assert f"at most {most}" in error["message"]
+    assert len(embed(client, ["still serving"])[0]) == 384
 
 
 @pytest.mark.parametrize(

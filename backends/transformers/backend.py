@@ -391,12 +391,22 @@ class TransformersBackend(Backend):
                 param="dimensions",
             )
         lengths = [len(ids) for ids in self.tokenizer(texts).input_ids]
+        # The request's bound holds whether or not the model YAML truncates: past it, nothing.
+        most = request.max_input_tokens
+        over = next((i for i, n in enumerate(lengths) if most and n > most), None)
+        if over is not None:
+            raise invalid(
+                Reason.INPUT_TOO_LONG,
+                f"input[{over}] is {lengths[over]} tokens; this server embeds at most {most} "
+                "in one input",
+                param="input",
+            )
         too_long = [i for i, n in enumerate(lengths) if n > self.max_length]
         if too_long:
             first = too_long[0]
             if not self.truncate:
                 raise invalid(
-                    "input_too_long",
+                    Reason.INPUT_TOO_LONG,
                     f"input[{first}] is {lengths[first]} tokens; this model reads at most "
                     f"{self.max_length} (the model YAML sets truncate: false)",
                     param="input",

@@ -7,11 +7,15 @@ from typing import Any, Literal
 import msgspec
 
 from gateway.schemas.common import (
+    Choices,
     KeepAlive,
     MaxTokens,
     Penalty,
+    RepeatPenalty,
+    Seed,
     StreamOptions,
     Temperature,
+    TopK,
     TopP,
     Usage,
 )
@@ -72,20 +76,20 @@ class ChatCompletionRequest(msgspec.Struct):
     max_completion_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    n: int | None = None
+    n: Choices | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
     # Extensions llama.cpp users expect.
-    top_k: int | None = None
+    top_k: TopK | None = None
     min_p: TopP | None = None
-    repeat_penalty: float | None = None
+    repeat_penalty: RepeatPenalty | None = None
     # Ollama's: how long the model stays loaded after this request.
     keep_alive: KeepAlive = None
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import msgspec
 
 from gateway.schemas.common import (
+    Choices,
     KeepAlive,
     MaxTokens,
     Penalty,
+    RepeatPenalty,
+    Seed,
     StreamOptions,
     Temperature,
+    TopK,
     TopP,
     Usage,
 )
@@ -21,19 +25,19 @@ class CompletionRequest(msgspec.Struct):
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    n: int | None = None
+    n: Choices | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     echo: bool = False
     suffix: str | None = None
     # Extensions llama.cpp users expect.
-    top_k: int | None = None
+    top_k: TopK | None = None
     min_p: TopP | None = None
-    repeat_penalty: float | None = None
+    repeat_penalty: RepeatPenalty | None = None
     # Ollama's: how long the model stays loaded after this request.
     keep_alive: KeepAlive = None
 

@@ -6,15 +6,15 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway.schemas.common import KeepAlive
+from gateway.schemas.common import INT32_MAX, KeepAlive, TokenId
 
 
 class EmbeddingRequest(msgspec.Struct):
     model: str
     # A string, a list of strings, one token array, or a list of token arrays.
-    input: str | list[str | int | list[int]]
+    input: str | list[str | TokenId | list[TokenId]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    dimensions: Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)] | None = None
     user: str | None = None
     # Ollama's: how long the model stays loaded after this request.
     keep_alive: KeepAlive = None

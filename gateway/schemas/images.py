@@ -6,19 +6,22 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway.schemas.common import KeepAlive
+from gateway.schemas.common import INT32_MAX, KeepAlive, Seed
+
+# The settings bound n, steps and the size (gateway/limits.py); these keep values convertible.
+_Count = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
 
 
 class ImageGenerationRequest(msgspec.Struct):
     prompt: str
     model: str | None = None
-    n: int = 1
+    n: _Count = 1
     size: str = "auto"
     response_format: Literal["url", "b64_json"] = "url"
     # Extensions users of local gateways expect.
-    seed: int | None = None
-    steps: Annotated[int, msgspec.Meta(ge=1, le=500)] | None = None
-    num_inference_steps: Annotated[int, msgspec.Meta(ge=1, le=500)] | None = None
+    seed: Seed | None = None
+    steps: _Count | None = None
+    num_inference_steps: _Count | None = None
     negative_prompt: str | None = None
     guidance_scale: Annotated[float, msgspec.Meta(ge=0, le=50)] | None = None
     # Ollama's: how long the model stays loaded after this request.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from gateway.schemas.common import TokenId
+
 
 class TokenizeRequest(msgspec.Struct):
     model: str
@@ -17,7 +19,7 @@ class TokenizeResponse(msgspec.Struct):
 
 class DetokenizeRequest(msgspec.Struct):
     model: str
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(msgspec.Struct):

@@ -17,8 +17,11 @@ from gateway.schemas.embeddings import (
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
 
-def embed_request(request: EmbeddingRequest) -> pb.EmbedRequest:
-    """Accepts a string, a list of strings, a token array, or a list of token arrays."""
+def embed_request(request: EmbeddingRequest, max_input_tokens: int = 0) -> pb.EmbedRequest:
+    """Accepts a string, a list of strings, a token array, or a list of token arrays.
+
+    The backend refuses an input of more than `max_input_tokens` tokens (0: its model's limit).
+    """
     given = request.input
     items: list[Any] = [given] if isinstance(given, str) else list(given)
     if not items:
@@ -39,7 +42,9 @@ def embed_request(request: EmbeddingRequest) -> pb.EmbedRequest:
             inputs.append(pb.EmbedInput(tokens=pb.TokenIds(ids=item)))
         else:
             raise invalid_request("input mixes strings and tokens", param="input")
-    return pb.EmbedRequest(inputs=inputs, dimensions=request.dimensions or 0)
+    return pb.EmbedRequest(
+        inputs=inputs, dimensions=request.dimensions or 0, max_input_tokens=max_input_tokens
+    )
 
 
 def _base64(values: list[float]) -> str:

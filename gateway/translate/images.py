@@ -8,7 +8,6 @@ from gateway.errors import invalid_request
 from gateway.schemas.images import ImageGenerationRequest
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
-MAX_IMAGES = 10
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
@@ -30,8 +29,6 @@ def size(text: str) -> tuple[int, int]:
 def generate_image_request(request: ImageGenerationRequest) -> pb.GenerateImageRequest:
     if not request.prompt.strip():
         raise invalid_request("prompt must not be empty", param="prompt")
-    if not 1 <= request.n <= MAX_IMAGES:
-        raise invalid_request(f"n must be from 1 to {MAX_IMAGES}", param="n")
     width, height = size(request.size)
     call = pb.GenerateImageRequest(
         prompt=request.prompt,

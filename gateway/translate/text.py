@@ -39,9 +39,9 @@ def _sampling(
         raise invalid_request("only n=1 is supported", param="n")
     defaults = config.parameters
     stop = request.stop if request.stop is not None else defaults.stop
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(s == "" for s in stops):
-        raise invalid_request("stop sequences must not be empty", param="stop")
+    # An empty stop sequence would end every answer at once: a client that sends one (stop: "")
+    # means none, so it is ignored.
+    stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
     sampling = pb.SamplingParams(stop=stops)
     values = {
         "max_tokens": max_tokens if max_tokens is not None else defaults.max_tokens,
