@@ -12,9 +12,10 @@ from litestar import Litestar, Request, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 
-from gateway.errors import EXCEPTION_HANDLERS, OpenAIError
+from gateway.errors import BODY_LIMIT_SETTING, EXCEPTION_HANDLERS, OpenAIError
 from gateway.gallery import Installer, gallery_path
 from gateway.generated import GeneratedImages
+from gateway.lifetime import lifetime_middleware
 from gateway.manager import BackendManager
 from gateway.routes.audio import AudioController
 from gateway.routes.backends import BackendsController
@@ -105,6 +106,7 @@ def create_app(settings: Settings) -> Litestar:
         path="/",
         route_handlers=[AudioController],
         request_max_body_size=settings.max_upload_bytes + _MULTIPART_SLACK_BYTES,
+        opt={BODY_LIMIT_SETTING: "HEARTH_MAX_UPLOAD_BYTES"},  # what a 413 names
     )
     return Litestar(
         route_handlers=[
@@ -128,6 +130,8 @@ def create_app(settings: Settings) -> Litestar:
             "installer": Provide(_installer, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=settings.max_body_bytes,  # JSON bodies: 413 past it
+        middleware=[lifetime_middleware(settings.read_timeout)],
         before_request=_authenticator(settings.api_keys) if settings.api_keys else None,
         openapi_config=None,
         logging_config=None,  # `hearth run` configures logging once, for every logger

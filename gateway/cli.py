@@ -44,9 +44,8 @@ def _budget(settings: Settings) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from gateway.app import create_app
+    from gateway.serve import serve
 
     settings = _settings(args)
     logging.basicConfig(
@@ -59,18 +58,7 @@ def run(args: argparse.Namespace) -> int:
             "your models (set HEARTH_API_KEYS)",
             settings.host,
         )
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
-    uvicorn.Server(config).run()
+    serve(create_app(settings), settings)
     return 0
 
 

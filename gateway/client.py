@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.errors import OpenAIError, from_grpc
+from gateway.errors import BackendGone, from_grpc
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1 import backend_pb2_grpc as pb_grpc
 from protos.hearth.backend.v1.contract import MAX_MESSAGE_BYTES, Capability
@@ -69,7 +69,10 @@ class BackendClient:
     async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         """One unary call: its deadline, a failure in OpenAI's shape, and cancel on the way out
         (a no-op once done; it stops the backend's work if our caller was cancelled)."""
-        call = method(request, timeout=timeout or self.timeout)
+        try:
+            call = method(request, timeout=timeout or self.timeout)
+        except grpc.aio.UsageError:  # the channel was closed: the backend is gone
+            raise BackendGone(self.model, "it has stopped", reached=False) from None
         try:
             return await call
         except grpc.aio.AioRpcError as exc:
@@ -97,7 +100,10 @@ class BackendClient:
         self, request: pb.GenerateRequest
     ) -> AsyncGenerator[pb.GenerateStreamResponse]:
         """The backend's pieces as they come; leaving early cancels the backend's work."""
-        call = self._text.GenerateStream(request, timeout=self.timeout)
+        try:
+            call = self._text.GenerateStream(request, timeout=self.timeout)
+        except grpc.aio.UsageError:
+            raise BackendGone(self.model, "it has stopped", reached=False) from None
         try:
             async for item in call:
                 yield item
@@ -107,11 +113,7 @@ class BackendClient:
             if _we_are_cancelled():
                 raise
             # gRPC cancelled the call under us (its channel closed): the backend is gone.
-            raise OpenAIError(
-                503,
-                f"the backend for model '{self.model}' went away mid-answer",
-                code="backend_unavailable",
-            ) from None
+            raise BackendGone(self.model, "it went away mid-answer", reached=True) from None
         finally:
             call.cancel()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import grpc
@@ -33,6 +34,9 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
 }
 
+#: Key of a route's `opt` naming the setting that bounds its body (HEARTH_MAX_BODY_BYTES if none).
+BODY_LIMIT_SETTING = "body_limit_setting"
+
 # The OpenAI error type for an HTTP status the gateway itself answers with.
 _TYPE_BY_STATUS = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 
@@ -54,6 +58,7 @@ class OpenAIError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -61,6 +66,8 @@ class OpenAIError(Exception):
         self.param = param
         self.code = code
         self.type = type or error_type(status)
+        #: Seconds after which trying again makes sense (the Retry-After header).
+        self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         """The JSON body OpenAI clients parse."""
@@ -72,6 +79,23 @@ class OpenAIError(Exception):
                 "code": self.code,
             }
         }
+
+
+class BackendGone(OpenAIError):
+    """The backend's process (or connection) was not there to answer.
+
+    `reached`: whether the request got to the backend before it went. One that did not (the
+    connection was refused, the channel already closed) can be sent to the backend's
+    replacement; one that did may be what killed it, and is not sent again.
+    """
+
+    def __init__(self, model: str, detail: str, *, reached: bool) -> None:
+        super().__init__(
+            503,
+            f"the backend for model '{model}' is unavailable: {detail}",
+            code="backend_unavailable",
+        )
+        self.reached = reached
 
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
@@ -95,9 +119,9 @@ def from_grpc(error: grpc.aio.AioRpcError, model: str) -> OpenAIError:
     param = trailing.get(PARAM_KEY)
     message = error.details() or error.code().name.lower()
     if error.code() == grpc.StatusCode.UNAVAILABLE and reason is None:
-        message = f"the backend for model '{model}' is unavailable: {message}"
-        reason = "backend_unavailable"
-    elif error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and reason is None:
+        # gRPC says "failed to connect" when the call never left: nothing reached the backend.
+        return BackendGone(model, message, reached=not message.startswith("failed to connect"))
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and reason is None:
         message = f"the backend for model '{model}' did not answer in time ({message})"
         reason = "timeout"
     return OpenAIError(
@@ -110,7 +134,10 @@ def from_grpc(error: grpc.aio.AioRpcError, model: str) -> OpenAIError:
 
 
 def error_response(error: OpenAIError) -> Response[dict[str, Any]]:
-    return Response(content=error.body(), status_code=error.status)
+    headers = None
+    if error.retry_after is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
+    return Response(content=error.body(), status_code=error.status, headers=headers)
 
 
 def handle_openai_error(_: Request[Any, Any, Any], exc: OpenAIError) -> Response[dict[str, Any]]:
@@ -118,15 +145,19 @@ def handle_openai_error(_: Request[Any, Any, Any], exc: OpenAIError) -> Response
 
 
 def handle_http_exception(
-    _: Request[Any, Any, Any], exc: HTTPException
+    request: Request[Any, Any, Any], exc: HTTPException
 ) -> Response[dict[str, Any]]:
     """Litestar's own errors (unknown route, wrong method, bad body) in OpenAI's shape."""
     message = exc.detail or "request failed"
+    code = None
     if exc.status_code == 404:
         message = "Not found: this server has no such route."
     elif exc.status_code == 413:
-        message = "The request is larger than this server accepts (HEARTH_MAX_UPLOAD_BYTES)."
-    response = error_response(OpenAIError(exc.status_code, message))
+        handler = request.scope.get("route_handler")
+        setting = getattr(handler, "opt", {}).get(BODY_LIMIT_SETTING, "HEARTH_MAX_BODY_BYTES")
+        message = f"The request is larger than this server accepts ({setting})."
+        code = "request_too_large"
+    response = error_response(OpenAIError(exc.status_code, message, code=code))
     if exc.headers:
         response.headers.update(exc.headers)
     return response

@@ -5,11 +5,12 @@ It is the gateway's test double and the smallest complete example of a backend: 
 make it misbehave on purpose:
 
 - `load_delay_ms`: sleep this long in Load.
-- `latency_ms`: sleep this long before each word.
+- `latency_ms`: sleep this long before each word (and each embedding input).
 - `fail_code` (a gRPC status name such as `INVALID_ARGUMENT`), `fail_reason`, `fail_message`:
   fail every generation with that status...
 - `fail_after_words`: ...after this many words have been streamed (0: before any).
 - `exit_after_words`: end the whole process abruptly after this many words.
+- `exit_on_load`: end the whole process abruptly while loading (a backend that cannot start).
 - `dimensions`: embedding size (default 16).
 - `hold_mb`: keep this many MB of memory resident while loaded (a model bigger than it says).
 """
@@ -34,9 +35,12 @@ from google.protobuf import json_format
 from backends.runtime import Backend, BackendError, invalid
 from backends.runtime.text import StopText
 from protos.hearth.backend.v1 import backend_pb2 as pb
+from protos.hearth.backend.v1.contract import Reason
 
 log = logging.getLogger("hearth.backend.echo")
 _PIECE = re.compile(r"\s*\S+")
+#: Pieces remembered for detokenize.
+_VOCABULARY_MAX = 100_000
 
 
 def pieces(text: str) -> list[str]:
@@ -62,6 +66,9 @@ class EchoBackend(Backend):
 
     def load(self, request: pb.LoadRequest) -> pb.LoadResponse:
         self.options = json_format.MessageToDict(request.options)
+        if self.options.get("exit_on_load"):
+            log.error("exit_on_load: exiting")
+            os._exit(3)
         self.threads.loaded = request.threads or 1
         self.held = b"\x01" * int(float(self.options.get("hold_mb", 0)) * 1e6)  # pages touched
         time.sleep(float(self.options.get("load_delay_ms", 0)) / 1000)
@@ -131,6 +138,8 @@ class EchoBackend(Backend):
         ids = []
         for piece in pieces(request.text):
             self.vocabulary[_piece_id(piece)] = piece
+            if len(self.vocabulary) > _VOCABULARY_MAX:  # forget the oldest: memory stays bounded
+                del self.vocabulary[next(iter(self.vocabulary))]
             ids.append(_piece_id(piece))
         return pb.TokenizeResponse(tokens=ids)
 
@@ -141,18 +150,38 @@ class EchoBackend(Backend):
         return pb.DetokenizeResponse(text="".join(self.vocabulary[i] for i in request.tokens))
 
     def embed(self, request: pb.EmbedRequest, cancelled: threading.Event) -> pb.EmbedResponse:
-        dimensions = request.dimensions or int(self.options.get("dimensions", 16))
-        vectors = []
-        tokens = 0
-        for item in request.inputs:
+        size = int(self.options.get("dimensions", 16))
+        if request.dimensions > size:  # fewer is OpenAI's shortening; more is not a thing
+            raise invalid(
+                "unsupported_dimensions",
+                f"this model makes embeddings of at most {size} dimensions",
+                param="dimensions",
+            )
+        dimensions = request.dimensions or size
+        keys = []
+        counts = []
+        for index, item in enumerate(request.inputs):
             if item.WhichOneof("input") == "tokens":
-                key = struct.pack(f"<{len(item.tokens.ids)}i", *item.tokens.ids)
-                tokens += len(item.tokens.ids)
+                keys.append(struct.pack(f"<{len(item.tokens.ids)}i", *item.tokens.ids))
+                counts.append(len(item.tokens.ids))
             else:
-                key = item.text.encode()
-                tokens += len(pieces(item.text))
+                keys.append(item.text.encode())
+                counts.append(len(pieces(item.text)))
+            if request.max_input_tokens and counts[-1] > request.max_input_tokens:
+                raise invalid(
+                    Reason.INPUT_TOO_LONG,
+                    f"input[{index}] is {counts[-1]} tokens; the most is "
+                    f"{request.max_input_tokens}",
+                    param="input",
+                )
+        latency = float(self.options.get("latency_ms", 0)) / 1000
+        vectors: list[pb.Embedding] = []
+        for key in keys:
+            if cancelled.wait(latency) if latency else cancelled.is_set():
+                log.info("embeddings cancelled after %d of %d inputs", len(vectors), len(keys))
+                raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
             vectors.append(pb.Embedding(values=_hash_vector(key, dimensions)))
-        return pb.EmbedResponse(embeddings=vectors, prompt_tokens=tokens)
+        return pb.EmbedResponse(embeddings=vectors, prompt_tokens=sum(counts))
 
 
 def _hash_vector(key: bytes, dimensions: int) -> list[float]:

@@ -32,6 +32,7 @@ class Slots:
                 429,
                 f"model '{model}' is busy: too many requests are waiting; retry shortly",
                 code="model_busy",
+                retry_after=1,
             )
         self.waiting += 1
         try:

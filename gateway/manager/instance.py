@@ -47,6 +47,8 @@ class BackendInstance:
     #: Wall-clock time the model became ready.
     loaded_at: float | None = None
     dead: bool = False
+    #: The gateway ended it (unload, idle, shutdown): its exit is no failure.
+    deliberate_stop: bool = False
     #: Idle seconds before it is unloaded (math.inf: never), as the last request left it.
     keep_alive: float = math.inf
     #: Memory planned for it before loading, and its resident memory (now, and the most seen).

@@ -22,14 +22,14 @@ from typing import Any, TypeVar
 
 from gateway.client import BackendClient
 from gateway.config import BUILTIN_BACKENDS, CustomBackend, ModelConfig
-from gateway.errors import OpenAIError
+from gateway.errors import BackendGone, OpenAIError
 from gateway.manager.admission import Lease
 from gateway.manager.budget import Machine, MachineBudget, resident_memory
 from gateway.manager.cpu import Demand, divide
 from gateway.manager.footprint import FootprintBook
 from gateway.manager.instance import BackendInstance, State
 from gateway.manager.memory import MemoryPlanner
-from gateway.manager.process import Launcher, load_request_for
+from gateway.manager.process import Launcher, describe_exit, load_request_for
 from gateway.manager.registry import ModelRegistry
 from gateway.manager.supervisor import Supervisor
 from gateway.settings import Settings
@@ -44,6 +44,12 @@ _CHANNEL_CLOSE_GRACE_SECONDS = 30.0
 _REBALANCE_DELAY_SECONDS = 0.2
 #: How long a failed start stays on GET /backends.
 _FAILURE_MEMORY_SECONDS = 600.0
+#: A model whose backend failed twice in a row without serving a request waits this long
+#: before its next start, doubling with each failure up to the cap.
+RESTART_BACKOFF_SECONDS = 2.0
+RESTART_BACKOFF_MAX_SECONDS = 60.0
+#: How many times a request that never reached a backend is sent to its replacement.
+_MAX_RESENDS = 3
 
 _CAPABILITY_WORDS = {
     Capability.TEXT: "text generation (chat and completions)",
@@ -65,8 +71,21 @@ class _Start:
 
 @dataclass
 class _Failure:
+    """A model's backend failing (exits, failed starts) since it last served a request."""
+
     at: float
     message: str
+    config: ModelConfig
+    #: The backend's last output lines.
+    output: str = ""
+    #: Failures in a row without a request served in between.
+    count: int = 1
+    #: time.monotonic() before which no new start is tried.
+    retry_at: float = 0.0
+
+    def waiting(self, now: float) -> float:
+        """Seconds until the next start may be tried (0: now)."""
+        return max(0.0, self.retry_at - now)
 
 
 class BackendManager:
@@ -107,7 +126,7 @@ class BackendManager:
 
     async def start(self) -> None:
         self.launcher.open()
-        self.registry.catalog()
+        await self.registry.current()
         self.supervisor.start()
 
     async def close(self) -> None:
@@ -179,20 +198,30 @@ class BackendManager:
         work, a whole stream say, is done. `keep_alive` is the request's own (seconds, math.inf
         for never), which then applies to the model until another request says otherwise.
         """
-        for attempt in range(2):
+        resends = 0
+        while True:
             lease = await self.acquire(config, capability, keep_alive)
             try:
-                return lease, await start(lease.client)
+                result = await start(lease.client)
             except OpenAIError as exc:
-                lease.release()
-                if await self._lost(lease.instance, exc) and attempt == 0:
-                    log.warning("backend for %s was lost; starting it again", config.name)
+                try:
+                    # Before the slot is given back: a request queued behind this one must
+                    # find the backend already known dead, and go to its replacement.
+                    failure = await self._settle(lease.instance, exc)
+                finally:
+                    lease.release()
+                if failure is None and resends < _MAX_RESENDS:
+                    resends += 1
+                    log.info(
+                        "backend for %s was gone; sending the request to a new one", config.name
+                    )
                     continue
-                raise
+                raise (failure or exc) from None
             except BaseException:
                 lease.release()
                 raise
-        raise AssertionError("unreachable")
+            self._failures.pop(config.name, None)  # it serves: whatever failed is behind it
+            return lease, result
 
     async def call(
         self,
@@ -214,7 +243,7 @@ class BackendManager:
 
         async def load() -> None:
             try:
-                config = self.registry.get(name)
+                config = await self.registry.resolve(name)
                 instance = await self._ensure(config)
                 if config.keep_alive is None:
                     instance.keep_alive = math.inf
@@ -244,17 +273,30 @@ class BackendManager:
         own = config.keep_alive_seconds()
         return own if own is not None else self.settings.default_keep_alive_seconds()
 
-    async def _lost(self, instance: BackendInstance, error: OpenAIError) -> bool:
-        """Whether `error` means the backend is gone (or lost its model); if so, forget it."""
-        if error.code not in {"backend_unavailable", Reason.MODEL_NOT_LOADED}:
-            return False
+    async def _settle(self, instance: BackendInstance, error: OpenAIError) -> OpenAIError | None:
+        """What a failed call means. None: the backend is gone and the request never reached
+        it, so its replacement may serve it. Else the error to answer with: the call's own,
+        or, when the backend died while the request was on it, `backend_crashed` (the request
+        is not sent again: it may be what killed the backend)."""
+        reached = isinstance(error, BackendGone) and error.reached
+        if not isinstance(error, BackendGone) and error.code != Reason.MODEL_NOT_LOADED:
+            return error
         # A local process that has exited is gone; a remote one that fails so cannot be
         # trusted either: the next start health-checks and loads it again.
         if instance.process is not None and not await instance.exited(timeout=2.0):
-            return False
+            return error
         if not instance.dead:
             self._forget(instance)
-        return True
+        if not reached:
+            return None
+        how = describe_exit(instance.process.returncode) if instance.process else "went away"
+        return OpenAIError(
+            503,
+            f"the backend for model '{instance.config.name}' {how} while answering this "
+            "request; it was not sent again, in case it was the cause (the next request "
+            "starts the model afresh)",
+            code="backend_crashed",
+        )
 
     async def _ensure(self, config: ModelConfig) -> BackendInstance:
         if self._closing:
@@ -266,6 +308,7 @@ class BackendManager:
             self._forget(instance)
         start = self._starting.get(config.name)
         if start is None:
+            self._refuse_if_failing(config)
             start = _Start(asyncio.create_task(self._start(config)))
             self._starting[config.name] = start
 
@@ -287,12 +330,48 @@ class BackendManager:
                     del self._starting[config.name]
                 start.task.cancel()
 
+    def _refuse_if_failing(self, config: ModelConfig) -> None:
+        """503 with Retry-After while a model that keeps failing waits for its next start."""
+        failure = self._failures.get(config.name)
+        if failure is None or failure.config != config:
+            return  # never failed, or its YAML changed since: try at once
+        wait = failure.waiting(time.monotonic())
+        if not wait:
+            return
+        message = (
+            f"model '{config.name}' is failing ({failure.count} times in a row, last: "
+            f"{failure.message}); the server tries it again in {math.ceil(wait)} s"
+        )
+        if failure.output:
+            message += f"\nlast backend output:\n{failure.output}"
+        raise OpenAIError(503, message, code="backend_failing", retry_after=wait)
+
+    def _failed(self, config: ModelConfig, message: str, output: str = "") -> None:
+        """Note a failure (a start that failed, an exit nobody asked for): the first one is
+        retried at once, each further one in a row waits twice as long, up to the cap."""
+        prior = self._failures.get(config.name)
+        count = prior.count + 1 if prior is not None and prior.config == config else 1
+        delay = 0.0
+        if count >= 2:
+            delay = min(RESTART_BACKOFF_SECONDS * 2 ** (count - 2), RESTART_BACKOFF_MAX_SECONDS)
+            log.warning(
+                "%s failed %d times in a row; its next start waits %g s", config.name, count, delay
+            )
+        self._failures[config.name] = _Failure(
+            at=time.time(),
+            message=message.split("\n", 1)[0],
+            config=config,
+            output=output,
+            count=count,
+            retry_at=time.monotonic() + delay,
+        )
+
     # Starting a backend -----------------------------------------------------------------------
 
-    def _custom(self, config: ModelConfig) -> CustomBackend | None:
+    async def _custom(self, config: ModelConfig) -> CustomBackend | None:
         if config.backend in BUILTIN_BACKENDS:
             return None
-        custom = self.registry.catalog().backends.get(config.backend)
+        custom = (await self.registry.current()).backends.get(config.backend)
         if custom is None:
             raise OpenAIError(
                 500, f"model '{config.name}' names unknown backend '{config.backend}'"
@@ -309,15 +388,16 @@ class BackendManager:
 
     async def _start(self, config: ModelConfig) -> BackendInstance:
         try:
-            instance = await self._plan_and_start(config)
+            return await self._plan_and_start(config)
         except OpenAIError as exc:
-            self._failures[config.name] = _Failure(time.time(), exc.message)
+            if exc.code == "backend_start_failed":
+                self._failed(config, exc.message)
+            else:  # refused before any process started (memory, say): shown, not backed off
+                self._failures[config.name] = _Failure(time.time(), exc.message, config, count=0)
             raise
-        self._failures.pop(config.name, None)
-        return instance
 
     async def _plan_and_start(self, config: ModelConfig) -> BackendInstance:
-        custom = self._custom(config)
+        custom = await self._custom(config)
         remote = custom is not None and custom.address is not None
         # Reading a model's header (and hashing its folder's listing) is file work: off the loop.
         footprint = await asyncio.to_thread(self.footprints.footprint, config, remote)
@@ -370,7 +450,10 @@ class BackendManager:
         try:
             await self.launcher.wait_healthy(instance)
             ceiling = self.thread_ceiling(config, remote)
-            request = load_request_for(config, self.settings.models_dir, threads=ceiling)
+            # Building it walks the YAML's options (up to the 2 MiB a model file may expand to).
+            request = await asyncio.to_thread(
+                load_request_for, config, self.settings.models_dir, ceiling
+            )
             started = time.monotonic()
             response = await self.launcher.load(instance, request)
             log.info("loaded %s in %.2f s", config.name, time.monotonic() - started)
@@ -388,16 +471,15 @@ class BackendManager:
         """A process ended: if nobody asked for it, say so; the next request starts a new one."""
         if instance.process is not None:
             self.launcher.processes.discard(instance.process)
-        if not self._closing and not instance.dead:
+        if not self._closing and not instance.deliberate_stop:
             log.warning(
-                "backend for %s exited unexpectedly (code %s); the next request starts a new one"
-                "\n%s",
+                "backend for %s %s unexpectedly; the next request starts a new one\n%s",
                 instance.config.name,
-                code,
+                describe_exit(code),
                 instance.recent_output(),
             )
-            self._failures[instance.config.name] = _Failure(
-                time.time(), f"exited unexpectedly with code {code}"
+            self._failed(
+                instance.config, f"its backend {describe_exit(code)}", instance.recent_output()
             )
         self._forget(instance)
 
@@ -539,6 +621,7 @@ class BackendManager:
             return False
         if why is not None:
             log.info("unloading %s %s", instance.config.name, why)
+            instance.deliberate_stop = True
         self._measure([instance])
         self._record(instance)
         self._detach(instance)
@@ -601,7 +684,7 @@ class BackendManager:
             if instance is not None and not instance.dead:
                 rows.append(self._row(instance, now_wall, now))
             else:
-                config = self.registry.catalog().models.get(name)
+                config = self.registry.known.models.get(name)  # sync: as last read, no file I/O
                 state = "queued for memory" if start.waiting_for_memory else "starting"
                 rows.append(self._placeholder(name, config, state))
             shown.add(name)
@@ -609,11 +692,16 @@ class BackendManager:
             if now_wall - failure.at > _FAILURE_MEMORY_SECONDS:
                 del self._failures[name]
             elif name not in shown:
-                config = self.registry.catalog().models.get(name)
-                rows.append(self._placeholder(name, config, "failed"))
+                config = self.registry.known.models.get(name)
+                state = "failing" if failure.waiting(now) else "failed"
+                rows.append(self._placeholder(name, config, state))
         for row in rows:
             last = self._failures.get(row["model"])
             row["last_error"] = last.message if last else None
+            row["last_output"] = last.output or None if last else None
+            row["failures"] = last.count if last else 0
+            wait = last.waiting(now) if last else 0.0
+            row["retry_at"] = int(now_wall + wait) if wait else None
         budget = self.budget
         return {
             "object": "list",

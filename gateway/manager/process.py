@@ -197,6 +197,7 @@ class Launcher:
 
     async def stop(self, instance: BackendInstance) -> None:
         """End the backend: its process (SIGTERM, then SIGKILL), or a remote one's model."""
+        instance.deliberate_stop = True
         instance.dead = True
         instance.state = State.STOPPED
         if instance.process is not None:
@@ -206,6 +207,19 @@ class Launcher:
             with contextlib.suppress(OpenAIError):
                 await instance.client.unload()
         await instance.client.channel.close()
+
+
+def describe_exit(code: int | None) -> str:
+    """How a process ended, in words: "was killed by SIGSEGV", "exited with code 3"."""
+    if code is None:
+        return "went away"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with code {code}"
 
 
 def start_failure(instance: BackendInstance, what: str) -> OpenAIError:

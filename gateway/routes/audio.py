@@ -9,7 +9,7 @@ from litestar.datastructures import UploadFile
 
 from gateway.errors import OpenAIError, invalid_request
 from gateway.manager import BackendManager
-from gateway.routes.common import keep_alive_of, unless_client_leaves
+from gateway.routes.common import keep_alive_of
 from gateway.translate import audio
 from protos.hearth.backend.v1.contract import Capability
 
@@ -24,7 +24,7 @@ async def _transcribe(
     model = form.get("model")
     if not isinstance(model, str) or not model:
         raise invalid_request("model is required", param="model")
-    config = manager.registry.get(model)  # an unknown model is a 404 before anything else
+    config = await manager.registry.resolve(model)  # an unknown model is a 404 before anything else
     keep_alive = keep_alive_of(_text(form.get("keep_alive")))
     data = await upload.read()
     limit = manager.settings.max_upload_bytes
@@ -49,12 +49,10 @@ async def _transcribe(
         temperature=_text(form.get("temperature")),
         response_format=response_format,
         granularities=granularities,
+        max_audio_seconds=manager.settings.max_audio_seconds,
     )
-    answer = await unless_client_leaves(
-        request,
-        manager.call(
-            config, Capability.TRANSCRIPTION, lambda client: client.transcribe(call), keep_alive
-        ),
+    answer = await manager.call(
+        config, Capability.TRANSCRIPTION, lambda client: client.transcribe(call), keep_alive
     )
     body, media_type = audio.render(
         answer,

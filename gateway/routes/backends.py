@@ -26,6 +26,6 @@ class BackendsController(Controller):
         if not slash or action != "unload" or not name:
             raise OpenAIError(404, "Not found: this server has no such route.")
         if name not in manager.loaded():
-            manager.registry.get(name)  # an unknown model is a 404
+            await manager.registry.resolve(name)  # an unknown model is a 404
         state = await manager.unload(name, drain=True)
         return {"object": "backend.unload", "model": name, "state": state}

@@ -6,6 +6,8 @@ from typing import Any
 
 from litestar import Controller, Request, Response, post
 
+from gateway import limits
+from gateway.lifetime import life_of
 from gateway.manager import BackendManager
 from gateway.routes.common import (
     decode_body,
@@ -13,7 +15,6 @@ from gateway.routes.common import (
     new_id,
     now,
     stream_text,
-    unless_client_leaves,
 )
 from gateway.schemas.chat import ChatCompletionRequest
 from gateway.translate import text
@@ -29,7 +30,8 @@ class ChatController(Controller):
     ) -> Response[Any]:
         # Annotated as Response so that a stream keeps its own text/event-stream media type.
         body = decode_body(await request.body(), ChatCompletionRequest)
-        config = manager.registry.get(body.model)
+        limits.check_chat(body, manager.settings)
+        config = await manager.registry.resolve(body.model)
         keep_alive = keep_alive_of(body.keep_alive)
         generate = text.chat_request(body, config)
         id_, created = new_id("chatcmpl"), now()
@@ -38,11 +40,9 @@ class ChatController(Controller):
             chunks = text.ChatChunks(
                 id=id_, created=created, model=body.model, include_usage=include_usage
             )
-            return await stream_text(manager, config, generate, chunks, keep_alive)
-        response = await unless_client_leaves(
-            request,
-            manager.call(
-                config, Capability.TEXT, lambda client: client.generate(generate), keep_alive
-            ),
+            life = life_of(request)
+            return await stream_text(life, manager, config, generate, chunks, keep_alive)
+        response = await manager.call(
+            config, Capability.TEXT, lambda client: client.generate(generate), keep_alive
         )
         return Response(text.chat_completion(response, id=id_, created=created, model=body.model))

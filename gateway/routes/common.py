@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol, TypeVar
 
 import msgspec
-from litestar import Request
 from litestar.response import ServerSentEvent
 
 from gateway.client import BackendClient
 from gateway.config import ModelConfig, parse_keep_alive, validation_error_field
 from gateway.errors import OpenAIError, invalid_request
+from gateway.lifetime import RequestLife
 from gateway.manager import BackendManager
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Capability
@@ -23,30 +22,16 @@ from protos.hearth.backend.v1.contract import Capability
 T = TypeVar("T")
 
 
-async def unless_client_leaves(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client disconnects first.
-
-    Cancelling reaches the backend through gRPC and sets its engine call's `cancelled` event, so
-    a long image or transcription stops instead of finishing for nobody. (Streams get this from
-    the framework, which cancels their generator.)
-    """
-    job = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if job.done():
-            return job.result()
-        job.cancel()
-        with contextlib.suppress(BaseException):
-            await job
-        raise OpenAIError(499, "the client closed the request", code="client_closed_request")
-    finally:
-        watcher.cancel()
+# msgspec's words for a value past a Meta bound → OpenAI's error code for it.
+_BOUND = re.compile(r"expected `(int|float|str|array)`(?: of length)? ([<>])")
+_BOUND_CODES = {
+    ("int", "<"): "integer_above_max_value",
+    ("int", ">"): "integer_below_min_value",
+    ("float", "<"): "decimal_above_max_value",
+    ("float", ">"): "decimal_below_min_value",
+    ("str", "<"): "string_above_max_length",
+    ("array", "<"): "array_above_max_length",
+}
 
 
 def decode_body(body: bytes, kind: type[T]) -> T:
@@ -58,9 +43,18 @@ def decode_body(body: bytes, kind: type[T]) -> T:
     except msgspec.ValidationError as exc:
         param, text = validation_error_field(exc)
         message = f"{param}: {text}" if param else text
-        raise invalid_request(f"invalid request: {message}", param=param) from None
+        bound = _BOUND.match(text)
+        code = _BOUND_CODES.get((bound[1], bound[2])) if bound else None
+        raise invalid_request(f"invalid request: {message}", param=param, code=code) from None
     except msgspec.DecodeError as exc:
         raise invalid_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        # msgspec gives up at Python's recursion limit (some hundreds of levels), at once and
+        # whatever the depth; shallower nesting is limits.check_depth's to bound.
+        raise invalid_request(
+            "the request body nests arrays and objects too deeply (HEARTH_MAX_JSON_DEPTH)",
+            code="nested_too_deeply",
+        ) from None
 
 
 def keep_alive_of(value: str | int | float | None) -> float | None:
@@ -92,6 +86,7 @@ def _event(chunk: Any) -> str:
 
 
 async def stream_text(
+    life: RequestLife,
     manager: BackendManager,
     config: ModelConfig,
     request: pb.GenerateRequest,
@@ -102,6 +97,8 @@ async def stream_text(
 
     The first piece is awaited before answering, so a failure before generation starts is an
     ordinary HTTP error; a failure after it is one `data: {"error": ...}` event, then [DONE].
+    The slot and the backend's stream belong to the request's `life`: they end with it, even
+    if the framework never starts this response (its client left first).
     """
 
     async def start(
@@ -115,6 +112,8 @@ async def stream_text(
             raise
 
     lease, (stream, first) = await manager.open(config, Capability.TEXT, start, keep_alive)
+    life.on_end(lease.release)
+    life.on_end(stream.aclose)  # closed first: the backend stops generating
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -127,9 +126,7 @@ async def stream_text(
                 item = await anext(stream, None)
         except OpenAIError as exc:
             yield _event(exc.body())
-        finally:
-            await stream.aclose()
-            lease.release()
+        lease.release()  # done: the next request need not wait for the last bytes to leave
         yield "[DONE]"
 
     return ServerSentEvent(events())

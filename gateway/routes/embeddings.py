@@ -6,6 +6,7 @@ from typing import Any
 
 from litestar import Controller, Request, post
 
+from gateway import limits
 from gateway.manager import BackendManager
 from gateway.routes.common import decode_body, keep_alive_of
 from gateway.schemas.embeddings import CreateEmbeddingResponse, EmbeddingRequest
@@ -21,9 +22,10 @@ class EmbeddingsController(Controller):
         self, request: Request[Any, Any, Any], manager: BackendManager
     ) -> CreateEmbeddingResponse:
         body = decode_body(await request.body(), EmbeddingRequest)
-        config = manager.registry.get(body.model)
+        limits.check_embeddings(body, manager.settings)
+        config = await manager.registry.resolve(body.model)
         keep_alive = keep_alive_of(body.keep_alive)
-        embed = embeddings.embed_request(body)
+        embed = embeddings.embed_request(body, manager.settings.max_embedding_input_tokens)
         response = await manager.call(
             config, Capability.EMBEDDINGS, lambda client: client.embed(embed), keep_alive
         )

@@ -21,9 +21,9 @@ class ApplyRequest(msgspec.Struct):
     id: str
 
 
-def _index(installer: Installer) -> Any:
+async def _index(installer: Installer) -> Any:
     try:
-        return installer.index()
+        return await installer.load_index()
     except ConfigError as exc:
         raise OpenAIError(
             500, f"the gallery index is broken: {exc}", code="gallery_invalid"
@@ -36,7 +36,7 @@ class GalleryController(Controller):
     @get("/available")
     async def available(self, installer: Installer, manager: BackendManager) -> dict[str, Any]:
         """The gallery, and whether each model is installed and fits this machine's memory."""
-        index = _index(installer)
+        index = await _index(installer)
         budget = manager.budget.memory_bytes
 
         def describe() -> list[dict[str, Any]]:  # reads model headers: off the event loop
@@ -65,7 +65,7 @@ class GalleryController(Controller):
     async def apply(self, request: Request[Any, Any, Any], installer: Installer) -> dict[str, Any]:
         body = decode_body(await request.body(), ApplyRequest)
         name = body.id.removeprefix("gallery@")
-        entry = _index(installer).get(name)
+        entry = (await _index(installer)).get(name)
         if entry is None:
             raise OpenAIError(
                 404,
@@ -95,7 +95,7 @@ class GalleryController(Controller):
     async def remove(
         self, name: str, installer: Installer, manager: BackendManager
     ) -> Response[dict[str, Any]]:
-        catalog = manager.registry.catalog()
+        catalog = await manager.registry.current()
         config = catalog.models.get(name)
         if config is None:
             raise OpenAIError(
@@ -107,7 +107,7 @@ class GalleryController(Controller):
         for other in catalog.models.values():
             if other.name != name and other.model:
                 keep.add((installer.models_dir / other.model).resolve())
-        entry = _index(installer).get(name)
+        entry = (await _index(installer)).get(name)
         # rmtree of a model directory can take a while: not on the event loop.
         await asyncio.to_thread(remove_files, config, entry, installer.models_dir, keep)
         return Response({"id": name, "object": "model", "deleted": True})

@@ -17,7 +17,7 @@ async def healthz() -> dict[str, str]:
 
 @get("/readyz")
 async def readyz(manager: BackendManager) -> Response[dict[str, Any]]:
-    catalog = manager.registry.catalog()
+    catalog = await manager.registry.current()
     ready = manager.ready
     body = {
         "status": "ready" if ready else "not ready",

@@ -7,10 +7,11 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get, post
 
+from gateway import limits
 from gateway.errors import OpenAIError, invalid_request
 from gateway.generated import GeneratedImages
 from gateway.manager import BackendManager
-from gateway.routes.common import decode_body, keep_alive_of, now, unless_client_leaves
+from gateway.routes.common import decode_body, keep_alive_of, now
 from gateway.schemas.images import Image, ImageGenerationRequest, ImagesResponse
 from gateway.translate.images import generate_image_request
 from protos.hearth.backend.v1.contract import Capability
@@ -29,28 +30,26 @@ class ImagesController(Controller):
         body = decode_body(await request.body(), ImageGenerationRequest)
         if not body.model:
             raise invalid_request("model is required: GET /v1/models lists them", param="model")
-        config = manager.registry.get(body.model)
+        config = await manager.registry.resolve(body.model)
+        limits.check_images(body, config, manager.settings)
         keep_alive = keep_alive_of(body.keep_alive)
         call = generate_image_request(body)
-        answer = await unless_client_leaves(
-            request,
-            manager.call(
-                config, Capability.IMAGES, lambda client: client.generate_image(call), keep_alive
-            ),
+        answer = await manager.call(
+            config, Capability.IMAGES, lambda client: client.generate_image(call), keep_alive
         )
         images = []
         for image in answer.images:
             if body.response_format == "b64_json":
                 images.append(Image(b64_json=base64.b64encode(image.png).decode()))
             else:
-                name = generated.save(image.png)
+                name = await generated.store(image.png)
                 images.append(Image(url=f"{str(request.base_url).rstrip('/')}/generated/{name}"))
         return ImagesResponse(created=now(), data=images)
 
 
 @get("/generated/{name:str}", media_type="image/png")
 async def generated_image(name: str, generated: GeneratedImages) -> Response[bytes]:
-    path = generated.find(name)
-    if path is None:
+    data = await generated.read(name)
+    if data is None:
         raise OpenAIError(404, "no such image (they expire)", code="image_not_found")
-    return Response(path.read_bytes(), media_type="image/png")
+    return Response(data, media_type="image/png")

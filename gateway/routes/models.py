@@ -24,9 +24,9 @@ class ModelsController(Controller):
 
     @get()
     async def list_models(self, manager: BackendManager) -> ModelList:
-        models = manager.registry.catalog().models.values()
+        models = (await manager.registry.current()).models.values()
         return ModelList(data=[_model(c) for c in sorted(models, key=lambda c: c.name)])
 
     @get("/{model_id:path}")
     async def retrieve(self, model_id: str, manager: BackendManager) -> Model:
-        return _model(manager.registry.get(model_id.lstrip("/")))
+        return _model(await manager.registry.resolve(model_id.lstrip("/")))

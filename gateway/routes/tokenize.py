@@ -6,6 +6,7 @@ from typing import Any
 
 from litestar import Controller, Request, post
 
+from gateway import limits
 from gateway.manager import BackendManager
 from gateway.routes.common import decode_body
 from gateway.schemas.tokenize import (
@@ -26,9 +27,12 @@ class TokenizeController(Controller):
         self, request: Request[Any, Any, Any], manager: BackendManager
     ) -> TokenizeResponse:
         body = decode_body(await request.body(), TokenizeRequest)
+        limits.check_tokenize(body, manager.settings)
         call = pb.TokenizeRequest(text=body.content, add_special=body.add_special)
         response = await manager.call(
-            manager.registry.get(body.model), Capability.TEXT, lambda client: client.tokenize(call)
+            await manager.registry.resolve(body.model),
+            Capability.TEXT,
+            lambda client: client.tokenize(call),
         )
         return TokenizeResponse(tokens=list(response.tokens))
 
@@ -37,9 +41,10 @@ class TokenizeController(Controller):
         self, request: Request[Any, Any, Any], manager: BackendManager
     ) -> DetokenizeResponse:
         body = decode_body(await request.body(), DetokenizeRequest)
+        limits.check_detokenize(body, manager.settings)
         call = pb.DetokenizeRequest(tokens=body.tokens)
         response = await manager.call(
-            manager.registry.get(body.model),
+            await manager.registry.resolve(body.model),
             Capability.TEXT,
             lambda client: client.detokenize(call),
         )

@@ -1,0 +1,158 @@
+"""A request's lifetime: whatever it holds ends with it, however it ends.
+
+`RequestLifetime` is ASGI middleware around every HTTP request. It runs the request's handler
+(and its response, a stream included) as one task, and it owns a `RequestLife` on which the
+request registers what it holds: a concurrency slot, a gRPC stream. When the request ends, by
+finishing, failing, or because its client left at any moment (queued, while the model loads,
+during prompt processing, mid-stream), the handler's task is cancelled if still running and
+everything registered is closed, in one place. Routes have no `finally` of their own for this:
+a stream that the framework abandons before its first byte still gives back its slot.
+
+It also bounds how long a client may take to send its body: `read_timeout` seconds for each
+part, else 408.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from litestar import Request
+from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
+
+from gateway.errors import OpenAIError
+
+log = logging.getLogger("hearth.gateway")
+
+SCOPE_KEY = "hearth.life"
+
+Closer = Callable[[], Awaitable[Any] | None]
+
+
+class RequestLife:
+    """What one HTTP request holds, closed (last registered first) when the request ends."""
+
+    def __init__(self) -> None:
+        self._closers: list[Closer] = []
+        #: The client disconnected before the answer was complete.
+        self.client_gone = False
+        self.ended = False
+
+    def on_end(self, closer: Closer) -> None:
+        """Run `closer` (sync or async) when the request ends; at once if it already has."""
+        self._closers.append(closer)
+        if self.ended:
+            asyncio.get_running_loop().create_task(self._close())
+
+    async def _close(self) -> None:
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                result = closer()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # one closer failing must not keep the others from running
+                log.exception("closing a request's resources failed")
+
+    async def end(self) -> None:
+        self.ended = True
+        # Shielded: a request cancelled while it ends still gives back everything it held.
+        await asyncio.shield(self._close())
+
+
+def life_of(request: Request[Any, Any, Any]) -> RequestLife:
+    """The RequestLife of `request`, which RequestLifetime set up."""
+    life = request.scope.get(SCOPE_KEY)
+    if not isinstance(life, RequestLife):
+        raise RuntimeError("RequestLifetime middleware is not installed")
+    return life
+
+
+class RequestLifetime:
+    """ASGI middleware: one task per request, cancelled when its client leaves; what the
+    request registered on its RequestLife is closed when it ends."""
+
+    def __init__(self, app: ASGIApp, read_timeout: float) -> None:
+        self.app = app
+        self.read_timeout = read_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        life = RequestLife()
+        scope[SCOPE_KEY] = life  # type: ignore[literal-required]
+        gone = asyncio.Event()
+        body_read = False
+        answered = False
+        watcher: asyncio.Task[None] | None = None
+        handler: asyncio.Task[None] | None = None
+
+        async def watch() -> None:
+            """Once the body is in, the next message can only be the client leaving."""
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not answered:
+                life.client_gone = True
+                log.debug("client left %s before its answer was complete", scope["path"])
+                if handler is not None:
+                    handler.cancel()
+            gone.set()
+
+        async def receive_body() -> ReceiveMessage:
+            nonlocal body_read, watcher
+            if body_read:
+                await gone.wait()
+                return {"type": "http.disconnect"}
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout)
+            except TimeoutError:
+                raise OpenAIError(
+                    408,
+                    f"the request body did not arrive within {self.read_timeout:g} s",
+                    code="request_timeout",
+                ) from None
+            if message["type"] == "http.disconnect":
+                life.client_gone = True
+                body_read = True
+                gone.set()
+            elif not message.get("more_body", False):
+                body_read = True
+                watcher = asyncio.get_running_loop().create_task(watch())
+            return message
+
+        async def send_answer(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+            await send(message)
+
+        handler = asyncio.get_running_loop().create_task(
+            self.app(scope, receive_body, send_answer)  # type: ignore[arg-type]
+        )
+        try:
+            await asyncio.shield(handler)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                handler.cancel()  # we are cancelled (the server is stopping): so is the request
+                raise
+            if not life.client_gone:
+                raise
+            # The handler was cancelled because its client left: nobody to answer.
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            await life.end()
+
+
+def lifetime_middleware(read_timeout: float) -> Callable[[ASGIApp], ASGIApp]:
+    """The middleware factory Litestar's `middleware=` takes."""
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        return RequestLifetime(app, read_timeout)
+
+    return wrap

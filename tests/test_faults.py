@@ -1,0 +1,452 @@
+"""Fault injection: clients that leave at any moment, backends killed under load, floods, crash
+loops, slow clients, and stopping the gateway with requests in flight. Whatever happens, every
+request ends cleanly, nothing stays held, and the server goes on answering."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway, wait_until, write_model
+
+LONG = " ".join(f"w{i}" for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def fault_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("fault-models")
+    # One slot, a load that takes a moment, words that take a moment: every phase is reachable.
+    write_model(
+        directory,
+        "one-slot",
+        "backend: echo\nmax_concurrency: 1\nmax_queue: 32\n"
+        "options: {load_delay_ms: 400, latency_ms: 30}",
+    )
+    write_model(
+        directory,
+        "killable",
+        "backend: echo\nmax_concurrency: 1\nmax_queue: 16\noptions: {latency_ms: 20}",
+    )
+    write_model(
+        directory,
+        "two-slots",
+        "backend: echo\nmax_concurrency: 2\nmax_queue: 16\noptions: {latency_ms: 40}",
+    )
+    write_model(directory, "cannot-start", "backend: echo\noptions: {exit_on_load: true}")
+    write_model(directory, "dies-on-request", "backend: echo\noptions: {exit_after_words: 0}")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def gateway(fault_models: Path) -> Iterator[Gateway]:
+    running = Gateway(fault_models, env={"HEARTH_READ_TIMEOUT": "1"}).start()
+    yield running
+    running.cleanup()
+
+
+def _backend(gateway: Gateway, model: str) -> dict[str, object] | None:
+    rows = httpx.get(f"{gateway.url}/backends", timeout=10).json()["data"]
+    return next((row for row in rows if row["model"] == model), None)
+
+
+def _requests_held(gateway: Gateway, model: str) -> tuple[int, int]:
+    row = _backend(gateway, model)
+    if row is None:
+        return 0, 0
+    held = row["requests"]
+    assert isinstance(held, dict)
+    return held["in_flight"], held["queued"]
+
+
+def _chat(model: str, content: str, stream: bool = False) -> bytes:
+    body = json.dumps(
+        {"model": model, "stream": stream, "messages": [{"role": "user", "content": content}]}
+    ).encode()
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+
+
+def _abandon(gateway: Gateway, request: bytes, after: float, read_first: bool = False) -> None:
+    """Send `request` on a raw connection and hang up `after` seconds later (after reading the
+    first bytes of the answer, if `read_first`)."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as conn:
+        conn.sendall(request)
+        if read_first:
+            conn.recv(1)
+        time.sleep(after)
+
+
+def _answers_at_once(gateway: Gateway, model: str) -> None:
+    """The model answers a short request now, and nothing stays held afterwards."""
+    reply = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "still here"}]},
+        timeout=10,
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == "still here"
+    assert wait_until(lambda: _requests_held(gateway, model) == (0, 0), timeout=5)
+
+
+def test_streams_abandoned_at_any_moment_give_their_slot_back(gateway: Gateway) -> None:
+    # While the model loads: nobody has their first token yet.
+    httpx.post(f"{gateway.url}/backends/one-slot/unload", timeout=10)
+    loading = [
+        threading.Thread(target=_abandon, args=(gateway, _chat("one-slot", LONG, True), 0.1))
+        for _ in range(4)
+    ]
+    for thread in loading:
+        thread.start()
+    for thread in loading:
+        thread.join()
+    _answers_at_once(gateway, "one-slot")
+
+    # Then 20 at random moments: queued behind each other, at the first token, mid-stream.
+    rng = random.Random(7)
+    threads = [
+        threading.Thread(
+            target=_abandon,
+            args=(gateway, _chat("one-slot", LONG, True), rng.uniform(0, 1.5), rng.random() < 0.5),
+        )
+        for _ in range(20)
+    ]
+    for thread in threads:
+        thread.start()
+        time.sleep(rng.uniform(0, 0.05))
+    for thread in threads:
+        thread.join()
+    assert wait_until(lambda: _requests_held(gateway, "one-slot") == (0, 0), timeout=10)
+    _answers_at_once(gateway, "one-slot")
+
+
+def test_a_unary_request_abandoned_stops_the_backend_work(gateway: Gateway) -> None:
+    # 60 words at 30 ms: 1.8 s of work, abandoned after 0.3 s.
+    _abandon(gateway, _chat("one-slot", LONG), 0.3)
+    assert wait_until(lambda: _requests_held(gateway, "one-slot") == (0, 0), timeout=1.0)
+    assert wait_until(lambda: "stream cancelled after" in gateway.log(), timeout=1.0)
+    _answers_at_once(gateway, "one-slot")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "said"),
+    [
+        ("/v1/embeddings", {"model": "one-slot", "input": LONG.split()}, "embeddings cancelled"),
+        (
+            "/v1/completions",
+            {"model": "one-slot", "prompt": LONG, "max_tokens": 60},
+            "stream cancelled",
+        ),
+    ],
+)
+def test_every_route_stops_the_backend_when_its_client_leaves(
+    gateway: Gateway, path: str, body: dict[str, object], said: str
+) -> None:
+    before = gateway.log().count(said)
+    data = json.dumps(body).encode()
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+    _abandon(gateway, request, 0.6)  # 60 inputs or words at 30 ms: 1.8 s of work
+    assert wait_until(lambda: gateway.log().count(said) > before, timeout=1.0)
+    assert wait_until(lambda: _requests_held(gateway, "one-slot") == (0, 0), timeout=1.0)
+
+
+async def _post_all(
+    gateway: Gateway, bodies: list[dict[str, object]], path: str = "/v1/chat/completions"
+) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=60, limits=limits) as client:
+        return await asyncio.gather(*(client.post(path, json=body) for body in bodies))
+
+
+def test_killing_a_backend_fails_only_the_request_running_on_it(gateway: Gateway) -> None:
+    killed = set()
+    results: dict[str, object] = {}
+    queued_bodies: list[dict[str, object]] = [
+        {"model": "killable", "messages": [{"role": "user", "content": f"queued {i}"}]}
+        for i in range(10)
+    ]
+    for _round in range(10):
+        results.clear()
+
+        def running() -> None:
+            results["running"] = httpx.post(
+                f"{gateway.url}/v1/chat/completions",
+                json={"model": "killable", "messages": [{"role": "user", "content": LONG}]},
+                timeout=30,
+            )
+
+        runner = threading.Thread(target=running)
+        runner.start()
+        assert wait_until(lambda: _requests_held(gateway, "killable")[0] == 1, timeout=10)
+
+        def queue() -> None:
+            results["queued"] = asyncio.run(_post_all(gateway, queued_bodies))
+
+        queuer = threading.Thread(target=queue)
+        queuer.start()
+        assert wait_until(lambda: _requests_held(gateway, "killable") == (1, 10), timeout=10)
+        row = _backend(gateway, "killable")
+        assert row is not None
+        pid = row["pid"]
+        assert isinstance(pid, int)
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+        runner.join(30)
+        queuer.join(60)
+
+        crashed = results["running"]
+        assert isinstance(crashed, httpx.Response)
+        assert crashed.status_code == 503, crashed.text
+        assert crashed.json()["error"]["code"] == "backend_crashed"
+        assert "SIGKILL" in crashed.json()["error"]["message"]
+        replies = results["queued"]
+        assert isinstance(replies, list)
+        assert [r.status_code for r in replies] == [200] * 10, [r.text for r in replies]
+        answers = sorted(r.json()["choices"][0]["message"]["content"] for r in replies)
+        assert answers == sorted(f"queued {i}" for i in range(10))
+    row = _backend(gateway, "killable")
+    assert row is not None
+    assert row["pid"] not in killed
+    assert row["requests"] == {"in_flight": 0, "queued": 0}
+
+
+def test_a_flood_is_queued_or_refused_with_retry_after_never_a_server_error(
+    gateway: Gateway,
+) -> None:
+    bodies: list[dict[str, object]] = [
+        {"model": "two-slots", "messages": [{"role": "user", "content": f"n{i} x"}]}
+        for i in range(200)
+    ]
+    replies = asyncio.run(_post_all(gateway, bodies))
+    statuses = [r.status_code for r in replies]
+    assert set(statuses) <= {200, 429}, sorted(set(statuses))
+    accepted = [r for r in replies if r.status_code == 200]
+    refused = [r for r in replies if r.status_code == 429]
+    assert len(accepted) >= 18  # 2 running + 16 queued, at least
+    assert refused, "200 requests at once against 18 places: some must be refused"
+    for reply in refused:
+        assert reply.json()["error"]["code"] == "model_busy"
+        assert int(reply.headers["retry-after"]) >= 1
+    for reply, body in zip(replies, bodies, strict=True):
+        if reply.status_code == 200:
+            messages = body["messages"]
+            assert isinstance(messages, list)
+            assert reply.json()["choices"][0]["message"]["content"] == messages[0]["content"]
+    assert wait_until(lambda: _requests_held(gateway, "two-slots") == (0, 0), timeout=5)
+
+
+def _starts(gateway: Gateway, model: str) -> int:
+    return gateway.log().count(f"starting echo backend for {model}")
+
+
+@pytest.mark.parametrize(
+    ("model", "first_code"),
+    [("cannot-start", "backend_start_failed"), ("dies-on-request", "backend_crashed")],
+)
+def test_a_crash_looping_backend_is_restarted_with_backoff(
+    gateway: Gateway, model: str, first_code: str
+) -> None:
+    before = _starts(gateway, model)
+    codes = []
+    retry_after = []
+    deadline = time.monotonic() + 8
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        while time.monotonic() < deadline:
+            reply = client.post(
+                "/v1/chat/completions",
+                json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert reply.status_code in {500, 503}, reply.text
+            codes.append(reply.json()["error"]["code"])
+            if reply.status_code == 503 and "retry-after" in reply.headers:
+                retry_after.append(int(reply.headers["retry-after"]))
+            time.sleep(0.1)
+    starts = _starts(gateway, model) - before
+    # Started at once, again at once, then after 2 s and 4 s: 4 in 8 s, not one per request.
+    assert 2 <= starts <= 5, (starts, codes)
+    assert codes[0] == first_code
+    assert "backend_failing" in codes
+    assert retry_after
+    assert all(1 <= s <= 60 for s in retry_after)
+    row = _backend(gateway, model)
+    assert row is not None
+    assert row["failures"] >= 2
+    failing = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+        timeout=30,
+    )
+    if failing.json()["error"]["code"] == "backend_failing":
+        assert row["state"] in {"failing", "failed"}
+        assert "last" in failing.json()["error"]["message"]
+
+
+def test_a_client_that_sends_nothing_is_disconnected(gateway: Gateway) -> None:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as silent:
+        started = time.monotonic()
+        assert silent.recv(1024) == b""  # closed by the server (read timeout 1 s)
+        assert time.monotonic() - started < 9
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as dripping:
+        dripping.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        assert dripping.recv(1024) == b""
+
+
+def test_a_body_that_stops_arriving_is_a_408(gateway: Gateway) -> None:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as slow:
+        slow.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"model": '
+        )
+        answer = slow.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"request_timeout" in answer
+
+
+def test_stopping_lets_requests_in_flight_finish(fault_models: Path) -> None:
+    gateway = Gateway(fault_models, env={"HEARTH_SHUTDOWN_GRACE": "10"}).start()
+    try:
+        chunks: list[str] = []
+
+        def stream() -> None:
+            with httpx.stream(
+                "POST",
+                f"{gateway.url}/v1/chat/completions",
+                json={
+                    "model": "killable",
+                    "stream": True,
+                    "messages": [{"role": "user", "content": LONG}],
+                },
+                timeout=30,
+            ) as reply:
+                chunks.extend(reply.iter_lines())
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        assert wait_until(lambda: _requests_held(gateway, "killable")[0] == 1, timeout=10)
+        assert gateway.backend_pids()
+        gateway.stop(signal.SIGTERM, timeout=30)
+        streamer.join(30)
+        assert "data: [DONE]" in chunks
+        text = "".join(
+            json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+            for line in chunks
+            if line.startswith("data: {") and json.loads(line[6:])["choices"]
+        )
+        assert text == LONG
+        assert gateway.backend_pids() == []
+    finally:
+        gateway.cleanup()
+
+
+def test_stopping_ends_requests_that_outlast_the_grace_period(fault_models: Path) -> None:
+    gateway = Gateway(fault_models, env={"HEARTH_SHUTDOWN_GRACE": "1"}).start()
+    try:
+        slow = " ".join(["w"] * 400)  # 8 s at 20 ms a word
+
+        def stream() -> None:
+            with (
+                contextlib.suppress(httpx.HTTPError),
+                httpx.stream(
+                    "POST",
+                    f"{gateway.url}/v1/chat/completions",
+                    json={
+                        "model": "killable",
+                        "stream": True,
+                        "messages": [{"role": "user", "content": slow}],
+                    },
+                    timeout=30,
+                ) as reply,
+            ):
+                for _ in reply.iter_lines():
+                    pass
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        assert wait_until(lambda: _requests_held(gateway, "killable")[0] == 1, timeout=10)
+        started = time.monotonic()
+        # uvicorn ends by re-raising the signal it caught, once it has shut down.
+        assert gateway.stop(signal.SIGTERM, timeout=30) in {0, -signal.SIGTERM}
+        assert "Finished server process" in gateway.log()
+        assert time.monotonic() - started < 6  # 1 s grace, then backends stop
+        streamer.join(30)
+        assert gateway.backend_pids() == []
+    finally:
+        gateway.cleanup()
+
+
+def test_docker_waits_for_the_grace_period_and_the_backends_to_stop() -> None:
+    import yaml
+
+    from gateway.manager.process import STOP_TIMEOUT_SECONDS
+    from tests.conftest import ROOT
+
+    service = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]["hearth"]
+    grace = float(service["environment"]["HEARTH_SHUTDOWN_GRACE"])
+    docker_waits = float(str(service["stop_grace_period"]).removesuffix("s"))
+    # Docker's SIGKILL must not land while requests finish or backends stop.
+    assert docker_waits >= grace + STOP_TIMEOUT_SECONDS
+
+
+def test_a_real_model_survives_abandoned_prefills_and_a_kill(real_models: Path) -> None:
+    gateway = Gateway(real_models).start()
+    try:
+        model = "smollm2-135m-instruct"
+        long_prompt = "Tell me about the history of bread. " * 150  # ~1,200 tokens of prefill
+        for after, read_first in [(0.0, False), (0.3, False), (0.3, False), (0.5, True)]:
+            _abandon(gateway, _chat(model, long_prompt, stream=True), after, read_first)
+        assert wait_until(lambda: _requests_held(gateway, model) == (0, 0), timeout=10)
+        question = {"role": "user", "content": "What is the capital of France? One word."}
+        body = {"model": model, "messages": [question], "max_tokens": 8, "temperature": 0}
+        reply = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
+        assert "Paris" in reply.json()["choices"][0]["message"]["content"]
+
+        # Killed with one request computing and three waiting: only the first one fails.
+        results: dict[str, object] = {}
+
+        def running() -> None:
+            results["running"] = httpx.post(
+                f"{gateway.url}/v1/chat/completions",
+                json={**body, "messages": [{"role": "user", "content": long_prompt}]},
+                timeout=60,
+            )
+
+        runner = threading.Thread(target=running)
+        runner.start()
+        assert wait_until(lambda: _requests_held(gateway, model)[0] == 1, timeout=10)
+        queuer = threading.Thread(
+            target=lambda: results.update(queued=asyncio.run(_post_all(gateway, [body] * 3)))
+        )
+        queuer.start()
+        assert wait_until(lambda: _requests_held(gateway, model) == (1, 3), timeout=10)
+        row = _backend(gateway, model)
+        assert row is not None
+        assert isinstance(row["pid"], int)
+        os.kill(row["pid"], signal.SIGKILL)
+        runner.join(60)
+        queuer.join(120)
+        crashed = results["running"]
+        assert isinstance(crashed, httpx.Response)
+        assert crashed.json()["error"]["code"] == "backend_crashed"
+        queued = results["queued"]
+        assert isinstance(queued, list)
+        assert [r.status_code for r in queued] == [200, 200, 200]
+        assert all("Paris" in r.json()["choices"][0]["message"]["content"] for r in queued)
+    finally:
+        gateway.cleanup()
