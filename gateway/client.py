@@ -77,6 +77,11 @@ class BackendClient:
             return await call
         except grpc.aio.AioRpcError as exc:
             raise from_grpc(exc, self.model) from None
+        except asyncio.CancelledError:
+            if _we_are_cancelled():
+                raise
+            # gRPC cancelled the call under us (its channel closed): the backend is gone.
+            raise BackendGone(self.model, "it went away mid-call", reached=True) from None
         finally:
             call.cancel()
 

@@ -59,6 +59,7 @@ class OpenAIError(Exception):
         code: str | None = None,
         type: str | None = None,
         retry_after: float | None = None,
+        retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -68,6 +69,9 @@ class OpenAIError(Exception):
         self.type = type or error_type(status)
         #: Seconds after which trying again makes sense (the Retry-After header).
         self.retry_after = retry_after
+        #: Whether a client should send the same request again (`x-should-retry`, which
+        #: OpenAI's SDKs obey); None leaves it to them (they retry 408, 409, 429 and 5xx).
+        self.retry = retry
 
     def body(self) -> dict[str, Any]:
         """The JSON body OpenAI clients parse."""
@@ -134,9 +138,11 @@ def from_grpc(error: grpc.aio.AioRpcError, model: str) -> OpenAIError:
 
 
 def error_response(error: OpenAIError) -> Response[dict[str, Any]]:
-    headers = None
+    headers = {}
     if error.retry_after is not None:
-        headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    if error.retry is not None:
+        headers["x-should-retry"] = "true" if error.retry else "false"
     return Response(content=error.body(), status_code=error.status, headers=headers)
 
 

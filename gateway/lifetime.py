@@ -8,8 +8,10 @@ during prompt processing, mid-stream), the handler's task is cancelled if still 
 everything registered is closed, in one place. Routes have no `finally` of their own for this:
 a stream that the framework abandons before its first byte still gives back its slot.
 
-It also bounds how long a client may take to send its body: `read_timeout` seconds for each
-part, else 408.
+It also bounds the client's pace: each part of the body within `read_timeout` seconds and the
+whole body at `MIN_BODY_RATE` on average after the first `read_timeout` (else 408), and each part
+of the answer taken within `read_timeout` (a client that stops reading a stream would otherwise
+hold its slot, and the model, for as long as it stays connected).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from gateway.errors import OpenAIError
 log = logging.getLogger("hearth.gateway")
 
 SCOPE_KEY = "hearth.life"
+#: Bytes a second a request body must average, once its first `read_timeout` has passed.
+MIN_BODY_RATE = 16 * 1024
+#: Seconds a request cancelled by the server's stop gets to unwind before what it holds is closed.
+_UNWIND_SECONDS = 5.0
 
 Closer = Callable[[], Awaitable[Any] | None]
 
@@ -87,6 +93,8 @@ class RequestLifetime:
         scope[SCOPE_KEY] = life  # type: ignore[literal-required]
         gone = asyncio.Event()
         body_read = False
+        body_bytes = 0
+        body_started: float | None = None
         answered = False
         watcher: asyncio.Task[None] | None = None
         handler: asyncio.Task[None] | None = None
@@ -103,18 +111,27 @@ class RequestLifetime:
             gone.set()
 
         async def receive_body() -> ReceiveMessage:
-            nonlocal body_read, watcher
+            nonlocal body_read, body_bytes, body_started, watcher
             if body_read:
                 await gone.wait()
                 return {"type": "http.disconnect"}
+            loop = asyncio.get_running_loop()
+            if body_started is None:
+                body_started = loop.time()
+            # Each part in time, and the whole at a least average rate: a byte a second would
+            # otherwise hold the connection for as long as the body is large.
+            allowed = body_started + self.read_timeout + body_bytes / MIN_BODY_RATE - loop.time()
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout)
+                message = await asyncio.wait_for(receive(), min(self.read_timeout, allowed))
             except TimeoutError:
                 raise OpenAIError(
                     408,
-                    f"the request body did not arrive within {self.read_timeout:g} s",
+                    f"the request body did not arrive in time (each part within "
+                    f"{self.read_timeout:g} s, the whole at {MIN_BODY_RATE // 1024} KiB/s)",
                     code="request_timeout",
                 ) from None
+            if message["type"] == "http.request":
+                body_bytes += len(message.get("body", b""))
             if message["type"] == "http.disconnect":
                 life.client_gone = True
                 body_read = True
@@ -128,7 +145,20 @@ class RequestLifetime:
             nonlocal answered
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 answered = True
-            await send(message)
+            try:
+                await asyncio.wait_for(send(message), self.read_timeout)
+            except TimeoutError:
+                # The client stopped reading: treat it as gone. (uvicorn then closes the
+                # connection, since the answer was not completed.)
+                log.warning(
+                    "client of %s read nothing for %g s; ending its request",
+                    scope["path"],
+                    self.read_timeout,
+                )
+                life.client_gone = True
+                assert handler is not None  # we are running in it
+                handler.cancel()
+                await asyncio.sleep(0)  # the cancellation lands here, as if the client had left
 
         handler = asyncio.get_running_loop().create_task(
             self.app(scope, receive_body, send_answer)  # type: ignore[arg-type]
@@ -139,6 +169,9 @@ class RequestLifetime:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 handler.cancel()  # we are cancelled (the server is stopping): so is the request
+                # Let it unwind (its gRPC call cancelled, its stream closed) before what it
+                # holds is closed under it.
+                await asyncio.wait({handler}, timeout=_UNWIND_SECONDS)
                 raise
             if not life.client_gone:
                 raise

@@ -45,6 +45,7 @@ def fault_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "backend: echo\nmax_concurrency: 2\nmax_queue: 16\noptions: {latency_ms: 40}",
     )
     write_model(directory, "cannot-start", "backend: echo\noptions: {exit_on_load: true}")
+    write_model(directory, "fast-one-slot", "backend: echo\nmax_concurrency: 1")
     write_model(directory, "dies-on-request", "backend: echo\noptions: {exit_after_words: 0}")
     return directory
 
@@ -216,6 +217,7 @@ def test_killing_a_backend_fails_only_the_request_running_on_it(gateway: Gateway
         assert crashed.status_code == 503, crashed.text
         assert crashed.json()["error"]["code"] == "backend_crashed"
         assert "SIGKILL" in crashed.json()["error"]["message"]
+        assert crashed.headers["x-should-retry"] == "false"  # OpenAI's SDKs will not resend it
         replies = results["queued"]
         assert isinstance(replies, list)
         assert [r.status_code for r in replies] == [200] * 10, [r.text for r in replies]
@@ -308,13 +310,75 @@ def test_a_client_that_sends_nothing_is_disconnected(gateway: Gateway) -> None:
         assert dripping.recv(1024) == b""
 
 
+def test_a_connection_whose_body_was_never_read_is_closed(gateway: Gateway) -> None:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as conn:
+        conn.sendall(b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        answer = conn.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 404"), answer
+        conn.sendall(b"x")
+        # Closed by the server (a reset: the body it never read was still coming), not left
+        # open with no timer running.
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := conn.recv(4096):
+                assert b"HTTP/1.1" not in chunk
+
+
+def test_a_body_dripped_a_byte_at_a_time_is_a_408(gateway: Gateway) -> None:
+    body = json.dumps({"model": "killable", "messages": [{"role": "user", "content": "x" * 40}]})
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as slow:
+        slow.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        started = time.monotonic()
+        answer = b""
+        for byte in body.encode():
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.5)  # each byte within the 1 s timeout: only the total is too slow
+            slow.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                answer += slow.recv(4096)
+            slow.setblocking(True)
+            if answer:
+                break
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert time.monotonic() - started < 5
+
+
+def test_a_client_that_stops_reading_its_stream_gives_its_slot_back(gateway: Gateway) -> None:
+    words = " ".join(["w"] * 200_000)
+    body = json.dumps(
+        {"model": "fast-one-slot", "stream": True, "messages": [{"role": "user", "content": words}]}
+    ).encode()
+    conn = socket.socket()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.connect(("127.0.0.1", gateway.port))
+    try:
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert wait_until(lambda: _requests_held(gateway, "fast-one-slot")[0] == 1, timeout=10)
+        # It reads nothing more, and stays connected: after the 1 s timeout its slot is free.
+        assert wait_until(lambda: _requests_held(gateway, "fast-one-slot") == (0, 0), timeout=10)
+        _answers_at_once(gateway, "fast-one-slot")
+    finally:
+        conn.close()
+
+
 def test_a_body_that_stops_arriving_is_a_408(gateway: Gateway) -> None:
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as slow:
         slow.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b'Content-Length: 100\r\n\r\n{"model": '
         )
-        answer = slow.recv(4096)
+        answer = b""
+        while b"}}" not in answer and (chunk := slow.recv(4096)):
+            answer += chunk
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b"request_timeout" in answer
 

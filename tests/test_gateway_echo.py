@@ -344,7 +344,9 @@ def test_backend_crash_mid_stream_then_the_next_request_works(http: httpx.Client
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         events = sse_events(response)
     assert events[-1] == "[DONE]"
-    assert json.loads(events[-2])["error"]["code"] == "backend_unavailable"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "backend_crashed"
+    assert "exited with code 17" in error["message"]
     again = http.post(
         "/v1/completions", json={"model": "echo-crash-mid", "prompt": "x", "max_tokens": 1}
     )

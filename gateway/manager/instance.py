@@ -49,6 +49,8 @@ class BackendInstance:
     dead: bool = False
     #: The gateway ended it (unload, idle, shutdown): its exit is no failure.
     deliberate_stop: bool = False
+    #: Its unexpected exit has been counted as a failure.
+    exit_noted: bool = False
     #: Idle seconds before it is unloaded (math.inf: never), as the last request left it.
     keep_alive: float = math.inf
     #: Memory planned for it before loading, and its resident memory (now, and the most seen).

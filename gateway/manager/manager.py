@@ -235,6 +235,14 @@ class BackendManager:
         lease.release()
         return result
 
+    async def failed(self, lease: Lease, error: OpenAIError) -> OpenAIError:
+        """A request's call failed after it began (a stream, mid-answer): settle what that means
+        for the backend before its slot is given back, and say what to tell the client."""
+        try:
+            return await self._settle(lease.instance, error) or error
+        finally:
+            lease.release()
+
     def preload(self, name: str) -> None:
         """Start and load `name` in the background; a failure is logged, not raised.
 
@@ -285,6 +293,8 @@ class BackendManager:
         # trusted either: the next start health-checks and loads it again.
         if instance.process is not None and not await instance.exited(timeout=2.0):
             return error
+        if instance.process is not None:
+            self._note_exit(instance, instance.process.returncode)
         if not instance.dead:
             self._forget(instance)
         if not reached:
@@ -296,6 +306,7 @@ class BackendManager:
             "request; it was not sent again, in case it was the cause (the next request "
             "starts the model afresh)",
             code="backend_crashed",
+            retry=False,  # OpenAI's SDKs would resend it, and it may crash the next one too
         )
 
     async def _ensure(self, config: ModelConfig) -> BackendInstance:
@@ -393,7 +404,13 @@ class BackendManager:
             if exc.code == "backend_start_failed":
                 self._failed(config, exc.message)
             else:  # refused before any process started (memory, say): shown, not backed off
-                self._failures[config.name] = _Failure(time.time(), exc.message, config, count=0)
+                prior = self._failures.get(config.name)
+                if prior is not None and prior.config == config and prior.count:
+                    prior.at, prior.message = time.time(), exc.message  # a crash loop goes on
+                else:
+                    self._failures[config.name] = _Failure(
+                        time.time(), exc.message, config, count=0
+                    )
             raise
 
     async def _plan_and_start(self, config: ModelConfig) -> BackendInstance:
@@ -471,17 +488,24 @@ class BackendManager:
         """A process ended: if nobody asked for it, say so; the next request starts a new one."""
         if instance.process is not None:
             self.launcher.processes.discard(instance.process)
-        if not self._closing and not instance.deliberate_stop:
-            log.warning(
-                "backend for %s %s unexpectedly; the next request starts a new one\n%s",
-                instance.config.name,
-                describe_exit(code),
-                instance.recent_output(),
-            )
-            self._failed(
-                instance.config, f"its backend {describe_exit(code)}", instance.recent_output()
-            )
+        self._note_exit(instance, code)
         self._forget(instance)
+
+    def _note_exit(self, instance: BackendInstance, code: int | None) -> None:
+        """Count an exit nobody asked for as a failure, once, whoever notices it first (the
+        exit watcher, or a request that found the backend gone)."""
+        if self._closing or instance.deliberate_stop or instance.exit_noted:
+            return
+        instance.exit_noted = True
+        log.warning(
+            "backend for %s %s unexpectedly; the next request starts a new one\n%s",
+            instance.config.name,
+            describe_exit(code),
+            instance.recent_output(),
+        )
+        self._failed(
+            instance.config, f"its backend {describe_exit(code)}", instance.recent_output()
+        )
 
     def _forget(self, instance: BackendInstance) -> None:
         """A backend that is gone (its process exited, or a remote one lost its model)."""
@@ -651,6 +675,9 @@ class BackendManager:
         """Measure every backend; end those idle past their keep_alive or drained; and if
         backends grew past the budget, unload idle ones, least recently used first."""
         now = time.monotonic()
+        for name, failure in list(self._failures.items()):
+            if time.time() - failure.at > _FAILURE_MEMORY_SECONDS and not failure.waiting(now):
+                del self._failures[name]  # long ago: a new failure starts the count afresh
         self._measure(self._serving())
         for instance in self._serving():
             if instance.dead:

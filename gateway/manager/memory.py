@@ -92,6 +92,7 @@ class MemoryPlanner:
             "machine has more to give.",
             param="model",
             code="model_too_large",
+            retry=False,  # it will not fit on a retry either
         )
 
     async def reserve(self, model: str, footprint: Footprint, timeout: float) -> Reservation:

@@ -162,9 +162,8 @@ class Launcher:
             if instance.process is not None and instance.process.returncode is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(instance.process.wait(), 1.0)
-                raise start_failure(
-                    instance, f"exited with code {instance.process.returncode} while starting"
-                )
+                how = describe_exit(instance.process.returncode)
+                raise start_failure(instance, f"{how} while starting")
             listening = socket_path is None or socket_path.exists()
             if listening and await instance.client.healthy(timeout=1.0):
                 return
@@ -229,7 +228,8 @@ def start_failure(instance: BackendInstance, what: str) -> OpenAIError:
     output = instance.recent_output()
     if output:
         message += f"\nlast backend output:\n{output}"
-    return OpenAIError(500, message, code="backend_start_failed")
+    # Not worth an SDK's automatic retry: the server itself tries again (see the backoff).
+    return OpenAIError(500, message, code="backend_start_failed", retry=False)
 
 
 async def terminate(process: asyncio.subprocess.Process) -> None:

@@ -125,6 +125,9 @@ async def stream_text(
                     yield _event(chunk)
                 item = await anext(stream, None)
         except OpenAIError as exc:
+            # Before the slot goes back: a backend that died must be known dead to the
+            # requests queued behind this one.
+            exc = await manager.failed(lease, exc)
             yield _event(exc.body())
         lease.release()  # done: the next request need not wait for the last bytes to leave
         yield "[DONE]"
