@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -185,6 +187,22 @@ def test_embedding_model(client: openai.OpenAI, http: httpx.Client) -> None:
     assert tokens.json()["error"]["param"] == "input"
 
 
+def test_an_embedding_input_longer_than_the_model_reads_is_400(
+    client: openai.OpenAI, http: httpx.Client
+) -> None:
+    body = {"model": "tiny-llama-embed", "input": ["hot day", "the water " * 200]}
+    response = http.post("/v1/embeddings", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("input_too_long", "input")
+    assert "input[1]" in error["message"]
+    assert "at most 256" in error["message"], "the context (and batch) of the YAML"
+    result = client.embeddings.create(
+        model="tiny-llama-embed", input=["the water " * 20], encoding_format="float"
+    )
+    assert result.usage.prompt_tokens <= 256
+
+
 def test_yaml_chat_template_replaces_the_models_own(
     client: openai.OpenAI, http: httpx.Client
 ) -> None:
@@ -301,3 +319,107 @@ def test_a_recurrent_model_answers_prompts_that_share_a_beginning(
     expected = {p: complete("tiny-mamba-fresh", p) for p in (first, second)}
     for prompt in (first, second, first, first, second):
         assert complete("tiny-mamba", prompt) == expected[prompt]
+
+
+# response_format schemas on the real SmolLM2 -----------------------------------------------------
+
+SMOLLM2 = "smollm2-135m-instruct"
+STRING = {"type": "string"}
+LEFT_RECURSIVE = {
+    "$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}},
+    "anyOf": [{"$ref": "#/$defs/a"}],
+}
+# Each of these crashed the backend (llama.cpp's stack, or a NULL grammar sampled from) or held
+# it for minutes; the answer must name what is too big.
+SCHEMAS_LLAMA_CPP_CANNOT_TAKE = {
+    "long array": (
+        {"type": "array", "items": {"type": "string"}, "maxItems": 10000},
+        "schema_too_complex",
+        "maxItems 10000 makes a grammar too deep for llama.cpp (limit 500",
+    ),
+    "long string": (
+        {"type": "string", "maxLength": 20000},
+        "schema_too_complex",
+        "maxLength 20000 makes a grammar too deep",
+    ),
+    "deep arrays": (
+        {
+            "type": "array",
+            "items": {
+                "type": "array",
+                "items": {"type": "array", "items": STRING, "maxItems": 5000},
+            },
+        },
+        "schema_too_complex",
+        "maxItems 5000 at /items/items makes a grammar too deep",
+    ),
+    "ambiguous pattern": (
+        {"type": "string", "pattern": "^(.?){64}$"},
+        "schema_too_complex",
+        "64 optional parts in a row",
+    ),
+    "left recursion": (LEFT_RECURSIVE, "invalid_json_schema", "refers to itself"),
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2(real_models: Path) -> Iterator[Gateway]:
+    gateway = Gateway(real_models).start()
+    yield gateway
+    gateway.cleanup()
+
+
+def json_schema_chat(schema: object, prompt: str, max_tokens: int) -> dict[str, object]:
+    return {
+        "model": SMOLLM2,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    }
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("case", SCHEMAS_LLAMA_CPP_CANNOT_TAKE)
+def test_a_schema_llama_cpp_cannot_take_is_a_400_and_the_backend_lives_on(
+    smollm2: Gateway, case: str
+) -> None:
+    schema, code, words = SCHEMAS_LLAMA_CPP_CANNOT_TAKE[case]
+    plain = {"model": SMOLLM2, "messages": MESSAGES, "max_tokens": 4, "temperature": 0.0}
+    with httpx.Client(base_url=smollm2.url, timeout=120) as http:
+        assert http.post("/v1/chat/completions", json=plain).status_code == 200
+        backends = smollm2.backend_pids()
+        assert len(backends) == 1
+        response = http.post("/v1/chat/completions", json=json_schema_chat(schema, "hi", 16))
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["code"], error["param"]) == (code, "response_format")
+        assert words in error["message"]
+        after = http.post("/v1/chat/completions", json=plain)
+        assert after.status_code == 200, after.text
+        assert after.json()["choices"][0]["message"]["content"]
+        assert smollm2.backend_pids() == backends, "the same backend process answered"
+
+
+@pytest.mark.real_model
+def test_a_bounded_schema_still_gives_json_that_matches_it(smollm2: Gateway) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "fruits": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 200},
+                "minItems": 1,
+                "maxItems": 20,
+            }
+        },
+        "required": ["fruits"],
+    }
+    body = json_schema_chat(schema, "Name three fruits, as JSON.", 300)
+    response = httpx.post(f"{smollm2.url}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    fruits = json.loads(choice["message"]["content"])["fruits"]
+    assert 1 <= len(fruits) <= 20
+    assert all(isinstance(fruit, str) and len(fruit) <= 200 for fruit in fruits)

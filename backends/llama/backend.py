@@ -16,9 +16,11 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 from google.protobuf import json_format
 
-from backends.runtime import Backend, Capability, invalid
+from backends.llama.grammar import grammar_for_schema, llama_grammar
+from backends.runtime import Backend, BackendError, Capability, invalid
 from backends.runtime.text import (
     StopText,
     no_chat_template,
@@ -27,8 +29,11 @@ from backends.runtime.text import (
     token_budget,
 )
 from protos.hearth.backend.v1 import backend_pb2 as pb
+from protos.hearth.backend.v1.contract import Reason
 
 log = logging.getLogger("hearth.backend.llama")
+#: Embedding inputs computed in one go; a cancelled call stops between groups.
+_EMBED_GROUP = 16
 
 DEFAULT_CONTEXT_SIZE = 4096
 # llama.cpp's own sampling defaults, used where neither request nor YAML says otherwise.
@@ -193,22 +198,16 @@ class LlamaBackend(Backend):
         return list(llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True))
 
     def _grammar(self, request: pb.GenerateRequest) -> Any:
-        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+        """The grammar the response format asks for, checked before llama.cpp sees it: a
+        schema can make one that crashes it or stalls it (see backends/llama/grammar.py)."""
+        from llama_cpp.llama_grammar import JSON_GBNF
 
         kind = request.response_format.type
-        try:
-            if kind == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
-                return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-            if kind == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
-                return LlamaGrammar.from_json_schema(
-                    request.response_format.json_schema, verbose=False
-                )
-        except Exception as exc:
-            raise invalid(
-                "invalid_json_schema",
-                f"cannot turn this JSON schema into a grammar: {exc}",
-                param="response_format",
-            ) from None
+        if kind == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
+            return llama_grammar(self.llm._model.vocab, JSON_GBNF)
+        if kind == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+            text = grammar_for_schema(request.response_format.json_schema, self.llm.n_vocab())
+            return llama_grammar(self.llm._model.vocab, text)
         return None
 
     def generate_stream(
@@ -346,8 +345,35 @@ class LlamaBackend(Backend):
                 f"this model makes {size}-dimensional embeddings",
                 param="dimensions",
             )
+        # llama.cpp reads an input for an embedding in one physical batch (its server refuses a
+        # longer one too); llama-cpp-python would cut it short without a word. Refuse it instead,
+        # and one past the request's own bound, before any of them is computed.
+        own = int(self.llm.context_params.n_ubatch)
+        limit = min(own, request.max_input_tokens or own)
         with self.lock:
-            self.follow_threads()
-            rows, count = self.llm.embed(texts, normalize=False, truncate=True, return_count=True)
+            for index, text in enumerate(texts):
+                tokens = len(self.llm.tokenize(text.encode("utf-8")))  # as embed() counts them
+                if tokens > limit:
+                    whose = "this model reads" if limit == own else "this server embeds"
+                    raise invalid(
+                        Reason.INPUT_TOO_LONG,
+                        f"input[{index}] is {tokens} tokens; {whose} at most {limit} in one input",
+                        param="input",
+                    )
+            # A few inputs at a time, so that a client who leaves stops the work between groups.
+            rows: list[Any] = []
+            count = 0
+            for start in range(0, len(texts), _EMBED_GROUP):
+                if cancelled.is_set():
+                    raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
+                self.follow_threads()
+                group, used = self.llm.embed(
+                    texts[start : start + _EMBED_GROUP],
+                    normalize=False,
+                    truncate=False,
+                    return_count=True,
+                )
+                rows.extend(group)
+                count += used
         vectors = [pb.Embedding(values=_unit(row)) for row in rows]
         return pb.EmbedResponse(embeddings=vectors, prompt_tokens=count)

@@ -39,6 +39,9 @@ STOP_GRACE_SECONDS = 5.0
 #: The longest SetThreads waits for the engine's next step to apply a new thread count.
 SET_THREADS_WAIT_SECONDS = 1.0
 _PARENT_POLL_SECONDS = 1.0
+#: Stack of each engine thread (the default of most Linux systems, made explicit: a container's
+#: or a musl libc's default can be far smaller).
+ENGINE_STACK_BYTES = 8 * 1024 * 1024
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -60,6 +63,9 @@ class _Runtime:
         self.backend = backend
         # Engine calls run on a fixed set of threads (by default one): engines keep per-thread
         # state (an OpenMP team in torch), and a new calling thread per call costs them dearly.
+        # A stack of known size: engines recurse in C (llama.cpp's grammar parser, about 440
+        # bytes a level; the llama backend's schema check keeps it far below this).
+        threading.stack_size(ENGINE_STACK_BYTES)
         self.engine = ThreadPoolExecutor(backend.engine_threads, thread_name_prefix="engine")
         self.health = health_servicer
         self.state = pb.MODEL_STATE_UNLOADED
