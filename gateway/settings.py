@@ -83,22 +83,10 @@ class Settings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, not {value}")
-        for name in (
-            "max_body_bytes",
-            "max_json_depth",
-            "max_stop_sequences",
-            "max_stop_length",
-            "max_embedding_inputs",
-            "max_embedding_input_tokens",
-            "max_images",
-            "max_image_side",
-            "max_image_steps",
-            "max_image_work",
-            "max_tokenize_chars",
-            "max_upload_bytes",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1")
+        for f in fields(self):
+            # Every bound (max_*) that is a count or a size: a limit of 0 would refuse all.
+            if f.name.startswith("max_") and f.type == "int" and getattr(self, f.name) < 1:
+                raise ValueError(f"{f.name.replace('_', '-')} must be at least 1")
         for name in ("max_audio_seconds", "read_timeout", "idle_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.replace('_', '-')} must be more than 0")
@@ -128,47 +116,22 @@ class Settings:
         return replace(settings, models_dir=Path(settings.models_dir))
 
 
-_INTS = frozenset(
-    {
-        "port",
-        "cpus",
-        "max_loaded_models",
-        "max_json_depth",
-        "max_stop_sequences",
-        "max_stop_length",
-        "max_embedding_inputs",
-        "max_embedding_input_tokens",
-        "max_images",
-        "max_image_side",
-        "max_image_steps",
-        "max_image_work",
-        "max_tokenize_chars",
-    }
-)
-_FLOATS = frozenset(
-    {
-        "backend_start_timeout",
-        "load_timeout",
-        "request_timeout",
-        "image_ttl",
-        "max_audio_seconds",
-        "read_timeout",
-        "idle_timeout",
-        "shutdown_grace",
-    }
-)
+#: Settings given as sizes ("25MB", "10M", bytes).
+_SIZES = frozenset({"memory", "max_body_bytes", "max_upload_bytes"})
+_TYPES = {f.name: str(f.type) for f in fields(Settings)}
 
 
 def _parse(name: str, raw: str) -> Any:
-    if name in {"memory", "max_body_bytes", "max_upload_bytes"}:
+    kind = _TYPES[name].removesuffix(" | None")
+    if name in _SIZES:
         return parse_size(raw)
-    if name in _INTS:
+    if kind == "int":
         return int(raw)  # ranges are Settings.__post_init__'s to check, for flags too
     if name == "share_cores":
         if raw.strip().lower() not in {"0", "1", "true", "false", "on", "off", "yes", "no"}:
             raise ValueError("use 1 or 0")
         return raw.strip().lower() in {"1", "true", "on", "yes"}
-    if name in _FLOATS:
+    if kind == "float":
         return float(raw)
     if name in {"models_dir", "runtime_dir"}:
         return Path(raw)

@@ -71,15 +71,20 @@ def _requests_held(gateway: Gateway, model: str) -> tuple[int, int]:
     return held["in_flight"], held["queued"]
 
 
-def _chat(model: str, content: str, stream: bool = False) -> bytes:
-    body = json.dumps(
-        {"model": model, "stream": stream, "messages": [{"role": "user", "content": content}]}
+def _post(path: str, body: dict[str, object], send_body: bool = True) -> bytes:
+    """An HTTP/1.1 POST of `body` as JSON, as bytes for a raw socket (just its head, unless
+    `send_body`)."""
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
     ).encode()
-    return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
+    return head + data if send_body else head
+
+
+def _chat(model: str, content: str, stream: bool = False) -> bytes:
+    messages = [{"role": "user", "content": content}]
+    return _post("/v1/chat/completions", {"model": model, "stream": stream, "messages": messages})
 
 
 def _abandon(gateway: Gateway, request: bytes, after: float, read_first: bool = False) -> None:
@@ -158,12 +163,7 @@ def test_every_route_stops_the_backend_when_its_client_leaves(
     gateway: Gateway, path: str, body: dict[str, object], said: str
 ) -> None:
     before = gateway.log().count(said)
-    data = json.dumps(body).encode()
-    request = (
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\n\r\n"
-    ).encode() + data
-    _abandon(gateway, request, 0.6)  # 60 inputs or words at 30 ms: 1.8 s of work
+    _abandon(gateway, _post(path, body), 0.6)  # 60 inputs or words at 30 ms: 1.8 s of work
     assert wait_until(lambda: gateway.log().count(said) > before, timeout=1.0)
     assert wait_until(lambda: _requests_held(gateway, "one-slot") == (0, 0), timeout=1.0)
 
@@ -324,15 +324,12 @@ def test_a_connection_whose_body_was_never_read_is_closed(gateway: Gateway) -> N
 
 
 def test_a_body_dripped_a_byte_at_a_time_is_a_408(gateway: Gateway) -> None:
-    body = json.dumps({"model": "killable", "messages": [{"role": "user", "content": "x" * 40}]})
+    body: dict[str, object] = {"model": "killable", "messages": [{"role": "user", "content": "x"}]}
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as slow:
-        slow.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        )
+        slow.sendall(_post("/v1/chat/completions", body, send_body=False))
         started = time.monotonic()
         answer = b""
-        for byte in body.encode():
+        for byte in json.dumps(body).encode():
             try:
                 slow.sendall(bytes([byte]))
             except OSError:
@@ -350,18 +347,11 @@ def test_a_body_dripped_a_byte_at_a_time_is_a_408(gateway: Gateway) -> None:
 
 def test_a_client_that_stops_reading_its_stream_gives_its_slot_back(gateway: Gateway) -> None:
     words = " ".join(["w"] * 200_000)
-    body = json.dumps(
-        {"model": "fast-one-slot", "stream": True, "messages": [{"role": "user", "content": words}]}
-    ).encode()
     conn = socket.socket()
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     conn.connect(("127.0.0.1", gateway.port))
     try:
-        conn.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
+        conn.sendall(_chat("fast-one-slot", words, stream=True))
         assert wait_until(lambda: _requests_held(gateway, "fast-one-slot")[0] == 1, timeout=10)
         # It reads nothing more, and stays connected: after the 1 s timeout its slot is free.
         assert wait_until(lambda: _requests_held(gateway, "fast-one-slot") == (0, 0), timeout=10)
