@@ -141,10 +141,12 @@ def test_streams_abandoned_at_any_moment_give_their_slot_back(gateway: Gateway) 
 
 
 def test_a_unary_request_abandoned_stops_the_backend_work(gateway: Gateway) -> None:
-    # 60 words at 30 ms: 1.8 s of work, abandoned after 0.3 s.
+    # 60 words at 30 ms: 1.8 s of work, abandoned after 0.3 s. The backend says when it stops
+    # early, and only then.
+    before = gateway.log().count("stream cancelled after")
     _abandon(gateway, _chat("one-slot", LONG), 0.3)
-    assert wait_until(lambda: _requests_held(gateway, "one-slot") == (0, 0), timeout=1.0)
-    assert wait_until(lambda: "stream cancelled after" in gateway.log(), timeout=1.0)
+    assert wait_until(lambda: gateway.log().count("stream cancelled after") > before, timeout=5)
+    assert wait_until(lambda: _requests_held(gateway, "one-slot") == (0, 0), timeout=5)
     _answers_at_once(gateway, "one-slot")
 
 
@@ -164,8 +166,8 @@ def test_every_route_stops_the_backend_when_its_client_leaves(
 ) -> None:
     before = gateway.log().count(said)
     _abandon(gateway, _post(path, body), 0.6)  # 60 inputs or words at 30 ms: 1.8 s of work
-    assert wait_until(lambda: gateway.log().count(said) > before, timeout=1.0)
-    assert wait_until(lambda: _requests_held(gateway, "one-slot") == (0, 0), timeout=1.0)
+    assert wait_until(lambda: gateway.log().count(said) > before, timeout=5)
+    assert wait_until(lambda: _requests_held(gateway, "one-slot") == (0, 0), timeout=5)
 
 
 async def _post_all(
@@ -412,7 +414,7 @@ def test_stopping_lets_requests_in_flight_finish(fault_models: Path) -> None:
 def test_stopping_ends_requests_that_outlast_the_grace_period(fault_models: Path) -> None:
     gateway = Gateway(fault_models, env={"HEARTH_SHUTDOWN_GRACE": "1"}).start()
     try:
-        slow = " ".join(["w"] * 400)  # 8 s at 20 ms a word
+        slow = " ".join(["w"] * 1500)  # 30 s at 20 ms a word
 
         def stream() -> None:
             with (
@@ -438,7 +440,7 @@ def test_stopping_ends_requests_that_outlast_the_grace_period(fault_models: Path
         # uvicorn ends by re-raising the signal it caught, once it has shut down.
         assert gateway.stop(signal.SIGTERM, timeout=30) in {0, -signal.SIGTERM}
         assert "Finished server process" in gateway.log()
-        assert time.monotonic() - started < 6  # 1 s grace, then backends stop
+        assert time.monotonic() - started < 12  # 1 s grace, then backends stop: not 30 s
         streamer.join(30)
         assert gateway.backend_pids() == []
     finally:
