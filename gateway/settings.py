@@ -68,7 +68,7 @@ class Settings:
     max_image_steps: int = 150
     max_image_work: int = 500
     #: Longest text for /v1/tokenize, in characters.
-    max_tokenize_chars: int = 1_000_000
+    max_tokenize_chars: int = 200_000
 
     # Staying up: connections and shutdown.
     #: Seconds a client has to send a request's headers, and then each part of its body.

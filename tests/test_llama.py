@@ -423,3 +423,20 @@ def test_a_bounded_schema_still_gives_json_that_matches_it(smollm2: Gateway) -> 
     fruits = json.loads(choice["message"]["content"])["fruits"]
     assert 1 <= len(fruits) <= 20
     assert all(isinstance(fruit, str) and len(fruit) <= 200 for fruit in fruits)
+
+
+def test_a_prompt_far_past_the_context_is_refused_without_reading_it_all(
+    smollm2: Gateway,
+) -> None:
+    # 30,000 one-word messages: each brings the template's special tokens, which llama.cpp's
+    # tokenizer reads in quadratic time (this request used to hold the model for minutes).
+    messages = [{"role": "user", "content": "x"}] * 30_000
+    body = {"model": "smollm2-135m-instruct", "messages": messages, "max_tokens": 1}
+    reply = httpx.post(f"{smollm2.url}/v1/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert error["param"] == "messages"
+    assert "more than" in error["message"]  # counted on its start, not read to the end
+    hello = {"model": "smollm2-135m-instruct", "messages": [messages[0]], "max_tokens": 2}
+    assert httpx.post(f"{smollm2.url}/v1/chat/completions", json=hello, timeout=60).is_success

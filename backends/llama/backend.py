@@ -34,6 +34,9 @@ from protos.hearth.backend.v1.contract import Reason
 log = logging.getLogger("hearth.backend.llama")
 #: Embedding inputs computed in one go; a cancelled call stops between groups.
 _EMBED_GROUP = 16
+#: A prompt longer than this many characters per token of context is first counted on its
+#: start, which tells for any usual text whether the whole can fit.
+_PROMPT_CHARS_PER_TOKEN = 16
 
 DEFAULT_CONTEXT_SIZE = 4096
 # llama.cpp's own sampling defaults, used where neither request nor YAML says otherwise.
@@ -184,9 +187,8 @@ class LlamaBackend(Backend):
     # Text -------------------------------------------------------------------------------------
 
     def _prompt_tokens(self, request: pb.GenerateRequest) -> list[int]:
-        llm = self.llm
         if request.WhichOneof("input") != "chat":
-            return list(llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True))
+            return self._tokenize_prompt(request, request.prompt, add_bos=True)
         if self.formatter is None:
             raise no_chat_template()
         messages, tools = template_inputs(request.chat)
@@ -195,7 +197,25 @@ class LlamaBackend(Backend):
         except Exception as exc:  # the template's own raise_exception, or a Jinja error
             raise template_rejected(exc) from None
         # The template writes BOS itself where the model wants one.
-        return list(llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True))
+        return self._tokenize_prompt(request, formatted.prompt, add_bos=False)
+
+    def _tokenize_prompt(self, request: pb.GenerateRequest, text: str, add_bos: bool) -> list[int]:
+        """The prompt's tokens, refusing one far past the context before reading all of it:
+        llama.cpp's tokenizer takes quadratic time in the special tokens of a text (200,000
+        one-word chat messages took minutes), and a prompt that cannot fit is a 400 anyway."""
+        llm, context = self.llm, self.llm.n_ctx()
+        head_chars = context * _PROMPT_CHARS_PER_TOKEN
+        if len(text) > head_chars:
+            head = llm.tokenize(text[:head_chars].encode("utf-8"), add_bos=add_bos, special=True)
+            # Cutting the text splits at most one token in two: the whole has len(head) - 1 or more.
+            if len(head) - 1 >= context:
+                raise invalid(
+                    Reason.CONTEXT_LENGTH_EXCEEDED,
+                    f"the prompt is more than {len(head) - 1} tokens, and this model's context "
+                    f"holds {context}: shorten the prompt or raise context_size in the model YAML",
+                    param="messages" if request.WhichOneof("input") == "chat" else "prompt",
+                )
+        return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
     def _grammar(self, request: pb.GenerateRequest) -> Any:
         """The grammar the response format asks for, checked before llama.cpp sees it: a
