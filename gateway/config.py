@@ -145,7 +145,12 @@ def parse_keep_alive(value: str | int | float) -> float:
             seconds = -seconds
     if math.isnan(seconds):
         raise ValueError(f"not a keep_alive: {value!r}")
-    return math.inf if seconds < 0 else seconds
+    # Negative, or longer than any server runs: forever.
+    return math.inf if seconds < 0 or seconds >= _FOREVER_SECONDS else seconds
+
+
+#: A keep_alive this long (100 years) or longer means the same as -1.
+_FOREVER_SECONDS = 100 * 365 * 86400.0
 
 
 def _read_yaml(path: Path, limits: YAMLLimits = MODEL_FILE_LIMITS) -> Any:

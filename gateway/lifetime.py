@@ -17,13 +17,24 @@ hold its slot, and the model, for as long as it stays connected).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from litestar import Request
-from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
+from litestar.types import (
+    ASGIApp,
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    Message,
+    Receive,
+    ReceiveMessage,
+    Scope,
+    Send,
+)
 
 from gateway.errors import OpenAIError
 
@@ -96,6 +107,8 @@ class RequestLifetime:
         body_bytes = 0
         body_started: float | None = None
         answered = False
+        started = False
+        event_stream = False
         watcher: asyncio.Task[None] | None = None
         handler: asyncio.Task[None] | None = None
 
@@ -142,8 +155,12 @@ class RequestLifetime:
             return message
 
         async def send_answer(message: Message) -> None:
-            nonlocal answered
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
+            nonlocal answered, started, event_stream
+            if message["type"] == "http.response.start":
+                started = True
+                headers = dict(message.get("headers", ()))
+                event_stream = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 answered = True
             try:
                 await asyncio.wait_for(send(message), self.read_timeout)
@@ -172,14 +189,51 @@ class RequestLifetime:
                 # Let it unwind (its gRPC call cancelled, its stream closed) before what it
                 # holds is closed under it.
                 await asyncio.wait({handler}, timeout=_UNWIND_SECONDS)
+                task.uncancel()  # ours to finish: tell the client, rather than cut it off
+                if not answered:
+                    await _cut_short(send, started, event_stream)
+            elif not life.client_gone:
                 raise
-            if not life.client_gone:
-                raise
-            # The handler was cancelled because its client left: nobody to answer.
+            # Else the handler was cancelled because its client left: nobody to answer.
         finally:
             if watcher is not None:
                 watcher.cancel()
             await life.end()
+
+
+async def _cut_short(send: Send, started: bool, event_stream: bool) -> None:
+    """End an answer the server's stop cut short: a 503 if none had begun; for a stream, one
+    SSE error event and [DONE], as for any error mid-stream. Anything else just ends."""
+    error = OpenAIError(
+        503, "the server is shutting down; try again once it is back", code="shutting_down"
+    )
+    body = json.dumps(error.body()).encode()
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            if not started:
+                start: HTTPResponseStartEvent = {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close"),
+                    ],
+                }
+                await send(start)
+                whole: HTTPResponseBodyEvent = {
+                    "type": "http.response.body",
+                    "body": body,
+                    "more_body": False,
+                }
+                await send(whole)
+            elif event_stream:
+                ending: HTTPResponseBodyEvent = {
+                    "type": "http.response.body",
+                    "body": b"data: " + body + b"\r\n\r\ndata: [DONE]\r\n\r\n",
+                    "more_body": False,
+                }
+                await send(ending)
 
 
 def lifetime_middleware(read_timeout: float) -> Callable[[ASGIApp], ASGIApp]:

@@ -168,7 +168,7 @@ def test_sizes_read_as_people_do() -> None:
     ("value", "seconds"),
     [("5m", 300.0), ("30s", 30.0), ("1h", 3600.0), (90, 90.0), (0, 0.0), ("0", 0.0),
      (-1, math.inf), ("-1", math.inf), ("-5m", math.inf), (2.5, 2.5),
-     ("1h30m", 5400.0), ("5m0s", 300.0)],
+     ("1h30m", 5400.0), ("5m0s", 300.0), (1e300, math.inf), ("99999999999999h", math.inf)],
 )  # fmt: skip
 def test_keep_alive_values(value: str | int | float, seconds: float) -> None:
     assert parse_keep_alive(value) == seconds

@@ -289,9 +289,13 @@ def test_a_crash_looping_backend_is_restarted_with_backoff(
     assert "backend_failing" in codes
     assert retry_after
     assert all(1 <= s <= 60 for s in retry_after)
+    # Each start fails one request at most; everyone else hears "failing, retry later".
+    assert codes.count(first_code) <= starts
+    assert set(codes) == {first_code, "backend_failing"}
     row = _backend(gateway, model)
     assert row is not None
     assert row["failures"] >= 2
+    assert row["last_output"]  # the backend's own last words, for its admin
     failing = httpx.post(
         f"{gateway.url}/v1/chat/completions",
         json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
@@ -415,6 +419,7 @@ def test_stopping_ends_requests_that_outlast_the_grace_period(fault_models: Path
     gateway = Gateway(fault_models, env={"HEARTH_SHUTDOWN_GRACE": "1"}).start()
     try:
         slow = " ".join(["w"] * 1500)  # 30 s at 20 ms a word
+        lines: list[str] = []
 
         def stream() -> None:
             with (
@@ -430,8 +435,7 @@ def test_stopping_ends_requests_that_outlast_the_grace_period(fault_models: Path
                     timeout=30,
                 ) as reply,
             ):
-                for _ in reply.iter_lines():
-                    pass
+                lines.extend(reply.iter_lines())
 
         streamer = threading.Thread(target=stream)
         streamer.start()
@@ -443,6 +447,11 @@ def test_stopping_ends_requests_that_outlast_the_grace_period(fault_models: Path
         assert time.monotonic() - started < 12  # 1 s grace, then backends stop: not 30 s
         streamer.join(30)
         assert gateway.backend_pids() == []
+        # The stream was told, as for any error mid-stream, not cut off.
+        events = [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][6:])["error"]["code"] == "shutting_down"
+        assert "Exception in ASGI application" not in gateway.log()
     finally:
         gateway.cleanup()
 

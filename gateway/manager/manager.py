@@ -29,7 +29,7 @@ from gateway.manager.cpu import Demand, divide
 from gateway.manager.footprint import FootprintBook
 from gateway.manager.instance import BackendInstance, State
 from gateway.manager.memory import MemoryPlanner
-from gateway.manager.process import Launcher, describe_exit, load_request_for
+from gateway.manager.process import OUTPUT_HEADING, Launcher, describe_exit, load_request_for
 from gateway.manager.registry import ModelRegistry
 from gateway.manager.supervisor import Supervisor
 from gateway.settings import Settings
@@ -354,7 +354,7 @@ class BackendManager:
             f"{failure.message}); the server tries it again in {math.ceil(wait)} s"
         )
         if failure.output:
-            message += f"\nlast backend output:\n{failure.output}"
+            message += f"{OUTPUT_HEADING}{failure.output}"
         raise OpenAIError(503, message, code="backend_failing", retry_after=wait)
 
     def _failed(self, config: ModelConfig, message: str, output: str = "") -> None:
@@ -402,7 +402,11 @@ class BackendManager:
             return await self._plan_and_start(config)
         except OpenAIError as exc:
             if exc.code == "backend_start_failed":
-                self._failed(config, exc.message)
+                message, _, output = exc.message.partition(OUTPUT_HEADING)
+                self._failed(config, message, output)
+                # In a crash loop, the requests that waited on this start are told as the
+                # next ones will be: failing, and when to try again.
+                self._refuse_if_failing(config)
             else:  # refused before any process started (memory, say): shown, not backed off
                 prior = self._failures.get(config.name)
                 if prior is not None and prior.config == config and prior.count:

@@ -208,6 +208,10 @@ class Launcher:
         await instance.client.channel.close()
 
 
+#: What separates an error's message from the backend's last output lines.
+OUTPUT_HEADING = "\nlast backend output:\n"
+
+
 def describe_exit(code: int | None) -> str:
     """How a process ended, in words: "was killed by SIGSEGV", "exited with code 3"."""
     if code is None:
@@ -227,7 +231,7 @@ def start_failure(instance: BackendInstance, what: str) -> OpenAIError:
     message = f"the {config.backend} backend for model '{config.name}' {what}"
     output = instance.recent_output()
     if output:
-        message += f"\nlast backend output:\n{output}"
+        message += f"{OUTPUT_HEADING}{output}"
     # Not worth an SDK's automatic retry: the server itself tries again (see the backoff).
     return OpenAIError(500, message, code="backend_start_failed", retry=False)
 
