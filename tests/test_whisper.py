@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import shutil
 import subprocess
@@ -392,3 +393,164 @@ def test_decoder_matches_faster_whisper(sox: str, fox_wav: bytes, tmp_path: Path
         with pytest.raises(BackendError) as refused:
             decode(audio, max_seconds=seconds - 0.5)
         assert refused.value.reason == "audio_too_long"
+
+
+# Long audio, transcribed in chunks --------------------------------------------------------------
+
+#: Spoken by espeak-ng in about 40 s: with 30 s chunks, two of them.
+STORY = (
+    "The lighthouse keeper climbed the narrow stairs every evening at six. "
+    "He lit the great lamp, wound the clockwork, and wrote the weather in his book. "
+    "On stormy nights the waves reached the windows, and the whole tower hummed. "
+    "Ships passed far out at sea, and none of them ever knew his name. "
+    "In spring, the gulls came back, and he counted them from the gallery. "
+    "When winter came, he wrote long letters to his sister in the city by the river. "
+    "The baker on the corner sold bread with raisins and walnuts on Fridays. "
+    "Children ran along the harbour wall, chasing the cats and the crabs. "
+    "A red bicycle leaned against the post office all summer long. "
+    "Nobody ever came to claim it, so the postman painted it blue."
+)
+#: A word of each sentence that whisper-base gets right.
+STORY_WORDS = (
+    "lighthouse clockwork stormy ships spring winter corner children summer postman".split()
+)
+#: What the backend's peak memory may rise by while it transcribes 25 minutes: the samples
+#: (about 90 MiB) and one chunk's features, where one faster-whisper call on all of it took
+#: about 1.5 GB.
+CHUNKED_GROWTH_BYTES = 400 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def short_chunks(tmp_path_factory: pytest.TempPathFactory, real_models: Path) -> Iterator[Gateway]:
+    """A gateway serving whisper-base in 30 s chunks, and a model whose chunks are too short."""
+    models = tmp_path_factory.mktemp("short-chunks")
+    link_tree(real_models / "whisper-base", models / "whisper-base")
+    write_model(
+        models,
+        "whisper-base",
+        "backend: whisper\nmodel: whisper-base\noptions: {chunk_seconds: 30}",
+    )
+    write_model(
+        models,
+        "whisper-tiny-chunks",
+        "backend: whisper\nmodel: whisper-base\noptions: {chunk_seconds: 5}",
+    )
+    running = Gateway(models).start()
+    try:
+        yield running
+    finally:
+        running.cleanup()
+
+
+@pytest.mark.real_model
+def test_long_audio_is_transcribed_in_chunks_without_a_seam(
+    short_chunks: Gateway, espeak: str
+) -> None:
+    story = speak(espeak, STORY)
+    seconds = len(story) / 2 / 22050
+    assert 30 < seconds < 60, seconds
+    result = transcribe(
+        short_chunks.client(timeout=120),
+        story,
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+    )
+    text = result.text.lower()  # type: ignore[attr-defined]
+    assert [w for w in STORY_WORDS if w not in text] == [], text
+    assert result.language == "en"  # type: ignore[attr-defined]
+    assert result.duration == pytest.approx(seconds, abs=0.1)  # type: ignore[attr-defined]
+    segments = result.segments  # type: ignore[attr-defined]
+    assert [s.id for s in segments] == list(range(len(segments)))
+    spans = [(s.start, s.end) for s in segments]
+    assert_increasing(spans)
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans)), spans
+    # The second chunk's segments are on the whole audio's clock, to its end.
+    assert spans[0][0] < 1
+    assert seconds - 2 < spans[-1][1] <= seconds + 0.5, spans
+    assert any(start > 30 for start, _ in spans), spans
+    words = result.words  # type: ignore[attr-defined]
+    starts = [w.start for w in words]
+    assert starts == sorted(starts)
+    assert words[-1].end > seconds - 2
+    assert words[-1].word.strip(" .").lower() == "blue"
+
+
+@pytest.mark.real_model
+def test_chunks_shorter_than_a_window_are_refused(short_chunks: Gateway, fox_wav: bytes) -> None:
+    response = httpx.post(
+        f"{short_chunks.url}/v1/audio/transcriptions",
+        files={"file": ("fox.wav", fox_wav)},
+        data={"model": "whisper-tiny-chunks"},
+        timeout=60,
+    )
+    # A mistake in the model YAML, not in the request: the load fails and says which option.
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert error["code"] == "backend_start_failed"
+    assert "options.chunk_seconds must be a number of seconds, at least 30" in error["message"]
+
+
+@pytest.fixture(scope="module")
+def tiny_only(
+    tmp_path_factory: pytest.TempPathFactory, tiny_whisper: Path, fox_wav: bytes
+) -> Iterator[Gateway]:
+    """A gateway serving the tiny Whisper model alone, with the default chunks, loaded."""
+    models = tmp_path_factory.mktemp("tiny-only")
+    link_tree(tiny_whisper, models / "tiny-whisper")
+    write_model(
+        models,
+        "tiny-whisper",
+        "backend: whisper\nmodel: tiny-whisper\n"
+        "options: {beam_size: 1, max_new_tokens: 8, temperature_fallback: false}",
+    )
+    running = Gateway(models).start()
+    try:
+        post_tiny(running, "fox.wav", fox_wav).raise_for_status()
+        yield running
+    finally:
+        running.cleanup()
+
+
+def post_tiny(gateway: Gateway, name: str, audio: bytes) -> httpx.Response:
+    return httpx.post(
+        f"{gateway.url}/v1/audio/transcriptions",
+        files={"file": (name, audio)},
+        data={"model": "tiny-whisper", "response_format": "verbose_json", "temperature": "0"},
+        timeout=300,
+    )
+
+
+def test_long_audio_takes_one_chunks_memory(tiny_only: Gateway, sox: str, tmp_path: Path) -> None:
+    # 25 minutes in under 100 KB: one faster-whisper call computes the features of all of it at
+    # once, about 1.5 GB.
+    path = tmp_path / "silence.flac"
+    subprocess.run(
+        [sox, "-n", "-r", "16000", "-c", "1", str(path), "trim", "0", "1500"], check=True
+    )
+    audio = path.read_bytes()
+    response, growth = peak_growth(tiny_only, lambda: post_tiny(tiny_only, "quiet.flac", audio))
+    assert response.status_code == 200, response.text
+    assert response.json()["duration"] == pytest.approx(1500)
+    assert growth < CHUNKED_GROWTH_BYTES, f"the backend grew by {growth / 2**20:.0f} MiB"
+
+
+def test_chunks_end_in_the_pauses() -> None:
+    import numpy as np
+
+    from backends.whisper.backend import SAMPLE_RATE, chunk_bounds
+
+    # 100 s of steady noise with two short pauses, where 30 s chunks should end.
+    samples = np.random.default_rng(0).uniform(-0.1, 0.1, 100 * SAMPLE_RATE).astype(np.float32)
+    pauses = [(23.0, 23.4), (46.0, 46.4)]
+    for start, end in pauses:
+        samples[round(start * SAMPLE_RATE) : round(end * SAMPLE_RATE)] = 0
+    bounds = chunk_bounds(samples, 30)
+    assert bounds[0][0] == 0
+    assert bounds[-1][1] == len(samples)
+    assert all(end == start for (_, end), (start, _) in itertools.pairwise(bounds))
+    assert all(0 < end - start <= 30 * SAMPLE_RATE for start, end in bounds)
+    assert len(bounds) == 4  # as many as 30 s chunks need: no short tail
+    cuts = [end / SAMPLE_RATE for _, end in bounds[:2]]
+    for cut, (start, end) in zip(cuts, pauses, strict=True):
+        assert start + 0.1 < cut < end - 0.1, cuts  # well inside the pause
+    assert chunk_bounds(samples[: 30 * SAMPLE_RATE], 30) == [(0, 30 * SAMPLE_RATE)]

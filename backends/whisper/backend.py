@@ -1,14 +1,17 @@
 """faster-whisper (CTranslate2): transcription and translation of audio that arrives as bytes.
 
 The upload is decoded in memory by PyAV (wav, mp3, flac, ogg, m4a, webm, ...), never written to a
-shared path, so the backend can live on another host. Segments are produced lazily by
-faster-whisper; a cancelled call stops between segments.
+shared path, so the backend can live on another host. Long audio is transcribed in chunks (see
+CHUNK_SECONDS), so that what it takes beyond its samples is bounded by the chunk. Segments are
+produced lazily by faster-whisper; a cancelled call stops between segments and between chunks.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
+import math
 import os
 import threading
 import wave
@@ -39,6 +42,23 @@ SAMPLE_RATE = 16000
 _GROUP_SAMPLES = 65536
 _COMPUTE_TYPES = ("int8", "int8_float32", "float32", "float16", "int8_float16", "default")
 
+#: The most audio given to faster-whisper at once, in seconds (options.chunk_seconds overrides
+#: it). faster-whisper computes the log-mel features of all the audio it is given before it
+#: decodes the first window, with numpy's STFT, at a peak of about 0.9 MiB per second of audio: an
+#: hour took the backend to 3.6 GB. A 240 s chunk peaks at about 230 MiB above the samples (300 s
+#: at 280 MiB), and each chunk costs at most one short window more than a single call would.
+CHUNK_SECONDS = 240.0
+#: Shorter than one Whisper window would only add windows.
+MIN_CHUNK_SECONDS = 30.0
+#: A chunk ends at the quietest moment of its last few seconds, so that words are rarely cut.
+_CUT_SEARCH_SECONDS = 5.0
+_CUT_FRAME = 320  # 20 ms: energy is measured frame by frame
+_CUT_SMOOTHING = 9  # frames summed: the quietest 180 ms, not the quietest instant
+_HOP = 160  # faster-whisper's feature frame (10 ms): cuts fall on one, so `seek` shifts exactly
+#: faster-whisper's own default: a window decoded above this temperature starts the text it
+#: passes on to the next window afresh.
+_PROMPT_RESET_ON_TEMPERATURE = 0.5
+
 
 def decode(audio: bytes, max_seconds: float = 0.0) -> npt.NDArray[np.float32]:
     """The upload as 16 kHz mono float32 samples, the same as faster_whisper.decode_audio's.
@@ -54,16 +74,15 @@ def decode(audio: bytes, max_seconds: float = 0.0) -> npt.NDArray[np.float32]:
     if not audio:
         raise invalid("invalid_audio", "the audio file is empty", param="file")
     most = round(max_seconds * SAMPLE_RATE) if max_seconds > 0 else None
-    # Kept as s16 until the end: half the bytes of float32.
-    chunks: list[npt.NDArray[np.int16]] = []
-    count = 0
+    # Kept as s16 until the end (half the bytes of float32), in one block that grows in place and
+    # goes back to the system whole when freed: a list of small arrays stays resident once freed.
+    pcm = bytearray()
     try:
         with closing(_resampled(audio)) as groups:
             for chunk in groups:
-                chunks.append(chunk)
-                count += len(chunk)
-                if most is not None and count > most:
-                    chunks.clear()  # a traceback keeps this frame's locals alive
+                pcm.extend(chunk)  # the array's bytes, through the buffer protocol
+                if most is not None and len(pcm) > 2 * most:
+                    pcm.clear()  # a traceback keeps this frame's locals alive
                     raise invalid(
                         Reason.AUDIO_TOO_LONG,
                         f"the audio is longer than this server's limit of {max_seconds:g} "
@@ -76,15 +95,10 @@ def decode(audio: bytes, max_seconds: float = 0.0) -> npt.NDArray[np.float32]:
             f"cannot decode the audio (send wav, mp3, flac, ogg, m4a or webm): {exc}",
             param="file",
         ) from None
-    if count == 0:
+    if not pcm:
         raise invalid("invalid_audio", "the file holds no audio samples", param="file")
-    samples = np.empty(count, dtype=np.float32)
-    end = count
-    while chunks:  # last chunk first, each freed once copied: the peak is not both copies
-        chunk = chunks.pop()
-        # Exactly faster-whisper's astype(float32) / 32768: a power of two.
-        np.multiply(chunk, np.float32(1 / 32768), out=samples[end - len(chunk) : end])
-        end -= len(chunk)
+    # Exactly faster-whisper's astype(float32) / 32768: a power of two.
+    samples = np.multiply(np.frombuffer(pcm, dtype=np.int16), np.float32(1 / 32768))
     return samples
 
 
@@ -122,6 +136,58 @@ def _resampled(audio: bytes) -> Generator[npt.NDArray[np.int16], None, None]:
     yield from resample(None)  # flush the resampler
 
 
+def chunk_bounds(samples: npt.NDArray[np.float32], chunk_seconds: float) -> list[tuple[int, int]]:
+    """(start, end) sample indices of chunks of at most `chunk_seconds` that cover `samples`.
+
+    As few chunks as that allows, about equally long (no short tail), each ending at the
+    quietest moment of the last few seconds before where an equal split would end it.
+    """
+    most = round(chunk_seconds * SAMPLE_RATE)
+    search = round(_CUT_SEARCH_SECONDS * SAMPLE_RATE)
+    total = len(samples)
+    if total <= most:
+        return [(0, total)]
+    # Equal parts of at most `most - search`: a part that starts up to `search` early still fits.
+    count = math.ceil(total / (most - search))
+    cuts = [0]
+    for number in range(1, count):
+        nominal = number * total // count
+        cuts.append(_quietest(samples, math.ceil((nominal - search) / _HOP) * _HOP, nominal))
+    cuts.append(total)
+    return list(itertools.pairwise(cuts))
+
+
+def _quietest(samples: npt.NDArray[np.float32], start: int, end: int) -> int:
+    """The middle of the quietest stretch of `samples[start:end]`: the longest, and then the
+    latest, of the equally quiet ones (digital silence ties)."""
+    import numpy as np
+
+    frames = (end - start) // _CUT_FRAME
+    if frames < _CUT_SMOOTHING:
+        return start
+    window = samples[start : start + frames * _CUT_FRAME].reshape(frames, _CUT_FRAME)
+    energy = np.einsum("ij,ij->i", window, window, dtype=np.float64)
+    # smoothed[i] is the energy of frames i .. i + _CUT_SMOOTHING - 1.
+    smoothed = np.convolve(energy, np.ones(_CUT_SMOOTHING), mode="valid")
+    quiet = np.flatnonzero(smoothed <= smoothed.min())
+    runs = np.split(quiet, np.flatnonzero(np.diff(quiet) > 1) + 1)
+    run = max(reversed(runs), key=len)
+    frame = int(run[len(run) // 2]) + _CUT_SMOOTHING // 2
+    return start + frame * _CUT_FRAME + _CUT_FRAME // 2
+
+
+def _chunk_seconds(value: object) -> float:
+    """`options.chunk_seconds`, checked."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        value = None
+    if value is None or value < MIN_CHUNK_SECONDS:
+        raise invalid(
+            "invalid_option",
+            f"options.chunk_seconds must be a number of seconds, at least {MIN_CHUNK_SECONDS:g}",
+        )
+    return float(value)
+
+
 class WhisperBackend(Backend):
     """One CTranslate2 Whisper model directory."""
 
@@ -134,6 +200,7 @@ class WhisperBackend(Backend):
         self.fallback = True
         self.max_new_tokens: Any = None
         self.multilingual = True
+        self.chunk_seconds = CHUNK_SECONDS
 
     def load(self, request: pb.LoadRequest) -> pb.LoadResponse:
         from faster_whisper import WhisperModel
@@ -154,6 +221,7 @@ class WhisperBackend(Backend):
         self.vad_filter = bool(options.get("vad_filter", False))
         self.fallback = bool(options.get("temperature_fallback", True))
         self.max_new_tokens = options.get("max_new_tokens")
+        self.chunk_seconds = _chunk_seconds(options.get("chunk_seconds", CHUNK_SECONDS))
         try:
             self.model = WhisperModel(
                 str(path),
@@ -222,46 +290,76 @@ class WhisperBackend(Backend):
         temperature: Any = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if self.fallback else 0.0
         if request.HasField("temperature") and request.temperature > 0:
             temperature = request.temperature
-        segments, info = self.model.transcribe(
-            samples,
-            language=language,
-            task="translate" if translate else "transcribe",
-            beam_size=self.beam_size,
-            initial_prompt=request.prompt or None,
-            temperature=temperature,
-            word_timestamps=request.word_timestamps,
-            vad_filter=self.vad_filter,
-            max_new_tokens=int(self.max_new_tokens) if self.max_new_tokens else None,
-        )
-        response = pb.TranscribeResponse(language=info.language, duration=info.duration)
-        texts = []
-        for index, segment in enumerate(segments):
-            if cancelled.is_set():
-                log.info("transcription cancelled after %d segments", index)
-                raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
-            texts.append(segment.text)
-            response.segments.append(
-                pb.TranscriptionSegment(
-                    id=index,
-                    seek=segment.seek,
-                    start=segment.start,
-                    end=segment.end,
-                    text=segment.text,
-                    tokens=segment.tokens,
-                    temperature=segment.temperature or 0.0,
-                    avg_logprob=segment.avg_logprob,
-                    compression_ratio=segment.compression_ratio,
-                    no_speech_prob=segment.no_speech_prob,
-                )
+        options = {
+            "task": "translate" if translate else "transcribe",
+            "beam_size": self.beam_size,
+            "temperature": temperature,
+            "word_timestamps": request.word_timestamps,
+            "vad_filter": self.vad_filter,
+            "max_new_tokens": int(self.max_new_tokens) if self.max_new_tokens else None,
+            "prompt_reset_on_temperature": _PROMPT_RESET_ON_TEMPERATURE,
+        }
+        bounds = chunk_bounds(samples, self.chunk_seconds)
+        if len(bounds) > 1:
+            log.info(
+                "transcribing %.0f s of audio in %d chunks", len(samples) / SAMPLE_RATE, len(bounds)
             )
-            for word in segment.words or ():
-                response.words.append(
-                    pb.TranscriptionWord(
-                        word=word.word,
-                        start=word.start,
-                        end=word.end,
-                        probability=word.probability,
+        response = pb.TranscribeResponse(duration=len(samples) / SAMPLE_RATE)
+        # What one faster-whisper call would pass on from window to window (the request's prompt,
+        # then each window's tokens, afresh after a window decoded hot), carried into the next
+        # chunk as its initial prompt, so that chunking changes the text as little as it can.
+        context: list[int] = []
+        if request.prompt and len(bounds) > 1:
+            context = self.model.hf_tokenizer.encode(
+                " " + request.prompt.strip(), add_special_tokens=False
+            ).ids
+        texts: list[str] = []
+        for number, (start, end) in enumerate(bounds):
+            if cancelled.is_set():
+                log.info("transcription cancelled after %d of %d chunks", number, len(bounds))
+                raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
+            first = number == 0
+            segments, info = self.model.transcribe(
+                samples[start:end],
+                language=language,
+                initial_prompt=(request.prompt or None) if first else (context or None),
+                **options,
+            )
+            if first:
+                response.language = language = info.language
+            offset = start / SAMPLE_RATE
+            for segment in segments:
+                if cancelled.is_set():
+                    log.info("transcription cancelled after %d segments", len(texts))
+                    raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
+                texts.append(segment.text)
+                if (segment.temperature or 0.0) > _PROMPT_RESET_ON_TEMPERATURE:
+                    context = []
+                else:
+                    context = [*context, *segment.tokens][-(self.model.max_length // 2 - 1) :]
+                response.segments.append(
+                    pb.TranscriptionSegment(
+                        id=len(response.segments),
+                        seek=segment.seek + start // _HOP,
+                        start=segment.start + offset,
+                        end=segment.end + offset,
+                        text=segment.text,
+                        tokens=segment.tokens,
+                        temperature=segment.temperature or 0.0,
+                        avg_logprob=segment.avg_logprob,
+                        compression_ratio=segment.compression_ratio,
+                        no_speech_prob=segment.no_speech_prob,
                     )
                 )
+                for word in segment.words or ():
+                    response.words.append(
+                        pb.TranscriptionWord(
+                            word=word.word,
+                            start=word.start + offset,
+                            end=word.end + offset,
+                            probability=word.probability,
+                        )
+                    )
+            del segments, info  # this chunk's features go before the next chunk's are made
         response.text = "".join(texts).strip()
         return response
