@@ -163,7 +163,10 @@ class RequestLifetime:
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 answered = True
             try:
-                await asyncio.wait_for(send(message), self.read_timeout)
+                # asyncio.timeout, not wait_for: this runs for every piece of a stream, and
+                # wait_for would make a task of each.
+                async with asyncio.timeout(self.read_timeout):
+                    await send(message)
             except TimeoutError:
                 # The client stopped reading: treat it as gone. (uvicorn then closes the
                 # connection, since the answer was not completed.)
