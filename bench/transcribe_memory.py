@@ -28,20 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from harness import ROOT, installed, interleaved
+from transcribe import SCRIPT
 
 MIB = 1024 * 1024
 MODEL = "whisper-base"
 MODES = ("one call", "chunked")
 #: options.chunk_seconds that turns chunking off: longer than any audio.
 NO_CHUNKS = 1e9
-SCRIPT = (
-    "The lighthouse keeper climbed the narrow stairs every evening at six. "
-    "He lit the great lamp, wound the clockwork, and wrote the weather in his book. "
-    "On stormy nights the waves reached the windows, and the whole tower hummed. "
-    "Ships passed far out at sea, and none of them ever knew his name. "
-    "In spring, the gulls came back, and he counted them from the gallery. "
-    "When winter came, he wrote long letters to his sister in the city by the river."
-)
 
 
 def status_kib(field: str) -> int:

@@ -379,25 +379,21 @@ def test_a_body_that_stops_arriving_is_a_408(gateway: Gateway) -> None:
     assert b"request_timeout" in answer
 
 
+def _stream_into(gateway: Gateway, content: str, lines: list[str]) -> None:
+    """Stream a chat from "killable" and keep its SSE lines (as far as they came)."""
+    body = {"model": "killable", "stream": True, "messages": [{"role": "user", "content": content}]}
+    with (
+        contextlib.suppress(httpx.HTTPError),
+        httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=30) as reply,
+    ):
+        lines.extend(reply.iter_lines())
+
+
 def test_stopping_lets_requests_in_flight_finish(fault_models: Path) -> None:
     gateway = Gateway(fault_models, env={"HEARTH_SHUTDOWN_GRACE": "10"}).start()
     try:
         chunks: list[str] = []
-
-        def stream() -> None:
-            with httpx.stream(
-                "POST",
-                f"{gateway.url}/v1/chat/completions",
-                json={
-                    "model": "killable",
-                    "stream": True,
-                    "messages": [{"role": "user", "content": LONG}],
-                },
-                timeout=30,
-            ) as reply:
-                chunks.extend(reply.iter_lines())
-
-        streamer = threading.Thread(target=stream)
+        streamer = threading.Thread(target=_stream_into, args=(gateway, LONG, chunks))
         streamer.start()
         assert wait_until(lambda: _requests_held(gateway, "killable")[0] == 1, timeout=10)
         assert gateway.backend_pids()
@@ -420,24 +416,7 @@ def test_stopping_ends_requests_that_outlast_the_grace_period(fault_models: Path
     try:
         slow = " ".join(["w"] * 1500)  # 30 s at 20 ms a word
         lines: list[str] = []
-
-        def stream() -> None:
-            with (
-                contextlib.suppress(httpx.HTTPError),
-                httpx.stream(
-                    "POST",
-                    f"{gateway.url}/v1/chat/completions",
-                    json={
-                        "model": "killable",
-                        "stream": True,
-                        "messages": [{"role": "user", "content": slow}],
-                    },
-                    timeout=30,
-                ) as reply,
-            ):
-                lines.extend(reply.iter_lines())
-
-        streamer = threading.Thread(target=stream)
+        streamer = threading.Thread(target=_stream_into, args=(gateway, slow, lines))
         streamer.start()
         assert wait_until(lambda: _requests_held(gateway, "killable")[0] == 1, timeout=10)
         started = time.monotonic()

@@ -300,12 +300,14 @@ def short_limit(
         running.cleanup()
 
 
-def post_audio(gateway: Gateway, name: str, audio: bytes) -> httpx.Response:
+def post_audio(
+    gateway: Gateway, name: str, audio: bytes, model: str = "whisper-base", **form: str
+) -> httpx.Response:
     return httpx.post(
         f"{gateway.url}/v1/audio/transcriptions",
         files={"file": (name, audio)},
-        data={"model": "whisper-base"},
-        timeout=120,
+        data={"model": model, **form},
+        timeout=300,
     )
 
 
@@ -512,11 +514,8 @@ def tiny_only(
 
 
 def post_tiny(gateway: Gateway, name: str, audio: bytes) -> httpx.Response:
-    return httpx.post(
-        f"{gateway.url}/v1/audio/transcriptions",
-        files={"file": (name, audio)},
-        data={"model": "tiny-whisper", "response_format": "verbose_json", "temperature": "0"},
-        timeout=300,
+    return post_audio(
+        gateway, name, audio, "tiny-whisper", response_format="verbose_json", temperature="0"
     )
 
 
