@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.errors import BackendGone, from_grpc
+from gateway.errors import BackendGone, OpenAIError, from_grpc
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1 import backend_pb2_grpc as pb_grpc
-from protos.hearth.backend.v1.contract import MAX_MESSAGE_BYTES, Capability
+from protos.hearth.backend.v1.contract import MAX_MESSAGE_BYTES, STARTED_KEY, Capability
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -42,6 +43,8 @@ class BackendClient:
         self._transcription = pb_grpc.TranscriptionStub(channel)
         self._images = pb_grpc.ImagesStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
+        #: The backend marks each call it begins (STARTED_KEY); learned from its Load.
+        self.marks_starts = False
 
     async def healthy(self, timeout: float = 1.0) -> bool:
         """The process answers health checks."""
@@ -66,27 +69,52 @@ class BackendClient:
                 serving.add(capability)
         return frozenset(serving)
 
-    async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+    async def _started(self, call: Any) -> bool:
+        """Whether the backend began work on this call, as far as we can know."""
+        if not self.marks_starts:
+            return True  # it does not say: assume the worst
+        with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
+            return await self._started_marked(call)
+        return True
+
+    async def _gone(self, call: Any, error: OpenAIError) -> OpenAIError:
+        """A backend-gone error that says whether the call had started there."""
+        if isinstance(error, BackendGone) and error.reached and not await self._started(call):
+            error.reached = False
+        return error
+
+    async def _call(
+        self, method: Any, request: Any, timeout: float | None = None, *, learn: bool = False
+    ) -> Any:
         """One unary call: its deadline, a failure in OpenAI's shape, and cancel on the way out
-        (a no-op once done; it stops the backend's work if our caller was cancelled)."""
+        (a no-op once done; it stops the backend's work if our caller was cancelled).
+        `learn`: note whether the backend marks the calls it begins."""
         try:
             call = method(request, timeout=timeout or self.timeout)
         except grpc.aio.UsageError:  # the channel was closed: the backend is gone
             raise BackendGone(self.model, "it has stopped", reached=False) from None
         try:
-            return await call
+            reply = await call
+            if learn:
+                self.marks_starts = await self._started_marked(call)
+            return reply
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, self.model) from None
+            raise await self._gone(call, from_grpc(exc, self.model)) from None
         except asyncio.CancelledError:
             if _we_are_cancelled():
                 raise
             # gRPC cancelled the call under us (its channel closed): the backend is gone.
-            raise BackendGone(self.model, "it went away mid-call", reached=True) from None
+            gone = BackendGone(self.model, "it went away mid-call", reached=True)
+            raise await self._gone(call, gone) from None
         finally:
             call.cancel()
 
+    @staticmethod
+    async def _started_marked(call: Any) -> bool:
+        return any(key == STARTED_KEY for key, _ in await call.initial_metadata() or ())
+
     async def load(self, request: pb.LoadRequest, timeout: float) -> pb.LoadResponse:
-        return await self._call(self._lifecycle.Load, request, timeout)
+        return await self._call(self._lifecycle.Load, request, timeout, learn=True)
 
     async def unload(self) -> None:
         await self._call(self._lifecycle.Unload, pb.UnloadRequest(), 30)
@@ -113,12 +141,13 @@ class BackendClient:
             async for item in call:
                 yield item
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, self.model) from None
+            raise await self._gone(call, from_grpc(exc, self.model)) from None
         except asyncio.CancelledError:
             if _we_are_cancelled():
                 raise
             # gRPC cancelled the call under us (its channel closed): the backend is gone.
-            raise BackendGone(self.model, "it went away mid-answer", reached=True) from None
+            gone = BackendGone(self.model, "it went away mid-answer", reached=True)
+            raise await self._gone(call, gone) from None
         finally:
             call.cancel()
 

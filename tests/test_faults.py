@@ -5,6 +5,7 @@ request ends cleanly, nothing stays held, and the server goes on answering."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -229,6 +230,53 @@ def test_killing_a_backend_fails_only_the_request_running_on_it(gateway: Gateway
     assert row is not None
     assert row["pid"] not in killed
     assert row["requests"] == {"in_flight": 0, "queued": 0}
+
+
+def test_requests_a_backend_died_before_beginning_go_to_its_replacement(
+    gateway: Gateway,
+) -> None:
+    """A backend frozen (swapping, stopped) and then killed never began the requests already
+    sent to it: they cannot be what killed it, so its replacement answers them."""
+    _answers_at_once(gateway, "two-slots")
+    row = _backend(gateway, "two-slots")
+    assert row is not None
+    pid = row["pid"]
+    assert isinstance(pid, int)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=30) as http:
+
+            def ask(stream: bool) -> str:
+                messages = [{"role": "user", "content": f"sent while frozen {stream}"}]
+                body = {"model": "two-slots", "messages": messages, "stream": stream}
+                reply = http.post("/v1/chat/completions", json=body)
+                assert reply.status_code == 200, reply.text
+                if not stream:
+                    return str(reply.json()["choices"][0]["message"]["content"])
+                events = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+                assert events[-1] == "[DONE]"
+                return "".join(
+                    json.loads(e)["choices"][0]["delta"].get("content") or ""
+                    for e in events[:-1]
+                    if json.loads(e)["choices"]
+                )
+
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                answers = [pool.submit(ask, stream) for stream in (False, True)]
+                assert wait_until(lambda: _requests_held(gateway, "two-slots")[0] == 2)
+                time.sleep(0.3)  # the calls are in the frozen backend's socket
+                os.kill(pid, signal.SIGKILL)
+                assert [a.result(30) for a in answers] == [
+                    "sent while frozen False",
+                    "sent while frozen True",
+                ]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    row = _backend(gateway, "two-slots")
+    assert row is not None
+    assert row["pid"] != pid
+    assert row["failures"] == 0
 
 
 def test_a_flood_is_queued_or_refused_with_retry_after_never_a_server_error(

@@ -26,7 +26,13 @@ from backends.runtime.backend import Backend
 from backends.runtime.errors import BackendError
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1 import backend_pb2_grpc as pb_grpc
-from protos.hearth.backend.v1.contract import MAX_MESSAGE_BYTES, REASON_KEY, Capability, Reason
+from protos.hearth.backend.v1.contract import (
+    MAX_MESSAGE_BYTES,
+    REASON_KEY,
+    STARTED_KEY,
+    Capability,
+    Reason,
+)
 
 log = logging.getLogger("hearth.backend")
 
@@ -46,6 +52,7 @@ ENGINE_STACK_BYTES = 8 * 1024 * 1024
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 _DONE = object()
+_STARTED = ((STARTED_KEY, "1"),)
 
 
 def _resident_bytes() -> int:
@@ -107,6 +114,7 @@ class _Runtime:
                     f"model '{self.model_name}' does not support {name}",
                 ),
             )
+        await context.send_initial_metadata(_STARTED)
 
     async def call(
         self,
@@ -201,6 +209,7 @@ class _Lifecycle(pb_grpc.LifecycleServicer):
 
     async def Load(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> Any:
         rt = self.rt
+        await context.send_initial_metadata(_STARTED)
         async with rt.load_lock:
             if rt.state == pb.MODEL_STATE_READY and rt.model_name == request.model_name:
                 return rt.load_response

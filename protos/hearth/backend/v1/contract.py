@@ -13,6 +13,10 @@ import enum
 REASON_KEY = "hearth-error-reason"
 #: Trailing-metadata key of the request field at fault, when there is one.
 PARAM_KEY = "hearth-error-param"
+#: Initial-metadata key a backend sends as it begins work on a call (and on Load, to say that
+#: it does). A call that fails without it never started, so the gateway may send it to the
+#: backend's replacement; one that fails after it may have killed the backend, and is not.
+STARTED_KEY = "hearth-started"
 
 #: Media (audio in, images out) travels inside messages: both ends allow messages this large.
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024
