@@ -83,14 +83,14 @@ def main() -> None:
     args = parser.parse_args()
 
     entry = installed(MODEL, args.models_dir)
-    source = args.models_dir / entry.model
+    source = args.models_dir / entry.model_path
     texts = sentences(args.texts)
     local = InProcess(source)
     results: dict[tuple[str, int], list[float]] = {}
     with scratch_models() as models:
-        link(source, models / entry.model)
+        link(source, models / entry.model_path)
         (models / "model.yaml").write_text(
-            f"name: {MODEL}\nbackend: transformers\nmodel: {entry.model}\nembeddings: true\n"
+            f"name: {MODEL}\nbackend: transformers\nmodel: {entry.model_path}\nembeddings: true\n"
         )
         with gateway(models) as (http, _):
             # Warm both, and check they agree.

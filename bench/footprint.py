@@ -71,9 +71,9 @@ def main() -> None:
         entry = installed(name, args.models_dir)
         backend = entry.config["backend"]
         with scratch_models() as models:
-            link(args.models_dir / entry.model, models / entry.model)
+            link(args.models_dir / entry.model_path, models / entry.model_path)
             (models / "m.yaml").write_text(
-                f"name: m\nbackend: {backend}\nmodel: {entry.model}\n{extra}"
+                f"name: m\nbackend: {backend}\nmodel: {entry.model_path}\n{extra}"
             )
             # Preloaded: /backends shows the estimate the load was planned with and the RSS
             # measured right after it, before any request.

@@ -50,7 +50,9 @@ from typing import Any
 
 from harness import ROOT
 
-MODEL = ROOT / ".cache" / "test-models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = (
+    ROOT / ".cache" / "test-models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+)
 PROMPT = "Answer with JSON only.\n"
 #: What the backend must never let through: refused grammars it now catches itself.
 HARMFUL = {"crash", "slow", "oom"}

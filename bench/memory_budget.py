@@ -141,7 +141,7 @@ def main() -> None:
     entries = [installed(name, args.models_dir) for name in MODELS]
     with scratch_models() as models:
         for entry in entries:
-            link(args.models_dir / entry.model, models / entry.model)
+            link(args.models_dir / entry.model_path, models / entry.model_path)
             shutil.copy(args.models_dir / f"{entry.name}.yaml", models / f"{entry.name}.yaml")
         # Footprints measured in one run are what the next plans with: start both runs fresh.
         for label, env in (("budget", {"HEARTH_MEMORY": args.budget}), ("no budget", {})):

@@ -163,15 +163,15 @@ def write_models(models: Path, entries: dict[str, Any], threads: int) -> None:
     llama, whisper, minilm = entries["llama"], entries["whisper"], entries["minilm"]
     for name in ("llama-a", "llama-b"):
         (models / f"{name}.yaml").write_text(
-            f"name: {name}\nbackend: llama\nmodel: {llama.model}\ncontext_size: 2048\n"
+            f"name: {name}\nbackend: llama\nmodel: {llama.model_path}\ncontext_size: 2048\n"
             f"threads: {threads}\n"
         )
     (models / "whisper.yaml").write_text(
-        f"name: whisper\nbackend: whisper\nmodel: {whisper.model}\nthreads: {threads}\n"
+        f"name: whisper\nbackend: whisper\nmodel: {whisper.model_path}\nthreads: {threads}\n"
         "options: {compute_type: int8, beam_size: 5}\n"
     )
     (models / "embeddings.yaml").write_text(
-        f"name: embeddings\nbackend: transformers\nmodel: {minilm.model}\nembeddings: true\n"
+        f"name: embeddings\nbackend: transformers\nmodel: {minilm.model_path}\nembeddings: true\n"
         f"threads: {threads}\n"
     )
 
@@ -281,7 +281,7 @@ def main() -> None:
     entries = {"llama": llama, "whisper": whisper, "minilm": minilm}
     with scratch_models() as models:
         for entry in entries.values():
-            link(args.models_dir / entry.model, models / entry.model)
+            link(args.models_dir / entry.model_path, models / entry.model_path)
         print(f"{cores} CPU(s); {args.window:g} s measured per case; clip {clip_seconds:.1f} s")
         results = {
             mode: measure(models, mode, args.window, clip, clip_seconds, entries)

@@ -90,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
 
     entry = installed(MODEL, args.models_dir)
-    source = args.models_dir / entry.model
+    source = args.models_dir / entry.model_path
 
     from llama_cpp import Llama
 
@@ -107,9 +107,9 @@ def main() -> None:
 
     results: dict[str, list[Run]] = {"in-process": [], "hearth": []}
     with scratch_models() as models:
-        link(source, models / entry.model)
+        link(source, models / entry.model_path)
         (models / "model.yaml").write_text(
-            f"name: {MODEL}\nbackend: llama\nmodel: {entry.model}\n"
+            f"name: {MODEL}\nbackend: llama\nmodel: {entry.model_path}\n"
             f"context_size: {args.context_size}\nthreads: {args.threads}\n"
         )
         with gateway(models) as (http, pid):

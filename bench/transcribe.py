@@ -43,7 +43,7 @@ def main() -> None:
     clip = subprocess.run([espeak, "--stdout", SCRIPT], capture_output=True, check=True).stdout
 
     entry = installed(MODEL, args.models_dir)
-    source = args.models_dir / entry.model
+    source = args.models_dir / entry.model_path
     from faster_whisper import WhisperModel, decode_audio
 
     duration = len(decode_audio(io.BytesIO(clip))) / 16000
@@ -55,9 +55,9 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"in-process": [], "hearth": []}
     with scratch_models() as models:
-        link(source, models / entry.model)
+        link(source, models / entry.model_path)
         (models / "model.yaml").write_text(
-            f"name: {MODEL}\nbackend: whisper\nmodel: {entry.model}\n"
+            f"name: {MODEL}\nbackend: whisper\nmodel: {entry.model_path}\n"
             "options: {compute_type: int8, beam_size: 5}\n"
         )
         with gateway(models) as (http, _):

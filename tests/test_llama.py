@@ -251,7 +251,7 @@ def test_two_llama_models_computing_at_once_each_take_half_the_cores(real_models
 
     models = real_models.parent / "sharing-models"
     models.mkdir(exist_ok=True)
-    source = real_models / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    source = real_models / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     target = models / source.name
     if not target.exists():
         target.hardlink_to(source)

@@ -11,7 +11,16 @@ from litestar.response import Response
 
 from gateway.config import ConfigError
 from gateway.errors import OpenAIError
-from gateway.gallery import Installer, entry_footprint, is_installed, remove_files
+from gateway.gallery import (
+    GalleryIndex,
+    Installer,
+    InstallRefused,
+    NotInstalledError,
+    RemovalRefused,
+    entry_footprint,
+    is_installed,
+    plan_removal,
+)
 from gateway.manager import BackendManager
 from gateway.manager.footprint import fit
 from gateway.routes.common import decode_body
@@ -21,7 +30,7 @@ class ApplyRequest(msgspec.Struct):
     id: str
 
 
-async def _index(installer: Installer) -> Any:
+async def _index(installer: Installer) -> GalleryIndex:
     try:
         return await installer.load_index()
     except ConfigError as exc:
@@ -35,7 +44,8 @@ class GalleryController(Controller):
 
     @get("/available")
     async def available(self, installer: Installer, manager: BackendManager) -> dict[str, Any]:
-        """The gallery, and whether each model is installed and fits this machine's memory."""
+        """The gallery, and whether each model is installed and fits this machine's memory;
+        `errors` says which entries of the index were left out, and why."""
         index = await _index(installer)
         budget = manager.budget.memory_bytes
 
@@ -59,13 +69,23 @@ class GalleryController(Controller):
             "object": "list",
             "data": await asyncio.to_thread(describe),
             "budget": {"memory_bytes": budget, "memory_from": manager.budget.memory_from},
+            "errors": index.errors,
         }
 
     @post("/apply", status_code=200)
     async def apply(self, request: Request[Any, Any, Any], installer: Installer) -> dict[str, Any]:
         body = decode_body(await request.body(), ApplyRequest)
         name = body.id.removeprefix("gallery@")
-        entry = (await _index(installer)).get(name)
+        index = await _index(installer)
+        entry = index.get(name)
+        if entry is None and name in index.rejected:
+            raise OpenAIError(
+                400,
+                f"the gallery entry '{name}' is invalid, so it cannot be installed: "
+                f"{index.rejected[name]}",
+                param="id",
+                code="gallery_entry_invalid",
+            )
         if entry is None:
             raise OpenAIError(
                 404,
@@ -73,7 +93,13 @@ class GalleryController(Controller):
                 param="id",
                 code="model_not_found",
             )
-        job = installer.apply(entry)
+        try:
+            job = await installer.apply(entry)
+        except InstallRefused as exc:
+            # Sending it again changes nothing: tell OpenAI's SDKs not to retry their 409.
+            raise OpenAIError(
+                409, str(exc), param="id", code="install_refused", retry=False
+            ) from None
         return job.view()
 
     @get("/jobs/{job_id:str}")
@@ -95,19 +121,17 @@ class GalleryController(Controller):
     async def remove(
         self, name: str, installer: Installer, manager: BackendManager
     ) -> Response[dict[str, Any]]:
-        catalog = await manager.registry.current()
-        config = catalog.models.get(name)
-        if config is None:
+        """Delete a model's YAML and the files its install wrote (what was kept, and why, is
+        in `kept`); 409 if that could delete what is not the model's."""
+        try:
+            # Reads every YAML of the models dir: not on the event loop.
+            plan = await asyncio.to_thread(plan_removal, name, installer.models_dir)
+        except NotInstalledError as exc:
+            raise OpenAIError(404, str(exc), param="name", code="model_not_found") from None
+        except RemovalRefused as exc:
             raise OpenAIError(
-                404, f"no installed model '{name}'", param="name", code="model_not_found"
-            )
+                409, str(exc), param="name", code="removal_refused", retry=False
+            ) from None
         await manager.unload(name)
-        # Files another model's YAML still names are kept.
-        keep = set()
-        for other in catalog.models.values():
-            if other.name != name and other.model:
-                keep.add((installer.models_dir / other.model).resolve())
-        entry = (await _index(installer)).get(name)
-        # rmtree of a model directory can take a while: not on the event loop.
-        await asyncio.to_thread(remove_files, config, entry, installer.models_dir, keep)
-        return Response({"id": name, "object": "model", "deleted": True})
+        removal = await asyncio.to_thread(plan.carry_out)
+        return Response({"id": name, "object": "model", "deleted": True, **removal.view()})
