@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -13,7 +14,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.errors import BackendGone, OpenAIError, from_grpc
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1 import backend_pb2_grpc as pb_grpc
-from protos.hearth.backend.v1.contract import MAX_MESSAGE_BYTES, STARTED_KEY, Capability
+from protos.hearth.backend.v1.contract import (
+    AUTHORIZATION_KEY,
+    AUTHORIZATION_SCHEME,
+    MAX_MESSAGE_BYTES,
+    STARTED_KEY,
+    Capability,
+)
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -25,6 +32,28 @@ CHANNEL_OPTIONS = [
 ]
 
 
+@dataclass(frozen=True)
+class BackendTLS:
+    """How the gateway checks a remote backend's certificate."""
+
+    #: PEM certificates to trust; None: gRPC's own bundled roots.
+    root_certificates: bytes | None = None
+    #: The name the certificate must carry, where it is not the address's host.
+    server_name: str | None = None
+
+
+def backend_channel(address: str, tls: BackendTLS | None = None) -> grpc.aio.Channel:
+    """The one channel to a backend: plaintext (our private unix sockets, a remote backend on a
+    link the user trusts) or TLS."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    options = list(CHANNEL_OPTIONS)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    credentials = grpc.ssl_channel_credentials(root_certificates=tls.root_certificates)
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
 def _we_are_cancelled() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
@@ -33,10 +62,21 @@ def _we_are_cancelled() -> bool:
 class BackendClient:
     """Calls into one backend over one persistent channel."""
 
-    def __init__(self, channel: grpc.aio.Channel, model: str, request_timeout: float) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        model: str,
+        request_timeout: float,
+        token: str | None = None,
+    ) -> None:
         self.channel = channel
         self.model = model
         self.timeout = request_timeout
+        # Sent with every call, health checks included: call credentials would need TLS, and
+        # a backend on a trusted link may be reached without it.
+        self._metadata = ((AUTHORIZATION_KEY, f"{AUTHORIZATION_SCHEME}{token}"),) if token else None
+        #: Why the last health check failed (for a start that never became healthy).
+        self.last_health_failure: str | None = None
         self._lifecycle = pb_grpc.LifecycleStub(channel)
         self._text = pb_grpc.TextStub(channel)
         self._embeddings = pb_grpc.EmbeddingsStub(channel)
@@ -47,10 +87,15 @@ class BackendClient:
         self.marks_starts = False
 
     async def healthy(self, timeout: float = 1.0) -> bool:
-        """The process answers health checks."""
+        """The process answers health checks. A refused token is an error, not a wait."""
         try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        except grpc.aio.AioRpcError:
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise from_grpc(exc, self.model) from None
+            self.last_health_failure = exc.details() or exc.code().name.lower()
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
@@ -60,7 +105,7 @@ class BackendClient:
         for capability in Capability:
             request = health_pb2.HealthCheckRequest(service=capability.value)
             try:
-                reply = await self._health.Check(request, timeout=5)
+                reply = await self._health.Check(request, timeout=5, metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     continue
@@ -90,7 +135,7 @@ class BackendClient:
         (a no-op once done; it stops the backend's work if our caller was cancelled).
         `learn`: note whether the backend marks the calls it begins."""
         try:
-            call = method(request, timeout=timeout or self.timeout)
+            call = method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.aio.UsageError:  # the channel was closed: the backend is gone
             raise BackendGone(self.model, "it has stopped", reached=False) from None
         try:
@@ -134,7 +179,7 @@ class BackendClient:
     ) -> AsyncGenerator[pb.GenerateStreamResponse]:
         """The backend's pieces as they come; leaving early cancels the backend's work."""
         try:
-            call = self._text.GenerateStream(request, timeout=self.timeout)
+            call = self._text.GenerateStream(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.aio.UsageError:
             raise BackendGone(self.model, "it has stopped", reached=False) from None
         try:

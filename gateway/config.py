@@ -8,6 +8,7 @@ reported like any other broken file.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import re
@@ -93,6 +94,16 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return None if self.memory is None else parse_size(self.memory)
 
 
+class RemoteTLS(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """TLS to a remote backend: which certificates to trust, and the name to expect."""
+
+    #: PEM file of the authority (or the self-signed certificate) to trust; relative paths are
+    #: the models dir's. Unset: the system's roots.
+    ca: str | None = None
+    #: The name the backend's certificate carries, where it is not the address's host.
+    server_name: str | None = None
+
+
 class CustomBackend(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A backend outside this package: a command the gateway starts, or an address it reaches."""
 
@@ -103,6 +114,74 @@ class CustomBackend(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     address: str | None = None
     #: Extra environment variables for `command`.
     env: dict[str, str] = msgspec.field(default_factory=dict)
+    #: For `address`: a file holding the token the backend was started with (relative paths
+    #: are the models dir's), or the gateway's environment variable holding it.
+    token_file: str | None = None
+    token_env: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    #: For `address`: TLS, checked against the system's roots (true) or as `RemoteTLS` says.
+    tls: bool | RemoteTLS = False
+
+    def exposure(self) -> str | None:
+        """What the network can do with an `address` backend: anyone can use it (no token), or
+        read its token (no TLS); None: nothing (a loopback or unix address, or both set)."""
+        if self.address is None or _is_loopback_address(self.address):
+            return None
+        if self.token_file is None and self.token_env is None:
+            return (
+                "has no token (token_file or token_env): anyone who can reach "
+                f"{self.address} can use it"
+            )
+        if self.remote_tls() is None:
+            return f"has a token but no tls: the token travels in clear to {self.address}"
+        return None
+
+    def remote_tls(self) -> RemoteTLS | None:
+        """The TLS settings, or None for plaintext."""
+        if isinstance(self.tls, RemoteTLS):
+            return self.tls
+        return RemoteTLS() if self.tls else None
+
+    @staticmethod
+    def file_path(models_dir: Path, value: str) -> Path:
+        """A file named in backends.yaml: absolute (or ~), or relative to the models dir. A
+        secret may live anywhere the gateway can read: it is not confined to the models dir."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else models_dir / path
+
+
+def _is_loopback_address(address: str) -> bool:
+    """A gRPC address only this machine can reach: a unix socket, 127.0.0.0/8, ::1, localhost.
+    Anything else, host names included, is the network."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    target = re.sub(r"^(?:dns:(?://[^/]*/)?|ipv4:|ipv6:)", "", address)
+    host = target.rsplit(":", 1)[0] if ":" in target else target
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _remote_settings_problem(backend: CustomBackend) -> str | None:
+    """What is wrong with an entry's token and TLS settings; None if nothing."""
+    given = [
+        key
+        for key, value in (
+            ("token_file", backend.token_file),
+            ("token_env", backend.token_env),
+            ("tls", backend.remote_tls()),
+        )
+        if value is not None
+    ]
+    if backend.command is not None and given:
+        # A command backend is reached over a private socket in the gateway's 0700 dir.
+        return f"`{given[0]}` is for `address` backends, not `command` ones"
+    if backend.token_file is not None and backend.token_env is not None:
+        return "give at most one of `token_file` or `token_env`"
+    return None
 
 
 class BackendsFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -260,7 +339,13 @@ def load_catalog(models_dir: Path) -> Catalog:
                         raise ConfigError(
                             f"{path}: backend '{backend.name}' is built in; pick another name"
                         )
+                    problem = _remote_settings_problem(backend)
+                    if problem is not None:
+                        raise ConfigError(f"{path}: backend '{backend.name}': {problem}")
                     catalog.backends[backend.name] = backend
+                    exposure = backend.exposure()
+                    if exposure is not None:
+                        log.warning("%s: backend '%s' %s", path, backend.name, exposure)
                 continue
             config = load_model_file(path, models_dir)
             if config.name in catalog.models:

@@ -24,7 +24,7 @@ EXPECTED = {
     grpc.StatusCode.INTERNAL: (500, "server_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
     grpc.StatusCode.DATA_LOSS: (500, "server_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (502, "server_error"),
 }
 
 

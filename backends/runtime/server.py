@@ -10,13 +10,17 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import hashlib
+import hmac
+import ipaddress
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -27,9 +31,12 @@ from backends.runtime.errors import BackendError
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1 import backend_pb2_grpc as pb_grpc
 from protos.hearth.backend.v1.contract import (
+    AUTHORIZATION_KEY,
+    AUTHORIZATION_SCHEME,
     MAX_MESSAGE_BYTES,
     REASON_KEY,
     STARTED_KEY,
+    TOKEN_FILE_ENV,
     Capability,
     Reason,
 )
@@ -340,6 +347,64 @@ class _Images(pb_grpc.ImagesServicer):
         return await self.rt.call(context, Capability.IMAGES, backend.generate_image, request)
 
 
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class _TokenCheck(grpc.aio.ServerInterceptor):
+    """Refuse every call, health checks included, that does not carry our token."""
+
+    def __init__(self, token: str) -> None:
+        # Digests are compared, so that neither the token's bytes nor its length leak by time.
+        self._digest = _digest(token)
+
+    def _refusal(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+        """Why a call's metadata is refused; None if it carries our token."""
+        given = next((v for k, v in metadata or () if k == AUTHORIZATION_KEY), None)
+        if not isinstance(given, str) or not given:
+            return "no token was sent"
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != AUTHORIZATION_SCHEME.strip().lower():
+            return "the authorization is not a bearer token"
+        if not hmac.compare_digest(_digest(token.strip()), self._digest):
+            return "wrong token"
+        return None
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        why = self._refusal(handler_call_details.invocation_metadata)
+        if why is None:
+            return await continuation(handler_call_details)
+
+        async def refuse(_: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            log.warning("refused a call to %s from %s: %s", method, context.peer(), why)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+            yield  # unreachable: it makes this a generator
+
+        # A streaming handler whatever the method: the refusal goes out before the request's
+        # message is read (or parsed), so a caller without the token costs next to nothing.
+        return grpc.stream_stream_rpc_method_handler(refuse)
+
+
+def _is_loopback_address(address: str) -> bool:
+    """A unix socket, or a TCP address only this machine can reach (127.0.0.0/8, ::1,
+    localhost). Anything else, 0.0.0.0 and host names included, is the network."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _die_with_parent() -> None:
     """Ask Linux to send SIGTERM when the parent goes, even if it was SIGKILLed."""
     if not sys.platform.startswith("linux"):
@@ -359,9 +424,29 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(_PARENT_POLL_SECONDS)
 
 
-async def serve(backend: Backend, address: str, *, parent: int | None = None) -> None:
-    """Serve `backend` on `address` (unix:///path or host:port) until SIGTERM or SIGINT."""
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+async def serve(
+    backend: Backend,
+    address: str,
+    *,
+    parent: int | None = None,
+    token: str | None = None,
+    tls: tuple[bytes, bytes] | None = None,
+    insecure: bool = False,
+) -> None:
+    """Serve `backend` on `address` (unix:///path or host:port) until SIGTERM or SIGINT.
+
+    `token`: every call must carry it (`authorization: Bearer <token>`). `tls`: the PEM
+    certificate chain and private key to serve TLS with. An address other machines can reach
+    needs a token unless `insecure`.
+    """
+    if not token and not insecure and not _is_loopback_address(address):
+        raise SystemExit(
+            f"refusing to listen on {address} without a token: anyone on the network could "
+            "use this backend. Give --token-file (the gateway sends the same token), listen "
+            "on 127.0.0.1, or pass --insecure on a network you trust."
+        )
+    interceptors = [_TokenCheck(token)] if token else []
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     runtime = _Runtime(backend, health_servicer)
     pb_grpc.add_LifecycleServicer_to_server(_Lifecycle(runtime), server)
@@ -370,12 +455,23 @@ async def serve(backend: Backend, address: str, *, parent: int | None = None) ->
     pb_grpc.add_TranscriptionServicer_to_server(_Transcription(runtime), server)
     pb_grpc.add_ImagesServicer_to_server(_Images(runtime), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if server.add_insecure_port(address) == 0 and not address.startswith("unix:"):
+    if tls is not None:
+        chain, key = tls
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, chain)]))
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0 and not address.startswith("unix:"):
         raise SystemExit(f"cannot listen on {address}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await runtime.publish_health()
-    log.info("%s backend listening on %s", backend.name, address)
+    guarded = [what for what, on in (("token required", token), ("TLS", tls)) if on]
+    log.info(
+        "%s backend listening on %s%s",
+        backend.name,
+        address,
+        f" ({', '.join(guarded)})" if guarded else "",
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -393,12 +489,45 @@ async def serve(backend: Backend, address: str, *, parent: int | None = None) ->
     runtime.engine.shutdown(wait=False, cancel_futures=True)
 
 
+def _read_file(parser: argparse.ArgumentParser, option: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        parser.error(f"{option}: cannot read {path}: {exc.strerror}")
+
+
 def run(backend: Backend, argv: list[str] | None = None) -> None:
     """Entry point for `python -m backends.<name> --address ...`."""
     parser = argparse.ArgumentParser(prog=f"backends.{backend.name}")
     parser.add_argument("--address", required=True, help="unix:///path/to.sock or host:port")
     parser.add_argument("--log-level", default=os.environ.get("HEARTH_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--token-file",
+        default=os.environ.get(TOKEN_FILE_ENV) or None,
+        help=f"a file holding the token every call must carry (or ${TOKEN_FILE_ENV})",
+    )
+    parser.add_argument("--tls-cert", help="PEM certificate (chain) to serve TLS with")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="listen on a non-loopback address without a token",
+    )
     args = parser.parse_args(argv)
+    token = None
+    if args.token_file:
+        token = _read_file(parser, "--token-file", args.token_file).decode(errors="replace")
+        token = token.strip()
+        if not token:
+            parser.error(f"--token-file: {args.token_file} is empty")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    tls = None
+    if args.tls_cert is not None:
+        tls = (
+            _read_file(parser, "--tls-cert", args.tls_cert),
+            _read_file(parser, "--tls-key", args.tls_key),
+        )
     # Under the gateway, our lines go into its log, which stamps them with the time already.
     stamp = "" if os.environ.get("HEARTH_UNDER_GATEWAY") else "%(asctime)s "
     logging.basicConfig(
@@ -410,4 +539,13 @@ def run(backend: Backend, argv: list[str] | None = None) -> None:
     parent = os.getppid()
     if parent <= 1:  # started by init: no parent to watch
         parent = 0
-    asyncio.run(serve(backend, args.address, parent=parent or None))
+    asyncio.run(
+        serve(
+            backend,
+            args.address,
+            parent=parent or None,
+            token=token,
+            tls=tls,
+            insecure=args.insecure,
+        )
+    )

@@ -9,16 +9,17 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
-import grpc
 from google.protobuf import struct_pb2
 
-from gateway.client import CHANNEL_OPTIONS, BackendClient
+from gateway.client import BackendClient, BackendTLS, backend_channel
 from gateway.config import CustomBackend, ModelConfig, resolve_model_path
-from gateway.errors import OpenAIError
+from gateway.errors import OUTPUT_HEADING, OpenAIError
 from gateway.manager.admission import Slots
 from gateway.manager.instance import BackendInstance, State
 from gateway.settings import Settings
@@ -29,6 +30,125 @@ log = logging.getLogger("hearth.manager")
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 #: Seconds a backend gets to stop after SIGTERM before it is killed.
 STOP_TIMEOUT_SECONDS = 8.0
+#: The script every local backend is started through, so that it dies with the gateway.
+LEASH = Path(__file__).resolve().parent / "leash.py"
+
+#: The gateway's own variables that backends read. Every other HEARTH_* variable stays in the
+#: gateway: API keys and key files, and whatever setting comes next (a backend that needs one
+#: is given it here). HEARTH_BACKEND_TOKEN_FILE is not passed on either: a local backend
+#: given it would refuse the gateway, which sends no token over its private socket.
+BACKEND_VARIABLES = frozenset({"HEARTH_LOG_LEVEL", "HEARTH_UNDER_GATEWAY"})
+#: Other secrets only the gateway uses (the gallery's downloads from the Hugging Face hub); a
+#: custom backend that needs one gets it from its own `env:`.
+GATEWAY_SECRETS = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
+#: Backends never reach the network unless the user's environment says otherwise: models are
+#: files in the models dir (the gallery downloads, in the gateway). Honoured by
+#: huggingface_hub, and through it transformers, diffusers and faster-whisper.
+OFFLINE_VARIABLES = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+}
+
+
+def backend_environment(
+    gateway_env: Mapping[str, str], withheld: Collection[str] = ()
+) -> dict[str, str]:
+    """What a backend's environment starts from: the gateway's, less its secrets and settings
+    (and the `withheld` variables), plus the offline switches the user did not set."""
+    env = {
+        name: value
+        for name, value in gateway_env.items()
+        if (not name.startswith("HEARTH_") or name in BACKEND_VARIABLES)
+        and name not in GATEWAY_SECRETS
+        and name not in withheld
+    }
+    for name, value in OFFLINE_VARIABLES.items():
+        if not env.get(name):
+            env[name] = value
+    return env
+
+
+def _python_path(inherited: str | None) -> str:
+    """PYTHONPATH for our backends: the project, then the gateway's own entries, made absolute
+    as the gateway reads them. In a backend, whose working directory is the models dir, an
+    empty or relative entry would name that dir (or a folder in it)."""
+    entries = [str(_PROJECT_ROOT)]
+    if inherited:
+        entries += [os.path.abspath(entry) for entry in inherited.split(os.pathsep)]
+    return os.pathsep.join(entries)
+
+
+def token_variables(backends: Iterable[CustomBackend]) -> frozenset[str]:
+    """The gateway's environment variables that hold remote backends' tokens (`token_env`):
+    secrets of the gateway's, which no local backend is given."""
+    return frozenset(backend.token_env for backend in backends if backend.token_env)
+
+
+def leashed(argv: list[str], death_signal: signal.Signals) -> list[str]:
+    """`argv` started through the leash, which ties its life to this process: `death_signal`
+    ends it when this process goes."""
+    # -I: the leash needs nothing from PYTHON* variables or its own folder; -S: nor from
+    # site-packages, and starts faster without them.
+    name = death_signal.name.removeprefix("SIG")
+    return [sys.executable, "-I", "-S", str(LEASH), str(os.getpid()), name, *argv]
+
+
+def remote_credentials(
+    custom: CustomBackend, models_dir: Path
+) -> tuple[str | None, BackendTLS | None]:
+    """The token and TLS settings for reaching a remote backend, read from their files now,
+    so that a changed token needs no restart (blocking: call it in a thread)."""
+    token = None
+    if custom.token_file is not None:
+        path = custom.file_path(models_dir, custom.token_file)
+        try:
+            token = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _misconfigured(custom, f"cannot read its token_file {path}: {exc}") from None
+        if not token:
+            raise _misconfigured(custom, f"its token_file {path} is empty")
+    elif custom.token_env is not None:
+        token = os.environ.get(custom.token_env, "").strip()
+        if not token:
+            raise _misconfigured(
+                custom, f"its token_env {custom.token_env} is not set in the gateway's environment"
+            )
+    settings = custom.remote_tls()
+    if settings is None:
+        return token, None
+    if settings.ca is not None:
+        path = custom.file_path(models_dir, settings.ca)
+        try:
+            roots: bytes | None = path.read_bytes()
+        except OSError as exc:
+            raise _misconfigured(custom, f"cannot read its tls.ca {path}: {exc}") from None
+    else:
+        roots = _system_roots()
+    return token, BackendTLS(root_certificates=roots, server_name=settings.server_name)
+
+
+def _system_roots() -> bytes | None:
+    """The system's trusted certificates (where a home CA is installed); None: gRPC's own."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile):
+        if candidate:
+            with contextlib.suppress(OSError):
+                return Path(candidate).read_bytes()
+    return None
+
+
+def _misconfigured(custom: CustomBackend, what: str) -> OpenAIError:
+    return OpenAIError(
+        500,
+        f"backend '{custom.name}' in backends.yaml: {what}",
+        code="backend_misconfigured",
+        retry=False,
+    )
 
 
 def load_request_for(config: ModelConfig, models_dir: Path, threads: int = 0) -> pb.LoadRequest:
@@ -99,29 +219,48 @@ class Launcher:
         return f"unix://{path}", path
 
     def _command(
-        self, config: ModelConfig, custom: CustomBackend | None, address: str
+        self,
+        config: ModelConfig,
+        custom: CustomBackend | None,
+        address: str,
+        withheld: Collection[str] = (),
     ) -> tuple[list[str], dict[str, str]]:
-        env = dict(os.environ)
+        env = backend_environment(os.environ, withheld)
         env["PYTHONUNBUFFERED"] = "1"
         env["HEARTH_UNDER_GATEWAY"] = "1"
         env.setdefault("HEARTH_LOG_LEVEL", self.settings.log_level.upper())
         if custom is None:
-            path = env.get("PYTHONPATH")
-            env["PYTHONPATH"] = f"{_PROJECT_ROOT}{os.pathsep}{path}" if path else str(_PROJECT_ROOT)
-            return [sys.executable, "-m", f"backends.{config.backend}", "--address", address], env
+            env["PYTHONPATH"] = _python_path(env.get("PYTHONPATH"))
+            # -P: the working directory is the models dir, whose files must never be importable
+            # (a gallery folder `x/y.py` would be the namespace package `x.y`); the project
+            # comes from PYTHONPATH.
+            argv = [sys.executable, "-P", "-m", f"backends.{config.backend}", "--address", address]
+            # Our backends handle SIGTERM: a gateway that dies still gets them a clean unload.
+            return leashed(argv, signal.SIGTERM), env
         assert custom.command is not None
         values = {"address": address, "python": sys.executable}
         argv = [part.format_map(values) for part in custom.command]
         env.update(custom.env)
-        return argv, env
+        # A custom command may ignore SIGTERM (or trap it, as shells can): nothing else would
+        # end it once the gateway is gone.
+        return leashed(argv, signal.SIGKILL), env
 
-    async def spawn(self, config: ModelConfig, custom: CustomBackend | None) -> BackendInstance:
-        """A new backend for `config` (a process, or a remote address), not yet healthy."""
+    async def spawn(
+        self,
+        config: ModelConfig,
+        custom: CustomBackend | None,
+        withheld: Collection[str] = (),
+    ) -> BackendInstance:
+        """A new backend for `config` (a process, or a remote address), not yet healthy; a
+        process gets none of the `withheld` variables of the gateway's environment."""
+        token, tls = None, None
         if custom is not None and custom.address is not None:
             address, process = custom.address, None
+            models_dir = self.settings.models_dir
+            token, tls = await asyncio.to_thread(remote_credentials, custom, models_dir)
         else:
             address, _ = self._next_address()
-            argv, env = self._command(config, custom, address)
+            argv, env = self._command(config, custom, address, withheld)
             log.info("starting %s backend for %s", config.backend, config.name)
             try:
                 process = await asyncio.create_subprocess_exec(
@@ -142,11 +281,11 @@ class Launcher:
                     code="backend_start_failed",
                 ) from None
             self.processes.add(process)
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = backend_channel(address, tls)
         return BackendInstance(
             config=config,
             address=address,
-            client=BackendClient(channel, config.name, self.settings.request_timeout),
+            client=BackendClient(channel, config.name, self.settings.request_timeout, token),
             process=process,
             slots=Slots(config.max_concurrency, config.max_queue),
         )
@@ -168,10 +307,10 @@ class Launcher:
             if listening and await instance.client.healthy(timeout=1.0):
                 return
             if loop.time() > deadline:
-                raise start_failure(
-                    instance,
-                    f"did not become healthy within {self.settings.backend_start_timeout:g} s",
-                )
+                what = f"did not become healthy within {self.settings.backend_start_timeout:g} s"
+                if not instance.local and instance.client.last_health_failure:
+                    what += f" ({instance.client.last_health_failure})"
+                raise start_failure(instance, what)
             await asyncio.sleep(0.02)
 
     async def load(self, instance: BackendInstance, request: pb.LoadRequest) -> pb.LoadResponse:
@@ -206,10 +345,6 @@ class Launcher:
             with contextlib.suppress(OpenAIError):
                 await instance.client.unload()
         await instance.client.channel.close()
-
-
-#: What separates an error's message from the backend's last output lines.
-OUTPUT_HEADING = "\nlast backend output:\n"
 
 
 def describe_exit(code: int | None) -> str:

@@ -17,6 +17,12 @@ PARAM_KEY = "hearth-error-param"
 #: it does). A call that fails without it never started, so the gateway may send it to the
 #: backend's replacement; one that fails after it may have killed the backend, and is not.
 STARTED_KEY = "hearth-started"
+#: Metadata key of the gateway's token on every call to a backend that asks for one (a remote
+#: backend started with --token-file): `Bearer <token>`, as HTTP spells it.
+AUTHORIZATION_KEY = "authorization"
+AUTHORIZATION_SCHEME = "Bearer "
+#: The environment variable a backend reads its token file's path from (as --token-file).
+TOKEN_FILE_ENV = "HEARTH_BACKEND_TOKEN_FILE"
 
 #: Media (audio in, images out) travels inside messages: both ends allow messages this large.
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024
