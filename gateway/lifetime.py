@@ -12,6 +12,11 @@ It also bounds the client's pace: each part of the body within `read_timeout` se
 whole body at `MIN_BODY_RATE` on average after the first `read_timeout` (else 408), and each part
 of the answer taken within `read_timeout` (a client that stops reading a stream would otherwise
 hold its slot, and the model, for as long as it stays connected).
+
+Each request gets an id (the client's `x-request-id` when it is short and plain, else a new one):
+every log line written while it is handled carries it, and so does its answer's `x-request-id`
+header (both in gateway/identity.py).
+When it ends, the request is counted by route, model and status in the app's metrics.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 import inspect
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,7 +34,6 @@ from litestar import Request
 from litestar.types import (
     ASGIApp,
     HTTPResponseBodyEvent,
-    HTTPResponseStartEvent,
     Message,
     Receive,
     ReceiveMessage,
@@ -36,11 +41,15 @@ from litestar.types import (
     Send,
 )
 
-from gateway.errors import OpenAIError
+from gateway import identity
+from gateway.errors import OpenAIError, send_error
+from gateway.metrics import NO_MODEL, Metrics
 
 log = logging.getLogger("hearth.gateway")
 
 SCOPE_KEY = "hearth.life"
+#: The status counted for a request whose client left before any answer began (as nginx does).
+CLIENT_GONE_STATUS = 499
 #: Bytes a second a request body must average, once its first `read_timeout` has passed.
 MIN_BODY_RATE = 16 * 1024
 #: Seconds a request cancelled by the server's stop gets to unwind before what it holds is closed.
@@ -57,6 +66,11 @@ class RequestLife:
         #: The client disconnected before the answer was complete.
         self.client_gone = False
         self.ended = False
+        #: time.monotonic() when the request arrived.
+        self.started = time.monotonic()
+        #: The catalog name of the model the request is for, once its route has looked it up
+        #: (`routes.common.resolve_model`): the request's model label in the metrics.
+        self.model = NO_MODEL
 
     def on_end(self, closer: Closer) -> None:
         """Run `closer` (sync or async) when the request ends; at once if it already has."""
@@ -102,6 +116,9 @@ class RequestLifetime:
             return
         life = RequestLife()
         scope[SCOPE_KEY] = life  # type: ignore[literal-required]
+        # Set before the handler's task is made: it runs in a copy of this context.
+        identity.request_id.set(identity.request_id_of(scope))
+        status: int | None = None
         gone = asyncio.Event()
         body_read = False
         body_bytes = 0
@@ -155,9 +172,10 @@ class RequestLifetime:
             return message
 
         async def send_answer(message: Message) -> None:
-            nonlocal answered, started, event_stream
+            nonlocal answered, started, event_stream, status
             if message["type"] == "http.response.start":
                 started = True
+                status = message["status"]
                 headers = dict(message.get("headers", ()))
                 event_stream = headers.get(b"content-type", b"").startswith(b"text/event-stream")
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
@@ -195,6 +213,7 @@ class RequestLifetime:
                 task.uncancel()  # ours to finish: tell the client, rather than cut it off
                 if not answered:
                     await _cut_short(send, started, event_stream)
+                    status = status or 503
             elif not life.client_gone:
                 raise
             # Else the handler was cancelled because its client left: nobody to answer.
@@ -202,6 +221,18 @@ class RequestLifetime:
             if watcher is not None:
                 watcher.cancel()
             await life.end()
+            metrics = _metrics_of(scope)
+            if metrics is not None:
+                # No status: the client left before an answer began, or a bug of ours.
+                counted = status or (CLIENT_GONE_STATUS if life.client_gone else 500)
+                metrics.request_done(scope.get("path_template", ""), life.model, counted)
+
+
+def _metrics_of(scope: Scope) -> Metrics | None:
+    """The app's metrics (its BackendManager's), once its lifespan has made them."""
+    manager = getattr(scope["app"].state, "manager", None)
+    metrics = getattr(manager, "metrics", None)
+    return metrics if isinstance(metrics, Metrics) else None
 
 
 async def _cut_short(send: Send, started: bool, event_stream: bool) -> None:
@@ -214,22 +245,7 @@ async def _cut_short(send: Send, started: bool, event_stream: bool) -> None:
     with contextlib.suppress(Exception):
         async with asyncio.timeout(1.0):
             if not started:
-                start: HTTPResponseStartEvent = {
-                    "type": "http.response.start",
-                    "status": 503,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close"),
-                    ],
-                }
-                await send(start)
-                whole: HTTPResponseBodyEvent = {
-                    "type": "http.response.body",
-                    "body": body,
-                    "more_body": False,
-                }
-                await send(whole)
+                await send_error(send, error, close=True)
             elif event_stream:
                 ending: HTTPResponseBodyEvent = {
                     "type": "http.response.body",

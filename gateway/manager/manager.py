@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import time
@@ -22,16 +23,22 @@ from typing import Any, TypeVar
 
 from gateway.client import BackendClient
 from gateway.config import BUILTIN_BACKENDS, CustomBackend, ModelConfig
-from gateway.errors import BackendGone, OpenAIError
+from gateway.errors import OUTPUT_HEADING, BackendGone, OpenAIError
 from gateway.manager.admission import Lease
 from gateway.manager.budget import Machine, MachineBudget, resident_memory
 from gateway.manager.cpu import Demand, divide
 from gateway.manager.footprint import FootprintBook
 from gateway.manager.instance import BackendInstance, State
 from gateway.manager.memory import MemoryPlanner
-from gateway.manager.process import OUTPUT_HEADING, Launcher, describe_exit, load_request_for
+from gateway.manager.process import (
+    Launcher,
+    describe_exit,
+    load_request_for,
+    token_variables,
+)
 from gateway.manager.registry import ModelRegistry
 from gateway.manager.supervisor import Supervisor
+from gateway.metrics import BackendSample, Metrics
 from gateway.settings import Settings
 from gateway.units import format_size
 from protos.hearth.backend.v1.contract import Capability, Reason
@@ -116,6 +123,8 @@ class BackendManager:
         self._unload_when_started: set[str] = set()
         self._failures: dict[str, _Failure] = {}
         self._closing = False
+        self.metrics = Metrics()
+        self.metrics.watch_backends(self._samples)
 
     @property
     def budget(self) -> MachineBudget:
@@ -173,7 +182,9 @@ class BackendManager:
                     param="model",
                     code="model_not_supported",
                 )
+            queued = time.monotonic()
             await instance.slots.take(name)
+            self.metrics.queue_time.labels(name).observe(time.monotonic() - queued)
             if not instance.dead:
                 break
             instance.slots.give()  # it was unloaded while this request queued: start anew
@@ -402,6 +413,7 @@ class BackendManager:
             return await self._plan_and_start(config)
         except OpenAIError as exc:
             if exc.code == "backend_start_failed":
+                self.metrics.start_failures.labels(config.name).inc()
                 message, _, output = exc.message.partition(OUTPUT_HEADING)
                 self._failed(config, message, output)
                 # In a crash loop, the requests that waited on this start are told as the
@@ -432,20 +444,26 @@ class BackendManager:
         finally:
             if start is not None:
                 start.waiting_for_memory = False
+        spawned = time.monotonic()
         try:
-            instance = await self.launcher.spawn(config, custom)
+            # The variables that hold remote backends' tokens stay in the gateway.
+            withheld = token_variables(self.registry.known.backends.values())
+            instance = await self.launcher.spawn(config, custom, withheld)
             instance.footprint = footprint
             if start is not None:
                 start.instance = instance
             await self._load(instance, config, remote)
         finally:
             reservation.release()
+        self.metrics.load_time.labels(config.name).observe(time.monotonic() - spawned)
         instance.state = State.READY
         instance.loaded_at = time.time()
         instance.last_used = time.monotonic()
         instance.keep_alive = self.default_keep_alive(config)
         self._instances[config.name] = instance
-        self.supervisor.watch(instance)
+        # The watch outlives the request that started the model: its log lines are not that
+        # request's.
+        contextvars.Context().run(self.supervisor.watch, instance)
         if config.name in self._unload_when_started:
             self._unload_when_started.discard(config.name)
             instance.keep_alive = 0  # its waiting requests are served, then it goes
@@ -467,7 +485,11 @@ class BackendManager:
     async def _load(self, instance: BackendInstance, config: ModelConfig, remote: bool) -> None:
         pump = None
         if instance.process is not None:
-            pump = asyncio.create_task(self.launcher.pump_output(instance))
+            # The backend's output is nobody's request's (the start is shared, the process
+            # outlives it): logged without a request id.
+            pump = asyncio.create_task(
+                self.launcher.pump_output(instance), context=contextvars.Context()
+            )
         try:
             await self.launcher.wait_healthy(instance)
             ceiling = self.thread_ceiling(config, remote)
@@ -501,6 +523,7 @@ class BackendManager:
         if self._closing or instance.deliberate_stop or instance.exit_noted:
             return
         instance.exit_noted = True
+        self.metrics.backend_exits.labels(instance.config.name).inc()
         log.warning(
             "backend for %s %s unexpectedly; the next request starts a new one\n%s",
             instance.config.name,
@@ -510,6 +533,19 @@ class BackendManager:
         self._failed(
             instance.config, f"its backend {describe_exit(code)}", instance.recent_output()
         )
+
+    def _samples(self) -> list[BackendSample]:
+        """What each backend holds now, for a metrics scrape (the tick measured its memory)."""
+        return [
+            BackendSample(
+                model=i.config.name,
+                resident_bytes=i.rss if i.local else None,
+                in_flight=i.slots.busy,
+                queued=i.slots.waiting,
+            )
+            for i in self._serving()
+            if not i.dead
+        ]
 
     def _forget(self, instance: BackendInstance) -> None:
         """A backend that is gone (its process exited, or a remote one lost its model)."""

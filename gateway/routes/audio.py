@@ -9,7 +9,7 @@ from litestar.datastructures import UploadFile
 
 from gateway.errors import OpenAIError, invalid_request
 from gateway.manager import BackendManager
-from gateway.routes.common import keep_alive_of
+from gateway.routes.common import keep_alive_of, resolve_model
 from gateway.translate import audio
 from protos.hearth.backend.v1.contract import Capability
 
@@ -24,7 +24,8 @@ async def _transcribe(
     model = form.get("model")
     if not isinstance(model, str) or not model:
         raise invalid_request("model is required", param="model")
-    config = await manager.registry.resolve(model)  # an unknown model is a 404 before anything else
+    # An unknown model is a 404 before anything else.
+    config = await resolve_model(request, manager, model)
     keep_alive = keep_alive_of(_text(form.get("keep_alive")))
     data = await upload.read()
     limit = manager.settings.max_upload_bytes

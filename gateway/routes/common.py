@@ -9,12 +9,14 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol, TypeVar
 
 import msgspec
+from litestar import Request
 from litestar.response import ServerSentEvent
 
+from gateway.auth import check_model
 from gateway.client import BackendClient
 from gateway.config import ModelConfig, parse_keep_alive, validation_error_field
-from gateway.errors import OpenAIError, invalid_request
-from gateway.lifetime import RequestLife
+from gateway.errors import OpenAIError, for_caller, invalid_request
+from gateway.lifetime import RequestLife, life_of
 from gateway.manager import BackendManager
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Capability
@@ -55,6 +57,17 @@ def decode_body(body: bytes, kind: type[T]) -> T:
             "the request body nests arrays and objects too deeply (HEARTH_MAX_JSON_DEPTH)",
             code="nested_too_deeply",
         ) from None
+
+
+async def resolve_model(
+    request: Request[Any, Any, Any], manager: BackendManager, name: str
+) -> ModelConfig:
+    """The catalog's model `name` (404 if it has none, or if the request's key may not use
+    it), noted as the request's model."""
+    config = await manager.registry.resolve(name)
+    check_model(config.name)
+    life_of(request).model = config.name
+    return config
 
 
 def keep_alive_of(value: str | int | float | None) -> float | None:
@@ -112,22 +125,27 @@ async def stream_text(
             raise
 
     lease, (stream, first) = await manager.open(config, Capability.TEXT, start, keep_alive)
+    first_arrived = time.monotonic()
     life.on_end(lease.release)
     life.on_end(stream.aclose)  # closed first: the backend stops generating
+    meter = manager.metrics.stream_meter(config.name, life.started)
 
     async def events() -> AsyncIterator[str]:
         try:
             for chunk in chunks.opening():
                 yield _event(chunk)
-            item = first
+            item, arrived = first, first_arrived
             while item is not None:
+                meter.piece(item, arrived)
                 for chunk in chunks.piece(item):
                     yield _event(chunk)
                 item = await anext(stream, None)
+                arrived = time.monotonic()
         except OpenAIError as exc:
             # Before the slot goes back: a backend that died must be known dead to the
             # requests queued behind this one.
             exc = await manager.failed(lease, exc)
+            exc = for_caller(exc, manager.settings.models_dir, manager.runtime_dir)
             yield _event(exc.body())
         lease.release()  # done: the next request need not wait for the last bytes to leave
         yield "[DONE]"

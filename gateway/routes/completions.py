@@ -14,6 +14,7 @@ from gateway.routes.common import (
     keep_alive_of,
     new_id,
     now,
+    resolve_model,
     stream_text,
 )
 from gateway.schemas.completions import CompletionRequest
@@ -31,7 +32,7 @@ class CompletionsController(Controller):
         # Annotated as Response so that a stream keeps its own text/event-stream media type.
         body = decode_body(await request.body(), CompletionRequest)
         limits.check_completion(body, manager.settings)
-        config = await manager.registry.resolve(body.model)
+        config = await resolve_model(request, manager, body.model)
         keep_alive = keep_alive_of(body.keep_alive)
         generate = text.completion_request(body, config)
         id_, created = new_id("cmpl"), now()
@@ -45,4 +46,6 @@ class CompletionsController(Controller):
         response = await manager.call(
             config, Capability.TEXT, lambda client: client.generate(generate), keep_alive
         )
+        usage = response.usage
+        manager.metrics.tokens_used(config.name, usage.prompt_tokens, usage.completion_tokens)
         return Response(text.completion(response, id=id_, created=created, model=body.model))

@@ -8,7 +8,7 @@ from litestar import Controller, Request, post
 
 from gateway import limits
 from gateway.manager import BackendManager
-from gateway.routes.common import decode_body, keep_alive_of
+from gateway.routes.common import decode_body, keep_alive_of, resolve_model
 from gateway.schemas.embeddings import CreateEmbeddingResponse, EmbeddingRequest
 from gateway.translate import embeddings
 from protos.hearth.backend.v1.contract import Capability
@@ -23,12 +23,13 @@ class EmbeddingsController(Controller):
     ) -> CreateEmbeddingResponse:
         body = decode_body(await request.body(), EmbeddingRequest)
         limits.check_embeddings(body, manager.settings)
-        config = await manager.registry.resolve(body.model)
+        config = await resolve_model(request, manager, body.model)
         keep_alive = keep_alive_of(body.keep_alive)
         embed = embeddings.embed_request(body, manager.settings.max_embedding_input_tokens)
         response = await manager.call(
             config, Capability.EMBEDDINGS, lambda client: client.embed(embed), keep_alive
         )
+        manager.metrics.tokens_used(config.name, response.prompt_tokens, 0)
         return embeddings.embedding_response(
             response, model=body.model, encoding_format=body.encoding_format
         )

@@ -11,7 +11,7 @@ from gateway import limits
 from gateway.errors import OpenAIError, invalid_request
 from gateway.generated import GeneratedImages
 from gateway.manager import BackendManager
-from gateway.routes.common import decode_body, keep_alive_of, now
+from gateway.routes.common import decode_body, keep_alive_of, now, resolve_model
 from gateway.schemas.images import Image, ImageGenerationRequest, ImagesResponse
 from gateway.translate.images import generate_image_request
 from protos.hearth.backend.v1.contract import Capability
@@ -30,7 +30,7 @@ class ImagesController(Controller):
         body = decode_body(await request.body(), ImageGenerationRequest)
         if not body.model:
             raise invalid_request("model is required: GET /v1/models lists them", param="model")
-        config = await manager.registry.resolve(body.model)
+        config = await resolve_model(request, manager, body.model)
         limits.check_images(body, config, manager.settings)
         keep_alive = keep_alive_of(body.keep_alive)
         call = generate_image_request(body)

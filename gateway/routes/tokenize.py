@@ -8,7 +8,7 @@ from litestar import Controller, Request, post
 
 from gateway import limits
 from gateway.manager import BackendManager
-from gateway.routes.common import decode_body
+from gateway.routes.common import decode_body, resolve_model
 from gateway.schemas.tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -29,11 +29,8 @@ class TokenizeController(Controller):
         body = decode_body(await request.body(), TokenizeRequest)
         limits.check_tokenize(body, manager.settings)
         call = pb.TokenizeRequest(text=body.content, add_special=body.add_special)
-        response = await manager.call(
-            await manager.registry.resolve(body.model),
-            Capability.TEXT,
-            lambda client: client.tokenize(call),
-        )
+        config = await resolve_model(request, manager, body.model)
+        response = await manager.call(config, Capability.TEXT, lambda client: client.tokenize(call))
         return TokenizeResponse(tokens=list(response.tokens))
 
     @post("/detokenize", status_code=200)
@@ -43,9 +40,8 @@ class TokenizeController(Controller):
         body = decode_body(await request.body(), DetokenizeRequest)
         limits.check_detokenize(body, manager.settings)
         call = pb.DetokenizeRequest(tokens=body.tokens)
+        config = await resolve_model(request, manager, body.model)
         response = await manager.call(
-            await manager.registry.resolve(body.model),
-            Capability.TEXT,
-            lambda client: client.detokenize(call),
+            config, Capability.TEXT, lambda client: client.detokenize(call)
         )
         return DetokenizeResponse(content=response.text)
