@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Request, Router
+from litestar import Litestar, Router
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import Provide
 
-from gateway.errors import BODY_LIMIT_SETTING, EXCEPTION_HANDLERS, OpenAIError
+from gateway import identity
+from gateway.auth import SCOPE, KeyRing, Scope, admit, scope_of
+from gateway.browser import BODY_TYPE, JSON, MULTIPART, browser_guard, check_content_type
+from gateway.errors import BODY_LIMIT_SETTING, EXCEPTION_HANDLERS
 from gateway.gallery import Installer, gallery_path
 from gateway.generated import GeneratedImages
+from gateway.identity import add_request_id
 from gateway.lifetime import lifetime_middleware
 from gateway.manager import BackendManager
 from gateway.routes.audio import AudioController
@@ -25,15 +29,13 @@ from gateway.routes.embeddings import EmbeddingsController
 from gateway.routes.gallery import GalleryController
 from gateway.routes.health import healthz, readyz
 from gateway.routes.images import ImagesController, generated_image
+from gateway.routes.metrics import prometheus_metrics
 from gateway.routes.models import ModelsController
 from gateway.routes.tokenize import TokenizeController
 from gateway.settings import Settings
 
 log = logging.getLogger("hearth")
 
-_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-# Image URLs are unguessable and short-lived: a browser or <img> tag can fetch them without a key.
-_OPEN_PREFIXES = ("/generated/",)
 _MULTIPART_SLACK_BYTES = 1024 * 1024  # the form's other fields and boundaries
 
 
@@ -52,33 +54,30 @@ def _generated(state: State) -> GeneratedImages:
     return generated
 
 
-def _authenticator(keys: tuple[str, ...]) -> Any:
-    """A before_request hook that wants `Authorization: Bearer <key>` for one of `keys`."""
-    encoded = [k.encode() for k in keys]
+def _guard(ring: KeyRing) -> Any:
+    """The guard of every route (an app-level guard: guards of every layer all run, where a
+    closer layer's before_request would replace this one): its key and scope, then its body's
+    type."""
 
-    async def authenticate(request: Request[Any, Any, Any]) -> None:
-        path = request.url.path
-        if path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES):
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode()
-        # Compare with every key, always, so timing says nothing about which one nearly matched.
-        matched = False
-        for key in encoded:
-            matched |= hmac.compare_digest(given, key)
-        if scheme.lower() != "bearer" or not matched:
-            raise OpenAIError(
-                401,
-                "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
-                code="invalid_api_key",
-            )
+    async def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: Any) -> None:
+        caller = admit(ring, scope_of(handler), connection.headers)
+        identity.caller.set(caller)
+        expected = handler.opt.get(BODY_TYPE, JSON)
+        method = str(connection.scope.get("method", ""))
+        check_content_type(method, connection.headers, expected)
 
-    return authenticate
+    return guard
 
 
-def create_app(settings: Settings) -> Litestar:
-    """The gateway's ASGI app; its lifespan owns the BackendManager."""
+def create_app(settings: Settings, ring: KeyRing | None = None) -> Litestar:
+    """The gateway's ASGI app; its lifespan owns the BackendManager. `ring`: the keys, if
+    already read from `settings`. ValueError: the keys settings are wrong."""
+    ring = ring or KeyRing.from_settings(settings)
+    if ring.enabled and not any(key.caller.admin for key in ring.keys):
+        log.warning(
+            "no admin key (HEARTH_ADMIN_KEYS, or scope: admin in the keys file): nobody can "
+            "install, delete or unload models, or see /backends, over HTTP"
+        )
 
     @asynccontextmanager
     async def backends(app: Litestar) -> AsyncIterator[None]:
@@ -106,23 +105,34 @@ def create_app(settings: Settings) -> Litestar:
         path="/",
         route_handlers=[AudioController],
         request_max_body_size=settings.max_upload_bytes + _MULTIPART_SLACK_BYTES,
-        opt={BODY_LIMIT_SETTING: "HEARTH_MAX_UPLOAD_BYTES"},  # what a 413 names
+        opt={BODY_LIMIT_SETTING: "HEARTH_MAX_UPLOAD_BYTES", BODY_TYPE: MULTIPART},
     )
-    return Litestar(
+    # Every route belongs to one scope: who may call it (gateway/auth.py). A route outside
+    # these routers has none, and nobody may call it.
+    inference = Router(
+        path="/",
         route_handlers=[
             audio,
-            BackendsController,
             ChatController,
             CompletionsController,
-            ImagesController,
-            generated_image,
-            GalleryController,
             EmbeddingsController,
+            ImagesController,
             ModelsController,
             TokenizeController,
-            healthz,
-            readyz,
         ],
+        opt={SCOPE: Scope.INFERENCE},
+    )
+    admin = Router(
+        path="/", route_handlers=[BackendsController, GalleryController], opt={SCOPE: Scope.ADMIN}
+    )
+    # Health for probes; image URLs are unguessable and short-lived, so that an <img> tag can
+    # fetch them without a key.
+    open_ = Router(
+        path="/", route_handlers=[healthz, readyz, generated_image], opt={SCOPE: Scope.OPEN}
+    )
+    metrics = Router(path="/", route_handlers=[prometheus_metrics], opt={SCOPE: Scope.METRICS})
+    return Litestar(
+        route_handlers=[inference, admin, open_, metrics],
         lifespan=[backends],
         dependencies={
             "manager": Provide(_manager, sync_to_thread=False),
@@ -131,8 +141,12 @@ def create_app(settings: Settings) -> Litestar:
         },
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,  # JSON bodies: 413 past it
-        middleware=[lifetime_middleware(settings.read_timeout)],
-        before_request=_authenticator(settings.api_keys) if settings.api_keys else None,
+        middleware=[
+            lifetime_middleware(settings.read_timeout),
+            browser_guard(settings.allowed_hosts, settings.cors_origins),
+        ],
+        guards=[_guard(ring)],
+        before_send=[add_request_id],  # x-request-id on every answer, unrouted ones too
         openapi_config=None,
         logging_config=None,  # `hearth run` configures logging once, for every logger
     )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -31,6 +32,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             memory=parse_size(memory) if memory is not None else None,
             max_loaded_models=getattr(args, "max_loaded_models", None),
             keep_alive=getattr(args, "keep_alive", None),
+            insecure=True if getattr(args, "insecure", False) else None,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -43,23 +45,75 @@ def _budget(settings: Settings) -> Any:
     return Machine().budget(settings.cpus, settings.memory)
 
 
+def _configure_logging(level: str) -> None:
+    """One format for every logger, with the id of the request a line was written for (after
+    the logger's name, in brackets): the id its client sees in the `x-request-id` header."""
+    from gateway.identity import RequestIdFilter
+
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s",
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
+
+
 def run(args: argparse.Namespace) -> int:
     from gateway.app import create_app
     from gateway.serve import serve
 
     settings = _settings(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if settings.host not in {"127.0.0.1", "localhost", "::1"} and not settings.api_keys:
+    _configure_logging(settings.log_level)
+    from gateway.auth import KeyRing
+
+    try:
+        ring = KeyRing.from_settings(settings)
+    except ValueError as exc:  # the keys settings
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not is_loopback(settings.host) and not ring.enabled:
+        if not settings.insecure:
+            print(
+                f"error: refusing to listen on {settings.host} without API keys: anyone who "
+                "can reach it could use your models and install or delete them. Set "
+                "HEARTH_API_KEYS and HEARTH_ADMIN_KEYS (or HEARTH_KEYS_FILE), or give "
+                "--insecure if every device that can reach it is trusted.",
+                file=sys.stderr,
+            )
+            return 2
         logging.getLogger("hearth").warning(
-            "listening on %s without API keys: anyone who can reach this address can use "
-            "your models (set HEARTH_API_KEYS)",
+            "listening on %s without API keys (--insecure): anyone who can reach this "
+            "address can use, install and delete your models",
             settings.host,
         )
-    serve(create_app(settings), settings)
+    _not_dumpable()
+    app = create_app(settings, ring)
+    serve(app, settings)
     return 0
+
+
+def _not_dumpable() -> None:
+    """Keep other processes of this user (the backends among them) from reading this one's
+    memory and /proc/<pid>/environ, where the keys are (Linux's PR_SET_DUMPABLE)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_dumpable = 4
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address to listen on) reaches only this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def _fits(footprint: Any, budget: Any) -> tuple[str, str]:
@@ -119,13 +173,16 @@ def models_available(args: argparse.Namespace) -> int:
     settings = _settings(args)
     budget = _budget(settings)
     book = FootprintBook(settings.models_dir)
+    index = _gallery()
     print(f"# {budget.describe()}")
-    for entry in _gallery().entries:
+    for entry in index.entries:
         state = "installed" if is_installed(entry, settings.models_dir) else "-"
         checked = "verified" if entry.verified else "unverified"
         backend = entry.config.get("backend", "?")
         needs, fits = _fits(entry_footprint(entry, settings.models_dir, book), budget)
         print(f"{entry.name}\t{backend}\t{state}\t{checked}\t{needs}\t{fits}\t{entry.description}")
+    for error in index.errors:
+        print(f"warning: left out of the gallery: {error}", file=sys.stderr)
     return 0
 
 
@@ -134,11 +191,11 @@ def _megabytes(count: int | None) -> str:
 
 
 def models_install(args: argparse.Namespace) -> int:
-    from gateway.gallery import InstallError, install_entry
+    from gateway.gallery import InstallError, find_entry, install_entry
 
     settings = _settings(args)
     index = _gallery()
-    unknown = [n for n in args.names if index.get(n) is None]
+    unknown = [n for n in args.names if index.get(n) is None and n not in index.rejected]
     if unknown:
         print(
             f"error: the gallery has no model named {', '.join(unknown)} "
@@ -147,8 +204,8 @@ def models_install(args: argparse.Namespace) -> int:
         )
         return 1
     for name in args.names:
-        entry = index.get(name)
         try:
+            entry = find_entry(index, name)
             if sys.stdout.isatty():
                 _install_with_bars(entry, settings.models_dir, install_entry)
             else:
@@ -181,6 +238,8 @@ def _install_with_bars(entry: Any, models_dir: Path, install: Any) -> None:
         tasks: dict[str, Any] = {}
 
         def report(progress: Any) -> None:
+            if not progress.file:  # nothing to fetch: installed already
+                return
             if progress.file not in tasks:
                 tasks[progress.file] = bars.add_task(f"{entry.name}: {progress.file}", total=None)
             bars.update(tasks[progress.file], completed=progress.done, total=progress.total)
@@ -193,6 +252,8 @@ def _install_with_lines(entry: Any, models_dir: Path, install: Any) -> None:
     shown: dict[str, int] = {}
 
     def report(progress: Any) -> None:
+        if not progress.file:  # nothing to fetch: installed already
+            return
         tenth = (progress.done * 10 // progress.total) if progress.total else 0
         if shown.get(progress.file) == tenth:
             return
@@ -208,21 +269,19 @@ def _install_with_lines(entry: Any, models_dir: Path, install: Any) -> None:
 
 
 def models_remove(args: argparse.Namespace) -> int:
-    from gateway.config import load_catalog
-    from gateway.gallery import remove_files
+    from gateway.gallery import NotInstalledError, RemovalRefused, remove_model
 
     settings = _settings(args)
-    catalog = load_catalog(settings.models_dir)
-    config = catalog.models.get(args.name)
-    if config is None:
+    try:
+        removal = remove_model(args.name, settings.models_dir)
+    except NotInstalledError:
         print(f"error: no installed model named {args.name}", file=sys.stderr)
         return 1
-    keep = {
-        (settings.models_dir / other.model).resolve()
-        for other in catalog.models.values()
-        if other.name != args.name and other.model
-    }
-    remove_files(config, _gallery().get(args.name), settings.models_dir, keep)
+    except RemovalRefused as exc:
+        print(f"error: not removed: {exc}", file=sys.stderr)
+        return 1
+    for kept in removal.kept:
+        print(f"{args.name}: kept {kept['path']}: {kept['reason']}")
     print(f"{args.name}: removed")
     return 0
 
@@ -237,13 +296,21 @@ def ps(args: argparse.Namespace) -> int:
         host = f"[{host}]"  # an IPv6 address
     url = f"http://{host}:{settings.port}/backends"
     headers = {}
-    key = os.environ.get("HEARTH_API_KEY") or next(iter(settings.api_keys), None)
+    # /backends is an admin route.
+    key = os.environ.get("HEARTH_API_KEY") or next(iter(settings.admin_keys), None)
     if key:
         headers["authorization"] = f"Bearer {key}"
     try:
         response = httpx.get(url, headers=headers, timeout=10)
     except httpx.TransportError as exc:
         print(f"error: no gateway answers at {url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code in (401, 403):
+        print(
+            f"error: {url} wants an admin key: set HEARTH_API_KEY to one of HEARTH_ADMIN_KEYS "
+            "(or an admin key of the keys file)",
+            file=sys.stderr,
+        )
         return 1
     if response.status_code != 200:
         print(f"error: {url} answered {response.status_code}: {response.text}", file=sys.stderr)
@@ -329,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run_parser.add_argument(
         "--keep-alive", help="idle time before a model is unloaded (default 5m; -1: never)"
+    )
+    run_parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening on a non-loopback address without API keys",
     )
     run_parser.set_defaults(handler=run)
 

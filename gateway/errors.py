@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
+import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
+from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Send
 
+from gateway import identity
 from protos.hearth.backend.v1.contract import PARAM_KEY, REASON_KEY
 
 log = logging.getLogger("hearth.gateway")
@@ -31,7 +37,8 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INTERNAL: (500, "server_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
     grpc.StatusCode.DATA_LOSS: (500, "server_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    # The backend refused the gateway (its token), not the client: a bad gateway.
+    grpc.StatusCode.UNAUTHENTICATED: (502, "server_error"),
 }
 
 #: Key of a route's `opt` naming the setting that bounds its body (HEARTH_MAX_BODY_BYTES if none).
@@ -125,6 +132,16 @@ def from_grpc(error: grpc.aio.AioRpcError, model: str) -> OpenAIError:
     if error.code() == grpc.StatusCode.UNAVAILABLE and reason is None:
         # gRPC says "failed to connect" when the call never left: nothing reached the backend.
         return BackendGone(model, message, reached=not message.startswith("failed to connect"))
+    if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+        # The backend refused the gateway, not the client: a 401 would send the client looking
+        # at its own key, and sending the request again changes nothing.
+        return OpenAIError(
+            502,
+            f"the remote backend for model '{model}' refused the gateway's token ({message}); "
+            "check its token_file or token_env in backends.yaml",
+            code="backend_unauthenticated",
+            retry=False,
+        )
     if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and reason is None:
         message = f"the backend for model '{model}' did not answer in time ({message})"
         reason = "timeout"
@@ -146,8 +163,73 @@ def error_response(error: OpenAIError) -> Response[dict[str, Any]]:
     return Response(content=error.body(), status_code=error.status, headers=headers)
 
 
-def handle_openai_error(_: Request[Any, Any, Any], exc: OpenAIError) -> Response[dict[str, Any]]:
+async def send_error(send: Send, error: OpenAIError, *, close: bool = False) -> None:
+    """`error` as a whole answer, straight on an ASGI `send` (for middleware, where no
+    framework response exists); `close`: ask the client to close the connection after it."""
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": error.status,
+        "headers": headers,
+    }
+    await send(start)
+    whole: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
+    await send(whole)
+
+
+def handle_openai_error(
+    request: Request[Any, Any, Any], exc: OpenAIError
+) -> Response[dict[str, Any]]:
+    manager = getattr(request.app.state, "manager", None)
+    if manager is not None:
+        exc = for_caller(exc, manager.settings.models_dir, manager.runtime_dir)
     return error_response(exc)
+
+
+#: What separates an error's message from the backend's last output lines.
+OUTPUT_HEADING = "\nlast backend output:\n"
+_ABSOLUTE_PATH = re.compile(r"(?<![\w/.:>])/(?:[\w.@+-]+/)*[\w.@+-]+")
+
+
+def for_caller(error: OpenAIError, models_dir: Path, runtime_dir: Path) -> OpenAIError:
+    """`error` as the request's caller may see it: whole for an admin (or the local user of a
+    server without keys); for anyone else without the backend's output lines, with the server's
+    own folders named, not shown, and, in a server error, no other absolute path either."""
+    if identity.caller.get().admin:
+        return error
+    message = error.message.split(OUTPUT_HEADING, 1)[0]
+    for path, placeholder in private_paths(models_dir, runtime_dir).items():
+        message = message.replace(path, placeholder)
+    if error.status >= 500:
+        message = _ABSOLUTE_PATH.sub("<path>", message)
+    if message == error.message:
+        return error
+    return OpenAIError(
+        error.status,
+        message,
+        param=error.param,
+        code=error.code,
+        type=error.type,
+        retry_after=error.retry_after,
+        retry=error.retry,
+    )
+
+
+def private_paths(models_dir: Path, runtime_dir: Path) -> dict[str, str]:
+    """The server's own folders, longest first, and what messages call them instead."""
+    paths = {
+        str(models_dir.resolve()): "<models dir>",
+        str(models_dir.absolute()): "<models dir>",
+        str(runtime_dir): "<runtime dir>",
+        str(Path(__file__).resolve().parent.parent): "<hearth>",
+        sys.prefix: "<python>",
+        str(Path.home()): "<home>",
+    }
+    ordered = sorted(paths.items(), key=lambda item: -len(item[0]))
+    return {path: name for path, name in ordered if len(path) > 1}
 
 
 def handle_http_exception(

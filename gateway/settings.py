@@ -21,8 +21,22 @@ class Settings:
     models_dir: Path = Path("models")
     #: Where backend sockets live; None makes a private 0700 directory per run.
     runtime_dir: Path | None = None
-    #: Bearer keys clients must send; empty means no authentication (loopback use).
+    #: Inference keys clients must send; with no keys at all there is no authentication
+    #: (loopback use). See gateway/auth.py.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: Keys that may also manage the server (gallery, unload, /backends, /metrics).
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: Keys that may only scrape /metrics.
+    metrics_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: A YAML file of named keys with scopes and model lists.
+    keys_file: Path | None = None
+    #: Host names this server answers to besides loopback names, IP addresses and its own host
+    #: name (".home.lan": every name under home.lan; "*": any).
+    allowed_hosts: tuple[str, ...] = ()
+    #: Origins whose web pages may call this server ("*": any); none by default.
+    cors_origins: tuple[str, ...] = ()
+    #: Listen on a non-loopback address without keys (anyone who reaches it may do anything).
+    insecure: bool = False
     #: Seconds a new backend process gets to become healthy.
     backend_start_timeout: float = 60.0
     #: Seconds a model gets to load.
@@ -127,14 +141,14 @@ def _parse(name: str, raw: str) -> Any:
         return parse_size(raw)
     if kind == "int":
         return int(raw)  # ranges are Settings.__post_init__'s to check, for flags too
-    if name == "share_cores":
+    if kind == "bool":
         if raw.strip().lower() not in {"0", "1", "true", "false", "on", "off", "yes", "no"}:
             raise ValueError("use 1 or 0")
         return raw.strip().lower() in {"1", "true", "on", "yes"}
     if kind == "float":
         return float(raw)
-    if name in {"models_dir", "runtime_dir"}:
+    if kind == "Path":
         return Path(raw)
-    if name in {"api_keys", "preload"}:
+    if kind == "tuple[str, ...]":
         return tuple(k.strip() for k in raw.split(",") if k.strip())
     return raw

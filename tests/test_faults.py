@@ -77,7 +77,7 @@ def _post(path: str, body: dict[str, object], send_body: bool = True) -> bytes:
     `send_body`)."""
     data = json.dumps(body).encode()
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(data)}\r\n\r\n"
     ).encode()
     return head + data if send_body else head
@@ -360,13 +360,15 @@ def test_a_client_that_sends_nothing_is_disconnected(gateway: Gateway) -> None:
         assert silent.recv(1024) == b""  # closed by the server (read timeout 1 s)
         assert time.monotonic() - started < 9
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as dripping:
-        dripping.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        dripping.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n")
         assert dripping.recv(1024) == b""
 
 
 def test_a_connection_whose_body_was_never_read_is_closed(gateway: Gateway) -> None:
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as conn:
-        conn.sendall(b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        conn.sendall(
+            b"POST /v1/nothing HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000000\r\n\r\n"
+        )
         answer = conn.recv(4096)
         assert answer.startswith(b"HTTP/1.1 404"), answer
         conn.sendall(b"x")
@@ -417,7 +419,8 @@ def test_a_client_that_stops_reading_its_stream_gives_its_slot_back(gateway: Gat
 def test_a_body_that_stops_arriving_is_a_408(gateway: Gateway) -> None:
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as slow:
         slow.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\n"
             b'Content-Length: 100\r\n\r\n{"model": '
         )
         answer = b""

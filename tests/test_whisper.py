@@ -244,9 +244,13 @@ def test_bad_fields_are_400(http: httpx.Client, fox_wav: bytes, data: dict, para
 
 
 def test_missing_file_is_400(http: httpx.Client) -> None:
-    response = http.post("/v1/audio/transcriptions", data={"model": "tiny-whisper"})
+    form_without_file = {"model": (None, "tiny-whisper")}
+    response = http.post("/v1/audio/transcriptions", files=form_without_file)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "file"
+    # A urlencoded form (what any web page may post cross-site) is not an upload at all.
+    response = http.post("/v1/audio/transcriptions", data={"model": "tiny-whisper"})
+    assert response.status_code == 415
 
 
 def test_a_chat_model_cannot_transcribe(http: httpx.Client, fox_wav: bytes) -> None:

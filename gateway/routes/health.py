@@ -7,6 +7,7 @@ from typing import Any
 from litestar import get
 from litestar.response import Response
 
+from gateway import identity
 from gateway.manager import BackendManager
 
 
@@ -17,12 +18,11 @@ async def healthz() -> dict[str, str]:
 
 @get("/readyz")
 async def readyz(manager: BackendManager) -> Response[dict[str, Any]]:
-    catalog = await manager.registry.current()
     ready = manager.ready
-    body = {
-        "status": "ready" if ready else "not ready",
-        "models": len(catalog.models),
-        "loaded": sorted(manager.loaded()),
-        "config_errors": catalog.errors,
-    }
+    body: dict[str, Any] = {"status": "ready" if ready else "not ready"}
+    if identity.caller.get().admin:  # the rest names files and models: not for anyone
+        catalog = await manager.registry.current()
+        body["models"] = len(catalog.models)
+        body["loaded"] = sorted(manager.loaded())
+        body["config_errors"] = catalog.errors
     return Response(body, status_code=200 if ready else 503)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from litestar import Controller, get
+from litestar import Controller, Request, get
 
+from gateway import identity
 from gateway.config import ModelConfig
 from gateway.manager import BackendManager
+from gateway.routes.common import resolve_model
 from gateway.schemas.models import Model, ModelList
 
 
@@ -24,9 +27,13 @@ class ModelsController(Controller):
 
     @get()
     async def list_models(self, manager: BackendManager) -> ModelList:
+        caller = identity.caller.get()
         models = (await manager.registry.current()).models.values()
-        return ModelList(data=[_model(c) for c in sorted(models, key=lambda c: c.name)])
+        allowed = [c for c in models if caller.may_use(c.name)]  # a limited key sees its own
+        return ModelList(data=[_model(c) for c in sorted(allowed, key=lambda c: c.name)])
 
     @get("/{model_id:path}")
-    async def retrieve(self, model_id: str, manager: BackendManager) -> Model:
-        return _model(await manager.registry.resolve(model_id.lstrip("/")))
+    async def retrieve(
+        self, request: Request[Any, Any, Any], model_id: str, manager: BackendManager
+    ) -> Model:
+        return _model(await resolve_model(request, manager, model_id.lstrip("/")))
