@@ -4,19 +4,19 @@ A home server is reachable from every page a household's browsers open. Without 
 could POST to it (a `text/plain` body needs no CORS preflight) and, through DNS rebinding (a name
 of the attacker's that resolves to this server), read its answers too. So, in every mode, keys or
 none:
-- the Host header must name this server: a loopback name, an IP address (rebinding needs a
-  name), this machine's host name, or one of `HEARTH_ALLOWED_HOSTS`; else 400;
+- the Host header must be a name no web page's author can point at this server (an IP address,
+  a one-label name, a name under a private suffix: see HostRule) or one of
+  `HEARTH_ALLOWED_HOSTS`; else 400;
 - a request that changes something (any method but GET, HEAD, OPTIONS) from a page of another
   origin is refused (403) unless that origin is in `HEARTH_CORS_ORIGINS`;
 - CORS is closed unless `HEARTH_CORS_ORIGINS` names the origin (or is `*`): preflights from
   other origins get 403, and their answers carry no Access-Control-Allow-Origin.
-The body's Content-Type is checked per route (gateway/auth.py's BODY_TYPE; `gateway/app.py`).
+The body's Content-Type is checked per route (`BODY_TYPE` in a route's opt; `gateway/app.py`).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,26 +72,39 @@ def _is_address(name: str) -> bool:
     return True
 
 
+#: Names under these can only be given by this network's own resolver (mDNS, the router's DNS,
+#: names reserved for private use): no web page's author can point one at this server.
+PRIVATE_SUFFIXES = (".localhost", ".local", ".lan", ".home.arpa", ".internal")
+
+
 class HostRule:
-    """Which Host headers name this server."""
+    """Which Host headers name this server.
+
+    DNS rebinding needs a name whose DNS the attacker controls, resolving to this server. So
+    IP addresses are safe, and so are names no public DNS can give: one-label names ("hearth",
+    a Docker service; "homeserver"), and names under PRIVATE_SUFFIXES. Any other name must be
+    in HEARTH_ALLOWED_HOSTS.
+    """
 
     def __init__(self, allowed: Iterable[str]) -> None:
         entries = {a.strip().lower().rstrip(".") for a in allowed if a.strip()}
         self.any = "*" in entries
-        own = socket.gethostname().lower()
-        self.names = {n for n in entries if not n.startswith(".")} | {
-            "localhost",
-            own,
-            f"{own}.local",
-        }
-        #: ".home.lan" allows every name under home.lan.
-        self.suffixes = (*(n for n in entries if n.startswith(".")), ".localhost")
+        self.names = {n for n in entries if not n.startswith(".")}
+        #: ".example.org" allows every name under example.org.
+        self.suffixes = (*(n for n in entries if n.startswith(".")), *PRIVATE_SUFFIXES)
 
     def allows(self, host: str) -> bool:
         if self.any:
             return True
         name = _host_name(host).rstrip(".")
-        return _is_address(name) or name in self.names or name.endswith(self.suffixes)
+        if not name:
+            return False
+        return (
+            _is_address(name)
+            or "." not in name
+            or name in self.names
+            or name.endswith(self.suffixes)
+        )
 
 
 class CorsRule:

@@ -356,7 +356,15 @@ def test_a_foreign_host_header_is_refused(open_gateway: Gateway) -> None:
         assert reply.json()["error"]["code"] == "host_not_allowed"
         assert "HEARTH_ALLOWED_HOSTS" in reply.json()["error"]["message"]
     assert (open_gateway.models_dir / "echo-private.yaml").exists()
-    for host in ("localhost", f"127.0.0.1:{open_gateway.port}", "[::1]:8080", "192.168.1.20"):
+    for host in (
+        "localhost",
+        f"127.0.0.1:{open_gateway.port}",
+        "[::1]:8080",
+        "192.168.1.20",
+        "hearth:8080",  # a Docker service name
+        "nas.local",
+        "server.home.arpa",
+    ):
         reply = httpx.get(f"{open_gateway.url}/v1/models", headers={"host": host})
         assert reply.status_code == 200, host
 
