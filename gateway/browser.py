@@ -49,7 +49,9 @@ _PREFLIGHT_MAX_AGE = b"600"
 
 
 def _host_name(host: str) -> str:
-    """The name or address of a Host header, without its port, lower case."""
+    """The name or address of a Host header, without its port, lower case ("" for none)."""
+    if "@" in host or "/" in host:  # userinfo or a path: no Host header a browser sends
+        return ""
     try:
         return urlsplit(f"//{host.strip()}").hostname or ""
     except ValueError:

@@ -116,6 +116,8 @@ REFUSED = {
     "shared": "shared/ has no manifest of ours",  # a folder the user made
     "linked": "linked is a symbolic link",  # a link to a folder outside
     "plainfile": "plainfile is a symbolic link or not a folder",
+    # Another model's YAML names a file in the folder: the install would choose what it loads.
+    "planted": "names 'planted/weights.bin', inside the folder this install would write",
 }
 
 
@@ -138,6 +140,9 @@ def scene(tmp_path: Path) -> tuple[Path, Path, Path]:
     (models / "shared" / "canary.txt").write_text("the user's\n")
     (models / "linked").symlink_to(outside, target_is_directory=True)
     (models / "plainfile").write_text("a file, not a folder\n")
+    (models / "planter.yaml").write_text(
+        "name: planter\nbackend: echo\nmodel: planted/weights.bin\n"
+    )
     index = tmp_path / "index.yaml"
     index.write_text(
         "entries:\n"
@@ -329,6 +334,8 @@ def removal_scene(models: Path, payload: Path) -> None:
     (models / "solo.yaml").write_text("name: solo\nbackend: echo\nmodel: solo.bin\n")
     (models / "solo.bin").write_text("solo weights\n")
     (models / "folder.yaml").write_text("name: folder\nbackend: echo\nmodel: folder\n")
+    # A YAML whose model is another model's YAML: removing it must not remove that.
+    (models / "eater.yaml").write_text("name: eater\nbackend: echo\nmodel: solo.yaml\n")
     (models / "folder").mkdir()
     (models / "folder" / "weights.bin").write_text("hand-made folder model\n")
 
@@ -380,6 +387,7 @@ def test_removing_a_model_deletes_only_what_is_its_own(remover: tuple[Path, Remo
         "first": "overlaps that of 'second'",
         "second": "overlaps that of 'first'",
         "hand": "overlaps that of 'tiny'",
+        "eater": "is the server's configuration, not a model file",
     }.items():
         done, said = remove(name)
         assert not done, name
@@ -407,7 +415,8 @@ def test_removing_a_model_deletes_only_what_is_its_own(remover: tuple[Path, Remo
 
     left = sorted(str(p.relative_to(models)) for p in models.rglob("*"))
     assert left == [
-        "canary.txt", "dot.yaml", "first.yaml", "folder", "folder/weights.bin", "hand.yaml",
+        "canary.txt", "dot.yaml", "eater.yaml", "first.yaml", "folder", "folder/weights.bin",
+        "hand.yaml",
         "second.yaml", "shared", "shared/canary.txt", "shared/weights.bin", "tiny",
         "tiny/notes.txt", "tiny/weights.bin",
     ]  # fmt: skip

@@ -356,6 +356,10 @@ def test_a_foreign_host_header_is_refused(open_gateway: Gateway) -> None:
         assert reply.json()["error"]["code"] == "host_not_allowed"
         assert "HEARTH_ALLOWED_HOSTS" in reply.json()["error"]["message"]
     assert (open_gateway.models_dir / "echo-private.yaml").exists()
+    tricked = httpx.get(
+        f"{open_gateway.url}/v1/models", headers={"host": "rebind.example:80@127.0.0.1"}
+    )
+    assert tricked.status_code == 400  # not read as userinfo before 127.0.0.1
     for host in (
         "localhost",
         f"127.0.0.1:{open_gateway.port}",

@@ -48,6 +48,7 @@ def check_relative(path: str, what: str) -> None:
     parts = PurePosixPath(path).parts
     if (
         not path
+        or not parts  # "."
         or "\\" in path
         or PurePosixPath(path).is_absolute()
         or any(p in ("..", ".") or p.startswith(".") for p in parts)

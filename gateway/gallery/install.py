@@ -80,6 +80,14 @@ def check_install(entry: GalleryEntry, models_dir: Path) -> None:
     _plan(entry, models_dir, hash_files=False)
 
 
+def _inside(model: str | None, folder: str) -> bool:
+    """Whether a model path (relative to the models dir) is `folder` or lies inside it."""
+    if not model:
+        return False
+    parts = [p for p in os.path.normpath(model).split("/") if p]
+    return bool(parts) and parts[0] == folder
+
+
 def _plan(entry: GalleryEntry, models_dir: Path, *, hash_files: bool) -> _Plan:
     name = entry.name
     if entry.config.get("backend") not in BUILTIN_BACKENDS:  # an entry built by hand
@@ -106,6 +114,12 @@ def _plan(entry: GalleryEntry, models_dir: Path, *, hash_files: bool) -> _Plan:
         for other in model_files(models_dir):
             if other.name == name and other.filename != yaml_name:
                 raise InstallRefused(f"{name}: {other.filename} already names a model {name!r}")
+            if other.name != name and _inside(other.model, name):
+                # Its files would become what that model loads.
+                raise InstallRefused(
+                    f"{name}: {other.filename} names {other.model!r}, inside the folder this "
+                    "install would write"
+                )
         try:
             folder = root.child(name)
         except UnsafePath as exc:

@@ -138,8 +138,22 @@ def plan_removal(name: str, models_dir: Path) -> RemovalPlan:
                         f"{name}: its model path {config.model!r} overlaps that of '{other}', "
                         "and no manifest says which files are its own; nothing was deleted"
                     )
-            _plan_file(plan, folder_root, root, os.path.normpath(config.model), others)
+            relative = os.path.normpath(config.model)
+            if _configuration(relative):
+                raise RemovalRefused(
+                    f"{name}: its model path {config.model!r} is the server's configuration, "
+                    "not a model file; nothing was deleted"
+                )
+            _plan_file(plan, folder_root, root, relative, others)
     return plan
+
+
+def _configuration(path: str) -> bool:
+    """Whether a path of the models dir is configuration (a YAML beside the models, or a hidden
+    file or folder such as .hearth/) rather than a model's file."""
+    parts = path.split("/")
+    top_level_yaml = len(parts) == 1 and parts[0].lower().endswith((".yaml", ".yml"))
+    return top_level_yaml or any(part.startswith(".") for part in parts)
 
 
 def _resolved(root: Path, relative: str) -> Path:
