@@ -58,6 +58,7 @@ class EchoBackend(Backend):
     name = "echo"
     engine_threads = 8  # it only sleeps: let slow streams overlap
     adjustable_threads = True  # it computes nothing, but takes the share it is given
+    embed_batch_inputs = 64  # concurrent Embed calls are merged, as real engines' are
 
     def __init__(self) -> None:
         self.options: dict[str, Any] = {}
@@ -181,7 +182,7 @@ class EchoBackend(Backend):
                 log.info("embeddings cancelled after %d of %d inputs", len(vectors), len(keys))
                 raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
             vectors.append(pb.Embedding(values=_hash_vector(key, dimensions)))
-        return pb.EmbedResponse(embeddings=vectors, prompt_tokens=sum(counts))
+        return pb.EmbedResponse(embeddings=vectors, prompt_tokens=sum(counts), input_tokens=counts)
 
 
 def _hash_vector(key: bytes, dimensions: int) -> list[float]:

@@ -82,6 +82,7 @@ class LlamaBackend(Backend):
 
     name = "llama"
     adjustable_threads = True
+    embed_batch_inputs = 64  # concurrent callers' inputs share llama.cpp's batches
 
     def __init__(self) -> None:
         self.llm: Any = None
@@ -370,9 +371,11 @@ class LlamaBackend(Backend):
         # and one past the request's own bound, before any of them is computed.
         own = int(self.llm.context_params.n_ubatch)
         limit = min(own, request.max_input_tokens or own)
+        counts: list[int] = []
         with self.lock:
             for index, text in enumerate(texts):
                 tokens = len(self.llm.tokenize(text.encode("utf-8")))  # as embed() counts them
+                counts.append(tokens)
                 if tokens > limit:
                     whose = "this model reads" if limit == own else "this server embeds"
                     raise invalid(
@@ -396,4 +399,4 @@ class LlamaBackend(Backend):
                 rows.extend(group)
                 count += used
         vectors = [pb.Embedding(values=_unit(row)) for row in rows]
-        return pb.EmbedResponse(embeddings=vectors, prompt_tokens=count)
+        return pb.EmbedResponse(embeddings=vectors, prompt_tokens=count, input_tokens=counts)

@@ -92,6 +92,11 @@ class Backend:
     #: The engine can change its thread count while loaded: it calls `follow_threads()` between
     #: steps and implements `apply_threads`. Set `self.threads.loaded` in `load`.
     adjustable_threads = False
+    #: The most inputs one `embed` call should get when the runtime merges concurrent Embed
+    #: calls into one (see batching.py); 0: calls run one by one. A backend that sets it fills
+    #: `EmbedResponse.input_tokens`, and fails a merged call as it would the calls alone (the
+    #: runtime then runs them one by one, so that the error reaches only its own caller).
+    embed_batch_inputs = 0
 
     @property
     def threads(self) -> ThreadShare:

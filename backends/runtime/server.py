@@ -27,7 +27,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from backends.runtime.backend import Backend
-from backends.runtime.errors import BackendError
+from backends.runtime.batching import CONCURRENT_CALLS, EmbedBatcher
+from backends.runtime.errors import BackendError, invalid
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1 import backend_pb2_grpc as pb_grpc
 from protos.hearth.backend.v1.contract import (
@@ -87,6 +88,8 @@ class _Runtime:
         self.load_response = pb.LoadResponse()
         self.load_lock = asyncio.Lock()
         self.serving: frozenset[Capability] = frozenset()
+        #: Gathers concurrent Embed calls, where the backend batches them (see batching.py).
+        self.embed_batcher: EmbedBatcher | None = None
 
     async def publish_health(self) -> None:
         """SERVING for what the loaded model serves, NOT_SERVING for the rest it implements."""
@@ -144,6 +147,45 @@ class _Runtime:
             raise AssertionError("unreachable") from exc
         finally:
             self.backend.threads.busy -= 1
+
+    async def embed(
+        self, context: grpc.aio.ServicerContext, request: pb.EmbedRequest
+    ) -> pb.EmbedResponse:
+        """An Embed call: with other callers' when the backend batches, else on its own."""
+        batcher = self.embed_batcher
+        if batcher is None:
+            return await self.call(context, Capability.EMBEDDINGS, self.backend.embed, request)
+        await self.check(context, Capability.EMBEDDINGS)
+        self.backend.threads.busy += 1
+        try:
+            return await batcher.embed(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        finally:
+            self.backend.threads.busy -= 1
+
+    def start_batching(self, request: pb.LoadRequest) -> int:
+        """Batch Embed calls if the backend can and the model serves embeddings; the calls the
+        gateway should let through at once (0: one at a time)."""
+        self.embed_batcher = None
+        most = self.backend.embed_batch_inputs
+        if most <= 0 or Capability.EMBEDDINGS not in self.serving:
+            return 0
+        window = request.options.fields.get("batch_window_ms")
+        window_ms = window.number_value if window is not None else 0.0
+        if not 0 <= window_ms <= 1000:
+            raise invalid("invalid_option", "options.batch_window_ms must be between 0 and 1000")
+
+        async def run(merged: pb.EmbedRequest, cancelled: threading.Event) -> pb.EmbedResponse:
+            return await self.run(self.backend.embed, merged, cancelled)
+
+        self.embed_batcher = EmbedBatcher(run, most, window_ms / 1000)
+        # Text is still served one call at a time: more calls at once only where all it
+        # serves is embeddings.
+        return CONCURRENT_CALLS if self.serving == {Capability.EMBEDDINGS} else 0
 
     async def stream(
         self,
@@ -224,7 +266,10 @@ class _Lifecycle(pb_grpc.LifecycleServicer):
             rt.model_name = request.model_name
             try:
                 response = await rt.run(rt.backend.load, request)
+                rt.serving = rt.backend.capabilities()
+                concurrent_calls = rt.start_batching(request)
             except Exception as exc:
+                rt.serving = frozenset()
                 rt.state = pb.MODEL_STATE_FAILED
                 if isinstance(exc, FileNotFoundError):
                     exc = BackendError(
@@ -244,8 +289,8 @@ class _Lifecycle(pb_grpc.LifecycleServicer):
             share.loaded = share.loaded or response.threads or request.threads
             response.threads = share.loaded
             response.adjustable_threads = rt.backend.adjustable_threads
+            response.concurrent_calls = response.concurrent_calls or concurrent_calls
             rt.load_response = response
-            rt.serving = rt.backend.capabilities()
             await rt.publish_health()
             log.info("loaded %s", request.model_name)
             return rt.load_response
@@ -322,7 +367,7 @@ class _Embeddings(pb_grpc.EmbeddingsServicer):
         self.rt = runtime
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> Any:
-        return await self.rt.call(context, Capability.EMBEDDINGS, self.rt.backend.embed, request)
+        return await self.rt.embed(context, request)
 
 
 class _Transcription(pb_grpc.TranscriptionServicer):

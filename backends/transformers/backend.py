@@ -112,6 +112,7 @@ class TransformersBackend(Backend):
 
     name = "transformers"
     adjustable_threads = True  # torch.set_num_threads between tokens and forward passes
+    embed_batch_inputs = _EMBED_CHUNK  # concurrent callers' inputs share one forward pass
 
     def __init__(self) -> None:
         self.model: Any = None
@@ -418,7 +419,7 @@ class TransformersBackend(Backend):
                 max(lengths),
             )
         vectors: list[pb.Embedding] = []
-        tokens = 0
+        counts: list[int] = []
         with self.lock, torch.inference_mode():
             for start in range(0, len(texts), _EMBED_CHUNK):
                 if cancelled.is_set():
@@ -433,12 +434,12 @@ class TransformersBackend(Backend):
                 )
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                tokens += int(batch["attention_mask"].sum())
+                counts.extend(batch["attention_mask"].sum(dim=1).tolist())
                 pooled = self._pool(hidden, mask)
                 if self.normalize:
                     pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
                 vectors.extend(pb.Embedding(values=row) for row in pooled.float().tolist())
-        return pb.EmbedResponse(embeddings=vectors, prompt_tokens=tokens)
+        return pb.EmbedResponse(embeddings=vectors, prompt_tokens=sum(counts), input_tokens=counts)
 
     def _pool(self, hidden: Any, mask: Any) -> Any:
         if self.pooling == "cls":

@@ -77,14 +77,16 @@ class LoadRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., context_size: _Optional[int] = ..., threads: _Optional[int] = ..., batch_size: _Optional[int] = ..., mmap: _Optional[bool] = ..., seed: _Optional[int] = ..., chat_template: _Optional[str] = ..., embeddings: _Optional[bool] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class LoadResponse(_message.Message):
-    __slots__ = ("context_size", "threads", "adjustable_threads")
+    __slots__ = ("context_size", "threads", "adjustable_threads", "concurrent_calls")
     CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     ADJUSTABLE_THREADS_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENT_CALLS_FIELD_NUMBER: _ClassVar[int]
     context_size: int
     threads: int
     adjustable_threads: bool
-    def __init__(self, context_size: _Optional[int] = ..., threads: _Optional[int] = ..., adjustable_threads: _Optional[bool] = ...) -> None: ...
+    concurrent_calls: int
+    def __init__(self, context_size: _Optional[int] = ..., threads: _Optional[int] = ..., adjustable_threads: _Optional[bool] = ..., concurrent_calls: _Optional[int] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ()
@@ -309,12 +311,14 @@ class Embedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("embeddings", "prompt_tokens")
+    __slots__ = ("embeddings", "prompt_tokens", "input_tokens")
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     prompt_tokens: int
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    input_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., input_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TranscribeRequest(_message.Message):
     __slots__ = ("audio", "filename", "task", "language", "prompt", "temperature", "word_timestamps", "max_audio_seconds")
