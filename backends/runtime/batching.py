@@ -48,6 +48,7 @@ class _Waiting:
 
     request: pb.EmbedRequest
     answer: asyncio.Future[pb.EmbedResponse]
+    started: Callable[[], Awaitable[None]] | None = None
     gone: bool = False
     group: _Group | None = None
 
@@ -70,9 +71,14 @@ class EmbedBatcher:
         #: Engine calls that served more than one caller (observable by tests and logs).
         self.merged_calls = 0
 
-    async def embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
-        """This caller's answer, computed alone or with whoever else is waiting."""
-        waiting = _Waiting(request, asyncio.get_running_loop().create_future())
+    async def embed(
+        self,
+        request: pb.EmbedRequest,
+        started: Callable[[], Awaitable[None]] | None = None,
+    ) -> pb.EmbedResponse:
+        """This caller's answer, computed alone or with whoever else is waiting. `started` is
+        awaited when the call's batch goes to the engine."""
+        waiting = _Waiting(request, asyncio.get_running_loop().create_future(), started)
         self._queue.append(waiting)
         self._arrived.set()
         if self._dispatcher is None or self._dispatcher.done():
@@ -95,7 +101,14 @@ class EmbedBatcher:
     async def _dispatch(self) -> None:
         await self._gather()
         while self._queue:
-            await self._serve(self._take())
+            batch = self._take()
+            try:
+                await self._serve(batch)
+            except Exception as exc:  # a bug here must not leave callers waiting forever
+                log.error("embedding batch failed", exc_info=exc)
+                for waiting in batch:
+                    if not waiting.gone and not waiting.answer.done():
+                        waiting.answer.set_exception(exc)
 
     async def _gather(self) -> None:
         """The engine was idle: give near-simultaneous callers the window to join."""
@@ -132,6 +145,10 @@ class EmbedBatcher:
         return batch
 
     async def _serve(self, batch: list[_Waiting]) -> None:
+        for waiting in batch:
+            if waiting.started is not None:
+                await waiting.started()
+                waiting.started = None
         if len(batch) == 1:
             await self._alone(batch[0])
             return

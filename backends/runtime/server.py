@@ -104,7 +104,10 @@ class _Runtime:
         """`fn(*args)` on an engine thread."""
         return await asyncio.get_running_loop().run_in_executor(self.engine, fn, *args)
 
-    async def check(self, context: grpc.aio.ServicerContext, capability: Capability) -> None:
+    async def check(
+        self, context: grpc.aio.ServicerContext, capability: Capability, *, mark: bool = True
+    ) -> None:
+        """Refuse a call the loaded model cannot serve; else (`mark`) say that it has begun."""
         if self.state != pb.MODEL_STATE_READY:
             await _abort(
                 context,
@@ -124,7 +127,8 @@ class _Runtime:
                     f"model '{self.model_name}' does not support {name}",
                 ),
             )
-        await context.send_initial_metadata(_STARTED)
+        if mark:
+            await context.send_initial_metadata(_STARTED)
 
     async def call(
         self,
@@ -155,10 +159,17 @@ class _Runtime:
         batcher = self.embed_batcher
         if batcher is None:
             return await self.call(context, Capability.EMBEDDINGS, self.backend.embed, request)
-        await self.check(context, Capability.EMBEDDINGS)
+        # Marked as begun only when its batch goes to the engine: if the backend dies
+        # meanwhile, the gateway may send a call that was still queued here to the next one.
+        await self.check(context, Capability.EMBEDDINGS, mark=False)
+
+        async def started() -> None:
+            with contextlib.suppress(Exception):  # the caller has gone: nothing to tell
+                await context.send_initial_metadata(_STARTED)
+
         self.backend.threads.busy += 1
         try:
-            return await batcher.embed(request)
+            return await batcher.embed(request, started)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
