@@ -79,7 +79,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: wrong or impossible (a custom backend). Unset: estimated, then measured.
     memory: str | int | None = None
     #: Requests one backend works on at once; more wait in a queue of `max_queue`, then 429.
-    max_concurrency: _Positive = 1
+    #: Unset: what the backend asks for at load (embedding models batch concurrent requests
+    #: and ask for 16), else 1.
+    max_concurrency: _Positive | None = None
     max_queue: Annotated[int, msgspec.Meta(ge=0)] = 64
     #: Backend-specific settings, passed through as they are.
     options: dict[str, Any] = msgspec.field(default_factory=dict)

@@ -17,6 +17,7 @@ class Slots:
     """At most `limit` requests at once; at most `queue` more waiting, the rest get 429."""
 
     def __init__(self, limit: int, queue: int) -> None:
+        self.limit = limit
         self._semaphore = asyncio.Semaphore(limit)
         self._queue = queue
         self.waiting = 0

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from gateway.client import BackendClient
 from gateway.config import BUILTIN_BACKENDS, CustomBackend, ModelConfig
 from gateway.errors import OUTPUT_HEADING, BackendGone, OpenAIError
-from gateway.manager.admission import Lease
+from gateway.manager.admission import Lease, Slots
 from gateway.manager.budget import Machine, MachineBudget, resident_memory
 from gateway.manager.cpu import Demand, divide
 from gateway.manager.footprint import FootprintBook
@@ -473,12 +473,13 @@ class BackendManager:
             self._measure([instance])
             self._record(instance)
         log.info(
-            "%s ready: %d thread(s)%s, %s resident (planned %s)",
+            "%s ready: %d thread(s)%s, %s resident (planned %s), %d request(s) at once",
             config.name,
             instance.threads_loaded,
             "" if instance.adjustable_threads else " fixed",
             format_size(instance.rss),
             footprint.describe(),
+            instance.slots.limit,
         )
         return instance
 
@@ -509,6 +510,10 @@ class BackendManager:
         instance.threads_loaded = response.threads or ceiling
         instance.threads = instance.threads_applied = instance.threads_loaded
         instance.adjustable_threads = response.adjustable_threads
+        if config.max_concurrency is None and response.concurrent_calls > 1:
+            # The backend batches concurrent calls (embeddings): let them reach it together.
+            # Nobody holds or waits for a slot before the model is ready.
+            instance.slots = Slots(response.concurrent_calls, config.max_queue)
 
     def _exited(self, instance: BackendInstance, code: int) -> None:
         """A process ended: if nobody asked for it, say so; the next request starts a new one."""

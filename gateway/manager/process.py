@@ -287,7 +287,7 @@ class Launcher:
             address=address,
             client=BackendClient(channel, config.name, self.settings.request_timeout, token),
             process=process,
-            slots=Slots(config.max_concurrency, config.max_queue),
+            slots=Slots(config.max_concurrency or 1, config.max_queue),
         )
 
     async def wait_healthy(self, instance: BackendInstance) -> None:
