@@ -158,7 +158,7 @@ async def test_a_batch_whose_callers_all_left_is_told_to_stop() -> None:
 
 async def test_a_window_gathers_callers_that_arrive_close_together() -> None:
     engine = RecordingEcho(latency_ms=0)
-    batcher = EmbedBatcher(engine.run, max_inputs=64, window_seconds=0.05)
+    batcher = EmbedBatcher(engine.run, max_inputs=64, window_seconds=0.3)
 
     async def later(delay: float, text: str) -> pb.EmbedResponse:
         await asyncio.sleep(delay)
