@@ -65,13 +65,14 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logging(settings.log_level)
     from gateway.auth import KeyRing
+    from protos.hearth.backend.v1.contract import is_loopback_address
 
     try:
         ring = KeyRing.from_settings(settings)
     except ValueError as exc:  # the keys settings
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not is_loopback(settings.host) and not ring.enabled:
+    if not is_loopback_address(settings.host) and not ring.enabled:
         if not settings.insecure:
             print(
                 f"error: refusing to listen on {settings.host} without API keys: anyone who "
@@ -102,18 +103,6 @@ def _not_dumpable() -> None:
     with contextlib.suppress(OSError, AttributeError):
         pr_set_dumpable = 4
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (an address to listen on) reaches only this machine."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything
 
 
 def _fits(footprint: Any, budget: Any) -> tuple[str, str]:

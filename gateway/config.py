@@ -8,7 +8,6 @@ reported like any other broken file.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import re
@@ -20,6 +19,7 @@ import msgspec
 
 from gateway.safe_yaml import MODEL_FILE_LIMITS, YAMLLimits, YAMLLoadError, load_yaml
 from gateway.units import parse_size
+from protos.hearth.backend.v1.contract import is_loopback_address
 
 log = logging.getLogger("hearth.config")
 
@@ -126,7 +126,7 @@ class CustomBackend(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def exposure(self) -> str | None:
         """What the network can do with an `address` backend: anyone can use it (no token), or
         read its token (no TLS); None: nothing (a loopback or unix address, or both set)."""
-        if self.address is None or _is_loopback_address(self.address):
+        if self.address is None or is_loopback_address(self.address):
             return None
         if self.token_file is None and self.token_env is None:
             return (
@@ -149,22 +149,6 @@ class CustomBackend(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         secret may live anywhere the gateway can read: it is not confined to the models dir."""
         path = Path(value).expanduser()
         return path if path.is_absolute() else models_dir / path
-
-
-def _is_loopback_address(address: str) -> bool:
-    """A gRPC address only this machine can reach: a unix socket, 127.0.0.0/8, ::1, localhost.
-    Anything else, host names included, is the network."""
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    target = re.sub(r"^(?:dns:(?://[^/]*/)?|ipv4:|ipv6:)", "", address)
-    host = target.rsplit(":", 1)[0] if ":" in target else target
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _remote_settings_problem(backend: CustomBackend) -> str | None:

@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import signal
@@ -40,6 +39,7 @@ from protos.hearth.backend.v1.contract import (
     TOKEN_FILE_ENV,
     Capability,
     Reason,
+    is_loopback_address,
 )
 
 log = logging.getLogger("hearth.backend")
@@ -446,21 +446,6 @@ class _TokenCheck(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(refuse)
 
 
-def _is_loopback_address(address: str) -> bool:
-    """A unix socket, or a TCP address only this machine can reach (127.0.0.0/8, ::1,
-    localhost). Anything else, 0.0.0.0 and host names included, is the network."""
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = address.rsplit(":", 1)[0] if ":" in address else address
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _die_with_parent() -> None:
     """Ask Linux to send SIGTERM when the parent goes, even if it was SIGKILLed."""
     if not sys.platform.startswith("linux"):
@@ -495,7 +480,7 @@ async def serve(
     certificate chain and private key to serve TLS with. An address other machines can reach
     needs a token unless `insecure`.
     """
-    if not token and not insecure and not _is_loopback_address(address):
+    if not token and not insecure and not is_loopback_address(address):
         raise SystemExit(
             f"refusing to listen on {address} without a token: anyone on the network could "
             "use this backend. Give --token-file (the gateway sends the same token), listen "

@@ -8,6 +8,8 @@ backends import them from here, and never from each other.
 from __future__ import annotations
 
 import enum
+import ipaddress
+import re
 
 #: Trailing-metadata key of a failed call's machine-readable reason.
 REASON_KEY = "hearth-error-reason"
@@ -59,3 +61,22 @@ class Reason(enum.StrEnum):
     INPUT_TOO_LONG = "input_too_long"
     #: A response_format / tool schema would make a grammar too large for the engine.
     SCHEMA_TOO_COMPLEX = "schema_too_complex"
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether a gRPC address (or a bare host) reaches only this machine: a unix socket,
+    127.0.0.0/8, ::1, localhost. Anything else, 0.0.0.0 and other names included, is the
+    network. Both ends ask: the gateway of the backends it reaches and of its own --host, a
+    backend of where it listens."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    target = re.sub(r"^(?:dns:(?://[^/]*/)?|ipv4:|ipv6:)", "", address)
+    for host in (target, target.rsplit(":", 1)[0]):  # as it is, then without a port
+        host = host.strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            continue
+    return False
