@@ -7,8 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Router
-from litestar.connection import ASGIConnection
+from litestar import Litestar, Request, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 
@@ -18,7 +17,6 @@ from gateway.browser import BODY_TYPE, JSON, MULTIPART, browser_guard, check_con
 from gateway.errors import BODY_LIMIT_SETTING, EXCEPTION_HANDLERS
 from gateway.gallery import Installer, gallery_path
 from gateway.generated import GeneratedImages
-from gateway.identity import add_request_id
 from gateway.lifetime import lifetime_middleware
 from gateway.manager import BackendManager
 from gateway.routes.audio import AudioController
@@ -55,16 +53,17 @@ def _generated(state: State) -> GeneratedImages:
 
 
 def _guard(ring: KeyRing) -> Any:
-    """The guard of every route (an app-level guard: guards of every layer all run, where a
-    closer layer's before_request would replace this one): its key and scope, then its body's
-    type."""
+    """The before_request hook of every route: its key and scope, then its body's type. (A
+    hook, not a Litestar guard: Litestar copies the route handler for every guard call. A
+    router's own before_request would replace this one: tests/test_security.py checks that
+    every route resolves to it.)"""
 
-    async def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: Any) -> None:
-        caller = admit(ring, scope_of(handler), connection.headers)
+    async def guard(request: Request[Any, Any, Any]) -> None:
+        handler = request.route_handler
+        caller = admit(ring, scope_of(handler), request.headers)
         identity.caller.set(caller)
         expected = handler.opt.get(BODY_TYPE, JSON)
-        method = str(connection.scope.get("method", ""))
-        check_content_type(method, connection.headers, expected)
+        check_content_type(request.method, request.headers, expected)
 
     return guard
 
@@ -145,8 +144,7 @@ def create_app(settings: Settings, ring: KeyRing | None = None) -> Litestar:
             lifetime_middleware(settings.read_timeout),
             browser_guard(settings.allowed_hosts, settings.cors_origins),
         ],
-        guards=[_guard(ring)],
-        before_send=[add_request_id],  # x-request-id on every answer, unrouted ones too
+        before_request=_guard(ring),
         openapi_config=None,
         logging_config=None,  # `hearth run` configures logging once, for every logger
     )

@@ -79,6 +79,9 @@ def _is_address(name: str) -> bool:
 PRIVATE_SUFFIXES = (".localhost", ".local", ".lan", ".home.arpa", ".internal")
 
 
+_HOSTS_REMEMBERED = 256
+
+
 class HostRule:
     """Which Host headers name this server.
 
@@ -94,10 +97,20 @@ class HostRule:
         self.names = {n for n in entries if not n.startswith(".")}
         #: ".example.org" allows every name under example.org.
         self.suffixes = (*(n for n in entries if n.startswith(".")), *PRIVATE_SUFFIXES)
+        #: Host headers already judged (every request sends one; most send the same few).
+        self._seen: dict[str, bool] = {}
 
     def allows(self, host: str) -> bool:
         if self.any:
             return True
+        known = self._seen.get(host)
+        if known is None:
+            known = self._allows(host)
+            if len(self._seen) < _HOSTS_REMEMBERED:  # any client may send any Host: bounded
+                self._seen[host] = known
+        return known
+
+    def _allows(self, host: str) -> bool:
         name = _host_name(host).rstrip(".")
         if not name:
             return False

@@ -248,6 +248,9 @@ def handle_http_exception(
     response = error_response(OpenAIError(exc.status_code, message, code=code))
     if exc.headers:
         response.headers.update(exc.headers)
+    # A path no route matched never passes RequestLifetime, which gives the others theirs.
+    name, value = identity.request_id_header(request.scope)
+    response.headers[name.decode()] = value.decode()
     return response
 
 

@@ -3,8 +3,8 @@
 Context variables, so that log lines, metrics and error redaction can know the caller and the
 request without every function passing them on. Each request gets an id (the client's
 `x-request-id` when it is short and plain, else a new one): every log line written while it is
-handled carries it (`RequestIdFilter`), and so does its answer's `x-request-id` header
-(`add_request_id`, which also covers requests no route matched).
+handled carries it (`RequestIdFilter`), and so does its answer's `x-request-id` header (added
+by RequestLifetime, and for requests no route matched by the HTTP error handler).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import secrets
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from litestar.types import Message, Scope
+from litestar.types import Scope
 
 REQUEST_ID_KEY = "hearth.request_id"
 REQUEST_ID_HEADER = "x-request-id"
@@ -53,6 +53,11 @@ caller: ContextVar[Caller] = ContextVar("hearth_caller", default=ANONYMOUS)
 request_id: ContextVar[str] = ContextVar("hearth_request_id", default="-")
 
 
+def request_id_header(scope: Scope) -> tuple[bytes, bytes]:
+    """The `x-request-id` header of the request of `scope`'s answer."""
+    return (REQUEST_ID_HEADER.encode(), request_id_of(scope).encode())
+
+
 def request_id_of(scope: Scope) -> str:
     """The id of the request of `scope`: the client's `x-request-id` if it is short and plain,
     else a new one. The same for the whole request."""
@@ -66,14 +71,6 @@ def request_id_of(scope: Scope) -> str:
     request_id = given if _CLIENT_REQUEST_ID.fullmatch(given) else f"req_{secrets.token_hex(12)}"
     scope[REQUEST_ID_KEY] = request_id  # type: ignore[literal-required]
     return request_id
-
-
-async def add_request_id(message: Message, scope: Scope) -> None:
-    """A before_send hook: the request's id as the answer's `x-request-id` header. The app's
-    own hook, so that answers no route gave (an unknown path's 404) have it too."""
-    if message["type"] == "http.response.start":
-        header = (REQUEST_ID_HEADER.encode(), request_id_of(scope).encode())
-        message["headers"] = [*message.get("headers", ()), header]
 
 
 class RequestIdFilter(logging.Filter):

@@ -178,6 +178,11 @@ class RequestLifetime:
                 status = message["status"]
                 headers = dict(message.get("headers", ()))
                 event_stream = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+                if identity.REQUEST_ID_HEADER.encode() not in headers:
+                    message["headers"] = [
+                        *message.get("headers", ()),
+                        identity.request_id_header(scope),
+                    ]
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 answered = True
             try:

@@ -152,14 +152,17 @@ class StreamMeter:
         self._model = model
         self._began = began
         self._last: float | None = None
+        # The labelled series, looked up once: `piece` runs for every token.
+        self._first_token = metrics.time_to_first_token.labels(model)
+        self._between_tokens = metrics.inter_token_latency.labels(model)
 
     def piece(self, item: pb.GenerateStreamResponse, arrived: float) -> None:
         """`item` came from the backend at `arrived` (time.monotonic())."""
         if item.text or item.tool_calls:
             if self._last is None:
-                self._metrics.time_to_first_token.labels(self._model).observe(arrived - self._began)
+                self._first_token.observe(arrived - self._began)
             else:
-                self._metrics.inter_token_latency.labels(self._model).observe(arrived - self._last)
+                self._between_tokens.observe(arrived - self._last)
             self._last = arrived
         if item.HasField("usage"):
             usage = item.usage

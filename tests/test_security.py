@@ -122,6 +122,11 @@ def open_gateway(keyed_models: Path) -> Iterator[Gateway]:
 
 
 def test_every_route_has_the_scope_this_table_gives() -> None:
+    # And every route runs the app's check: a router's own before_request would replace it.
+    app = create_app(Settings())
+    handlers = [h for route in app.routes for h in getattr(route, "route_handlers", [])]
+    assert app.before_request is not None
+    assert all(h.resolve_before_request() is app.before_request for h in handlers)
     routes = _app_routes()
     assert {path for path, _, _ in routes} == set(ROUTE_SCOPES)
     for path, method, scope in routes:
