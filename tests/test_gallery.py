@@ -193,19 +193,28 @@ def test_reinstalling_keeps_what_is_good_and_fetches_what_is_missing(
     )
 
 
-def test_an_install_from_before_manifests_is_adopted_only_when_it_is_whole(
-    tmp_path: Path, tiny_gguf: Path
-) -> None:
-    """Models dirs that older versions filled (`make run`, Docker volumes) keep working."""
+def _installed_before(
+    tmp_path: Path, tiny_gguf: Path, model: str
+) -> tuple[bytes, GalleryEntry, Path]:
+    """The tiny model as an older Hearth installed it, at `model` (no manifest): its bytes, the
+    gallery entry, and the models dir."""
     data = tiny_gguf.read_bytes()
     (tmp_path / "source.gguf").write_bytes(data)
     entry = entry_for(f"file://{tmp_path}/source.gguf", data)
     models = tmp_path / "models"
-    (models / "tiny").mkdir(parents=True)
-    (models / "tiny" / "tiny.gguf").write_bytes(data)
+    (models / model).parent.mkdir(parents=True, exist_ok=True)
+    (models / model).write_bytes(data)
     (models / "tiny.yaml").write_text(
-        "name: tiny\nbackend: llama\ncontext_size: 256\nmodel: tiny/tiny.gguf\n"
+        f"name: tiny\nbackend: llama\ncontext_size: 256\nmodel: {model}\n"
     )
+    return data, entry, models
+
+
+def test_an_install_from_before_manifests_is_adopted_only_when_it_is_whole(
+    tmp_path: Path, tiny_gguf: Path
+) -> None:
+    """Models dirs that older versions filled (`make run`, Docker volumes) keep working."""
+    data, entry, models = _installed_before(tmp_path, tiny_gguf, "tiny/tiny.gguf")
     install_entry(entry, models)
     assert is_installed(entry, models)
     manifest = json.loads((models / "tiny" / MANIFEST).read_text())
@@ -228,15 +237,7 @@ def test_a_single_file_install_from_before_model_folders_is_left_as_it_is(
     tmp_path: Path, tiny_gguf: Path
 ) -> None:
     """`make run` and Docker volumes filled by an older Hearth: installing again is a no-op."""
-    data = tiny_gguf.read_bytes()
-    (tmp_path / "source.gguf").write_bytes(data)
-    entry = entry_for(f"file://{tmp_path}/source.gguf", data)
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "tiny.gguf").write_bytes(data)
-    (models / "tiny.yaml").write_text(
-        "name: tiny\nbackend: llama\ncontext_size: 256\nmodel: tiny.gguf\n"
-    )
+    data, entry, models = _installed_before(tmp_path, tiny_gguf, "tiny.gguf")
     stamps = {p: p.stat().st_mtime_ns for p in [models, *models.rglob("*")]}
     install_entry(entry, models)
     assert {p: p.stat().st_mtime_ns for p in [models, *models.rglob("*")]} == stamps

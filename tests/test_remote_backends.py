@@ -192,6 +192,16 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def start_tls_remote(
+    remotes: list[RemoteBackend], tmp_path: Path, token: Path
+) -> tuple[Path, RemoteBackend]:
+    """A remote backend that wants `token` and speaks TLS with a self-signed certificate: the
+    certificate, and the backend."""
+    cert, key = make_certificate(tmp_path)
+    arguments = ("--token-file", str(token), "--tls-cert", str(cert), "--tls-key", str(key))
+    return cert, start_remote(remotes, tmp_path, *arguments)
+
+
 def test_tls_with_a_self_signed_certificate(
     tmp_path: Path,
     models_dir: Path,
@@ -199,13 +209,8 @@ def test_tls_with_a_self_signed_certificate(
     remotes: list[RemoteBackend],
     gateways: list[Gateway],
 ) -> None:
-    cert, key = make_certificate(tmp_path)
+    cert, remote = start_tls_remote(remotes, tmp_path, backend_token)
     shutil.copy(cert, models_dir / "backend-ca.pem")
-    remote = start_remote(
-        remotes,
-        tmp_path,
-        *("--token-file", str(backend_token), "--tls-cert", str(cert), "--tls-key", str(key)),
-    )
     assert "(token required, TLS)" in remote.log()
     entry = (
         f"    address: {remote.address}\n    token_file: remote.token\n"
@@ -224,12 +229,7 @@ def test_a_tls_backend_is_not_reached_in_plaintext(
     remotes: list[RemoteBackend],
     gateways: list[Gateway],
 ) -> None:
-    cert, key = make_certificate(tmp_path)
-    remote = start_remote(
-        remotes,
-        tmp_path,
-        *("--token-file", str(backend_token), "--tls-cert", str(cert), "--tls-key", str(key)),
-    )
+    _, remote = start_tls_remote(remotes, tmp_path, backend_token)
     entry = f"    address: {remote.address}\n    token_file: remote.token\n"
     gateway = serve_remote(gateways, models_dir, entry, env={"HEARTH_BACKEND_START_TIMEOUT": "2"})
     answer = ask(gateway)
