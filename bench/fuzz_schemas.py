@@ -256,7 +256,8 @@ def _run_steps(llm: Any, spec: dict[str, Any]) -> None:
     _say(step="begin", name="check")
     started = time.thread_time()
     try:
-        llama_grammar(llm._model.vocab, grammar_for_schema(text, llm.n_vocab()))
+        sampler = llama_grammar(llm._model.vocab, grammar_for_schema(text, llm.n_vocab()))
+        llama_cpp.llama_sampler_free(sampler)
         verdict: dict[str, Any] = {"accepts": True}
     except BackendError as exc:
         verdict = {"accepts": False, "reason": exc.reason, "message": exc.message}

@@ -82,6 +82,10 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Unset: what the backend asks for at load (embedding models batch concurrent requests
     #: and ask for 16), else 1.
     max_concurrency: _Positive | None = None
+    #: Generations computed together in one context (continuous batching, llama; static
+    #: batching, transformers), each with its own `context_size` of cache. Unset: 4 where the
+    #: memory budget holds the extra caches, else 1.
+    parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
     max_queue: Annotated[int, msgspec.Meta(ge=0)] = 64
     #: Backend-specific settings, passed through as they are.
     options: dict[str, Any] = msgspec.field(default_factory=dict)

@@ -238,9 +238,17 @@ def test_a_longer_context_needs_more_memory(tmp_path: Path, tiny_gguf: Path) -> 
         write_model(tmp_path, "long", "backend: llama\nmodel: m.gguf\ncontext_size: 8192"),
         tmp_path,
     )
-    a, b = estimate(short, tmp_path), estimate(long, tmp_path)
-    # 2 layers x 2 KV heads x (16 + 16) values x 2 bytes per position.
-    assert b.parts["kv_cache"] - a.parts["kv_cache"] == (8192 - 1024) * 2 * 2 * 32 * 2
+    one = load_model_file(
+        write_model(
+            tmp_path, "one", "backend: llama\nmodel: m.gguf\ncontext_size: 8192\nparallel: 1"
+        ),
+        tmp_path,
+    )
+    a, b, c = estimate(short, tmp_path), estimate(long, tmp_path), estimate(one, tmp_path)
+    # 2 layers x 2 KV heads x (16 + 16) values x 2 bytes per position, for each of the 4
+    # generations computed together by default.
+    assert b.parts["kv_cache"] - a.parts["kv_cache"] == (8192 - 1024) * 2 * 2 * 32 * 2 * 4
+    assert c.parts["kv_cache"] == b.parts["kv_cache"] // 4
     assert b.parts["weights"] == a.parts["weights"] == read_gguf(tiny_gguf).tensor_bytes
     assert b.bytes > a.bytes
 

@@ -229,7 +229,7 @@ def test_killing_a_backend_fails_only_the_request_running_on_it(gateway: Gateway
     row = _backend(gateway, "killable")
     assert row is not None
     assert row["pid"] not in killed
-    assert row["requests"] == {"in_flight": 0, "queued": 0}
+    assert row["requests"] == {"in_flight": 0, "queued": 0, "at_once": 1}
 
 
 def test_requests_a_backend_died_before_beginning_go_to_its_replacement(
@@ -512,24 +512,20 @@ def test_a_real_model_survives_abandoned_prefills_and_a_kill(real_models: Path) 
         reply = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
         assert "Paris" in reply.json()["choices"][0]["message"]["content"]
 
-        # Killed with one request computing and three waiting: only the first one fails.
+        # Killed with four requests computing together (the model's default) and three
+        # waiting: only the four fail.
         results: dict[str, object] = {}
-
-        def running() -> None:
-            results["running"] = httpx.post(
-                f"{gateway.url}/v1/chat/completions",
-                json={**body, "messages": [{"role": "user", "content": long_prompt}]},
-                timeout=60,
-            )
-
-        runner = threading.Thread(target=running)
+        long_body = {**body, "messages": [{"role": "user", "content": long_prompt}]}
+        runner = threading.Thread(
+            target=lambda: results.update(running=asyncio.run(_post_all(gateway, [long_body] * 4)))
+        )
         runner.start()
-        assert wait_until(lambda: _requests_held(gateway, model)[0] == 1, timeout=10)
+        assert wait_until(lambda: _requests_held(gateway, model)[0] == 4, timeout=10)
         queuer = threading.Thread(
             target=lambda: results.update(queued=asyncio.run(_post_all(gateway, [body] * 3)))
         )
         queuer.start()
-        assert wait_until(lambda: _requests_held(gateway, model) == (1, 3), timeout=10)
+        assert wait_until(lambda: _requests_held(gateway, model) == (4, 3), timeout=10)
         row = _backend(gateway, model)
         assert row is not None
         assert isinstance(row["pid"], int)
@@ -537,8 +533,8 @@ def test_a_real_model_survives_abandoned_prefills_and_a_kill(real_models: Path) 
         runner.join(60)
         queuer.join(120)
         crashed = results["running"]
-        assert isinstance(crashed, httpx.Response)
-        assert crashed.json()["error"]["code"] == "backend_crashed"
+        assert isinstance(crashed, list)
+        assert [r.json()["error"]["code"] for r in crashed] == ["backend_crashed"] * 4
         queued = results["queued"]
         assert isinstance(queued, list)
         assert [r.status_code for r in queued] == [200, 200, 200]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -68,6 +69,17 @@ def test_same_seed_same_text(client: openai.OpenAI) -> None:
     assert len({sample(s) for s in range(3)}) > 1
 
 
+def leave_early(gateway: Gateway, body: dict[str, object]) -> None:
+    """Stream a chat completion and hang up after a few lines."""
+    with (
+        httpx.Client(base_url=gateway.url, timeout=60) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        for index, _ in enumerate(response.iter_lines()):
+            if index > 8:
+                break
+
+
 def test_a_cancelled_stream_stops_generate(gateway: Gateway) -> None:
     body = {
         "model": "tiny-hf",
@@ -77,18 +89,118 @@ def test_a_cancelled_stream_stops_generate(gateway: Gateway) -> None:
         "stream": True,
     }
     started = time.monotonic()
-    with (
-        httpx.Client(base_url=gateway.url, timeout=60) as http,
-        http.stream("POST", "/v1/chat/completions", json=body) as response,
-    ):
-        for index, _ in enumerate(response.iter_lines()):
-            if index > 8:
-                break
+    leave_early(gateway, body)
     assert wait_until(lambda: "generation cancelled after" in gateway.log(), timeout=10)
     line = next(ln for ln in gateway.log().splitlines() if "generation cancelled after" in ln)
     produced = int(line.split("generation cancelled after ")[1].split()[0])
     assert produced < 3000 // 2, line
     assert time.monotonic() - started < 30
+
+
+# Concurrent generations: static batching ------------------------------------------------------
+
+# Prompts of different lengths, chat and completion, each with its own max_tokens.
+REQUESTS: list[dict[str, object]] = [
+    {"messages": MESSAGES, "max_tokens": 8},
+    {"prompt": "the water is hot and the people who", "max_tokens": 20},
+    {"messages": [{"role": "user", "content": "what time is it"}], "max_tokens": 12},
+    {"prompt": "one two three four five six seven eight nine ten number sound", "max_tokens": 30},
+]
+
+Answer = tuple[str | None, str, int, int]
+
+
+@pytest.fixture(scope="module")
+def batched(gateway: Gateway) -> str:
+    """tiny-hf again, waiting up to a second for a batch of 4 to fill, so that requests sent
+    at once meet in one batch however slow the machine."""
+    body = "backend: transformers\nmodel: tiny-hf\nthreads: 1\nparallel: 4\n"
+    write_model(gateway.models_dir, "tiny-hf-batch", body + "options: {batch_window_ms: 1000}")
+    answer(gateway, "tiny-hf-batch", REQUESTS[0])  # started and loaded
+    return "tiny-hf-batch"
+
+
+def answer(gateway: Gateway, model: str, request: dict[str, object]) -> Answer:
+    """The text, finish_reason and usage of a request (greedy unless it says otherwise)."""
+    client = gateway.client(_strict_response_validation=False)  # see test_gateway_echo
+    options: dict = {"model": model, "temperature": 0, **request}
+    if "messages" in options:
+        chat = client.chat.completions.create(**options)
+        text, finish, usage = (
+            chat.choices[0].message.content,
+            chat.choices[0].finish_reason,
+            chat.usage,
+        )
+    else:
+        completion = client.completions.create(**options)
+        choice = completion.choices[0]
+        text, finish, usage = choice.text, choice.finish_reason, completion.usage
+    assert usage is not None
+    return text, finish, usage.prompt_tokens, usage.completion_tokens
+
+
+def at_once(gateway: Gateway, model: str, requests: list[dict[str, object]]) -> list[Answer]:
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(lambda r: answer(gateway, model, r), requests))
+
+
+def with_stop(gateway: Gateway, request: dict[str, object]) -> dict[str, object]:
+    """`request` with a stop sequence from the middle of its answer."""
+    text = answer(gateway, "tiny-hf", request)[0] or ""
+    words = text.split()
+    return {**request, "stop": [words[len(words) // 2]]}
+
+
+def test_concurrent_requests_share_a_batch_and_each_get_their_own_answer(
+    gateway: Gateway, batched: str
+) -> None:
+    requests = [*REQUESTS]
+    requests[1] = with_stop(gateway, requests[1])
+    alone = [answer(gateway, "tiny-hf", r) for r in requests]
+    stopped = alone[1]
+    assert stopped[1] == "stop"
+    assert stopped[3] < 20, "the stop sequence ended it early"
+    assert [a[1] for a in alone] == ["length", "stop", "length", "length"]
+    start = len(gateway.log())
+    assert at_once(gateway, batched, requests) == alone
+    log = gateway.log()[start:]
+    # Left padding of the shorter prompts changed nothing; they all computed in one batch.
+    assert "generating 4 prompts together" in log, log
+
+
+def test_cancelling_one_of_concurrent_streams_leaves_the_others_unchanged(
+    gateway: Gateway, batched: str
+) -> None:
+    others = REQUESTS[:3]
+    alone = [answer(gateway, "tiny-hf", r) for r in others]
+    body = {
+        "model": batched,
+        "messages": [{"role": "user", "content": "tell me everything"}],
+        "temperature": 0,
+        "max_tokens": 3000,
+        "stream": True,
+    }
+
+    start = len(gateway.log())
+    with ThreadPoolExecutor(4) as pool:
+        leaving = pool.submit(leave_early, gateway, body)
+        results = list(pool.map(lambda r: answer(gateway, batched, r), others))
+        leaving.result()
+    assert results == alone
+    assert wait_until(lambda: "batch of 4 done after" in gateway.log()[start:], timeout=30)
+    log = gateway.log()[start:]
+    assert "generation cancelled after" in log
+    # The batch stopped once its last caller had left, not at the 3000 tokens asked for.
+    steps = int(log.split("batch of 4 done after ")[1].split()[0])
+    assert steps < 1500, log
+
+
+def test_a_seeded_request_samples_the_same_beside_others(gateway: Gateway, batched: str) -> None:
+    seeded = {"messages": MESSAGES, "max_tokens": 12, "temperature": 1.0, "seed": 7}
+    alone = answer(gateway, "tiny-hf", seeded)
+    results = at_once(gateway, batched, [seeded, seeded, *REQUESTS[:2]])
+    assert results[0] == results[1] == alone
+    assert results[2:] == [answer(gateway, "tiny-hf", r) for r in REQUESTS[:2]]
 
 
 def embed(

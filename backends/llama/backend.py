@@ -1,13 +1,16 @@
 """llama.cpp through llama-cpp-python.
 
-Generation is our own loop over `Llama.generate` (token by token) rather than
-`create_completion`, so that every token can notice a cancelled call, usage counts are exact,
-and stop sequences never leak into the text, streamed or not.
+Text generation runs on our own batch engine (batch.py) over llama-cpp-python's low-level API:
+concurrent requests share one context and one decode per token (continuous batching), every token
+can notice a cancelled call, usage counts are exact, and stop sequences never leak into the text,
+streamed or not. Embedding models are served by llama-cpp-python's `Llama.embed`, with concurrent
+calls merged by the runtime (see backends/runtime/batching.py).
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
 import math
 import os
@@ -19,6 +22,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from backends.llama.batch import BatchEngine, Finished, SamplerChain, Sampling, Sequence
 from backends.llama.grammar import grammar_for_schema, llama_grammar
 from backends.runtime import Backend, BackendError, Capability, invalid
 from backends.runtime.text import (
@@ -39,6 +43,10 @@ _EMBED_GROUP = 16
 _PROMPT_CHARS_PER_TOKEN = 16
 
 DEFAULT_CONTEXT_SIZE = 4096
+#: Generations computed together when the gateway does not say (continuous batching).
+DEFAULT_PARALLEL = 4
+#: The most sequences one context may hold.
+MAX_PARALLEL = 64
 # llama.cpp's own sampling defaults, used where neither request nor YAML says otherwise.
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_K = 40
@@ -77,26 +85,61 @@ def _unit(vector: list[float]) -> list[float]:
     return [v / norm for v in vector]
 
 
+def _unloaded() -> BackendError:
+    return BackendError(
+        grpc.StatusCode.FAILED_PRECONDITION, Reason.MODEL_NOT_LOADED, "no model is loaded"
+    )
+
+
+class _InUse:
+    """Counts the calls using the model outside the engine thread (tokenizing, decoding a
+    stream's tokens), so that unloading frees it only once none is."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._idle:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._count -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._count == 0)
+
+
 class LlamaBackend(Backend):
-    """One GGUF model in one llama.cpp context; requests take turns on it."""
+    """One GGUF model. Text: up to `parallel` generations batched in one llama.cpp context.
+    Embeddings: one context, concurrent callers' inputs merged into its batches."""
 
     name = "llama"
     adjustable_threads = True
     embed_batch_inputs = 64  # concurrent callers' inputs share llama.cpp's batches
+    # A call waits on its engine thread: the batch engine computes text on a thread of its
+    # own, and embedding calls take turns on `lock`.
+    engine_threads = MAX_PARALLEL + 8
 
     def __init__(self) -> None:
-        self.llm: Any = None
+        self.llm: Any = None  # the embedding model's Llama
+        self.model: Any = None  # llama_cpp._internals.LlamaModel, either way
+        self.engine: BatchEngine | None = None
         self.formatter: Any = None
         self.embeddings = False
+        self.context_size = 0  # per sequence
         self.lock = threading.Lock()
+        self.in_use = _InUse()
         self.eog: frozenset[int] = frozenset()
 
     # Lifecycle --------------------------------------------------------------------------------
 
     def load(self, request: pb.LoadRequest) -> pb.LoadResponse:
-        from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         path = request.model_path
         if not path:
             raise invalid("model_missing", "the model YAML names no file")
@@ -117,8 +160,66 @@ class LlamaBackend(Backend):
             "pooling_type": _pooling(options.get("pooling"), request.embeddings),
             "verbose": False,
         }
+        parallel = 1 if request.embeddings else request.parallel or DEFAULT_PARALLEL
+        if parallel > MAX_PARALLEL:
+            raise invalid("invalid_option", f"parallel must be at most {MAX_PARALLEL}")
+        self.unload()  # a model loaded before: its engine, context and weights go first
+        try:
+            return self._load(request, settings, parallel)
+        except BaseException:
+            self.unload()
+            raise
+
+    def _load(
+        self, request: pb.LoadRequest, settings: dict[str, Any], parallel: int
+    ) -> pb.LoadResponse:
+        import jinja2
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if request.embeddings:
+            self._load_embeddings(settings)
+        else:
+            self._load_text(settings, parallel)
+        threads = settings["n_threads"]
+        self.embeddings = request.embeddings
+        self.threads.loaded = threads
+        self.eog = self._end_of_generation_tokens()
+        metadata = self.model.metadata()
+        template = request.chat_template or metadata.get("tokenizer.chat_template", "")
+        self.formatter = None
+        if template:
+            try:
+                self.formatter = Jinja2ChatFormatter(
+                    template=template,
+                    eos_token=self._token_text(self.model.token_eos()),
+                    bos_token=self._token_text(self.model.token_bos()),
+                )
+            except jinja2.TemplateError as exc:
+                whose = "chat_template in the model YAML" if request.chat_template else "the GGUF's"
+                whose += "" if request.chat_template else " chat template"
+                raise invalid(
+                    "invalid_chat_template", f"{whose} does not parse as Jinja: {exc}"
+                ) from None
+        self._warm_up()
+        log.info(
+            "loaded %s: context %d%s, %d threads, chat template: %s",
+            os.path.basename(settings["model_path"]),
+            self.context_size,
+            f" for each of {parallel} sequences" if parallel > 1 else "",
+            threads,
+            "from YAML" if request.chat_template else ("from GGUF" if template else "none"),
+        )
+        return pb.LoadResponse(
+            context_size=self.context_size,
+            threads=threads,
+            concurrent_calls=parallel if parallel > 1 else 0,
+        )
+
+    def _load_embeddings(self, settings: dict[str, Any]) -> None:
+        from llama_cpp import Llama
+
         llm = _open(Llama, settings)
-        if request.embeddings and llm.pooling_type() == _POOLING["none"]:
+        if llm.pooling_type() == _POOLING["none"]:
             # A model that pools nothing (a generative one) gives a vector per token; OpenAI
             # clients want one per input, and llama-cpp-python mixes up batched per-token
             # vectors. Load it again pooling by mean, as llama.cpp's server would need too.
@@ -126,61 +227,107 @@ class LlamaBackend(Backend):
             llm.close()
             llm = _open(Llama, {**settings, "pooling_type": _POOLING["mean"]})
         self.llm = llm
-        self.embeddings = request.embeddings
-        self.threads.loaded = threads
-        self.eog = self._end_of_generation_tokens()
-        template = request.chat_template or llm.metadata.get("tokenizer.chat_template", "")
-        self.formatter = None
-        if template:
-            self.formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=self._token_text(llm.token_eos()),
-                bos_token=self._token_text(llm.token_bos()),
+        self.model = llm._model
+        self.context_size = llm.n_ctx()
+
+    def _load_text(self, settings: dict[str, Any], parallel: int) -> None:
+        """The model, and a context of `parallel` sequences each with the whole context size
+        (llama-cpp-python's Llama makes a context of one)."""
+        import llama_cpp
+        from llama_cpp._internals import LlamaContext, LlamaModel
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)  # llama.cpp's own lines: errors only, as `Llama(verbose=False)` does
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = settings["n_gpu_layers"]
+        model_params.use_mmap = settings["use_mmap"]
+        try:
+            model = LlamaModel(
+                path_model=settings["model_path"], params=model_params, verbose=False
             )
-        self._warm_up()
-        log.info(
-            "loaded %s: context %d, %d threads, chat template: %s",
-            os.path.basename(path),
-            llm.n_ctx(),
-            threads,
-            "from YAML" if request.chat_template else ("from GGUF" if template else "none"),
+        except ValueError as exc:
+            raise invalid(
+                "invalid_model_file",
+                f"llama.cpp cannot load {os.path.basename(settings['model_path'])}: {exc}",
+            ) from None
+        per_sequence = settings["n_ctx"]
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = per_sequence * parallel
+        # A step decodes a token of every sequence at once: a batch holds at least that many.
+        params.n_batch = params.n_ubatch = max(min(settings["n_batch"], per_sequence), parallel)
+        params.n_seq_max = parallel
+        params.n_threads = params.n_threads_batch = settings["n_threads"]
+        # One share of the cache per sequence: with a unified one, a request's output would
+        # depend on the requests it is batched with.
+        params.kv_unified = False
+        params.no_perf = True
+        self.model = model  # freed by unload, with the context, if what follows fails
+        try:
+            ctx = LlamaContext(model=model, params=params, verbose=False)
+        except ValueError as exc:
+            raise invalid(
+                "invalid_model_file",
+                f"llama.cpp cannot make a context for {os.path.basename(settings['model_path'])}:"
+                f" {exc} (a smaller context_size or parallel may fit)",
+            ) from None
+        recurrent = bool(
+            llama_cpp.llama_model_is_recurrent(model.model)
+            or llama_cpp.llama_model_is_hybrid(model.model)
         )
-        return pb.LoadResponse(context_size=llm.n_ctx(), threads=threads)
+        self.engine = BatchEngine(
+            model,
+            ctx,
+            slots=parallel,
+            batch_size=int(params.n_batch),
+            recurrent=recurrent,
+            follow_threads=self.follow_threads,
+        )
+        self.context_size = self.engine.context_per_slot
 
     def _warm_up(self) -> None:
         """One decode, as llama.cpp's server does at start: the weights are paged in now (so
         the first request is not slower, and the memory measured after load is what serving
         takes), not on the first request."""
-        if self.embeddings:
+        if self.engine is None:
             self.llm.embed("warm up")
             return
-        bos = self.llm.token_bos()
-        self.llm.eval([bos if bos >= 0 else 0])
-        self.llm.reset()
+        bos = self.model.token_bos()
+        self.engine.warm_up(bos if bos >= 0 else 0)
 
     def apply_threads(self, threads: int) -> None:
         import llama_cpp
 
-        llama_cpp.llama_set_n_threads(self.llm.ctx, threads, threads)
+        ctx = self.engine.ctx.ctx if self.engine is not None else self.llm.ctx
+        llama_cpp.llama_set_n_threads(ctx, threads, threads)
 
     def _token_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return str(self.llm.detokenize([token], special=True).decode("utf-8", errors="replace"))
+        return str(self.model.detokenize([token], special=True).decode("utf-8", errors="replace"))
 
     def _end_of_generation_tokens(self) -> frozenset[int]:
         import llama_cpp
 
-        vocab = self.llm._model.vocab  # the public API has no is-end-of-generation check
+        vocab = self.model.vocab
         return frozenset(
-            t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)
+            t for t in range(self.model.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)
         )
 
     def unload(self) -> None:
+        """End the engine (its sequences fail as the model unloading), wait for the calls still
+        using the model (a tokenization, a stream's last tokens), then free it."""
+        engine, self.engine = self.engine, None
         with self.lock:
-            if self.llm is not None:
-                self.llm.close()
-            self.llm = None
+            llm, model = self.llm, self.model
+            self.llm = self.model = None
+        if engine is not None:
+            engine.close()
+        self.in_use.wait_idle()
+        with self.lock:
+            if llm is not None:
+                llm.close()
+            elif model is not None:
+                model.close()
 
     def capabilities(self) -> frozenset[Capability]:
         return frozenset({Capability.EMBEDDINGS if self.embeddings else Capability.TEXT})
@@ -200,14 +347,17 @@ class LlamaBackend(Backend):
         # The template writes BOS itself where the model wants one.
         return self._tokenize_prompt(request, formatted.prompt, add_bos=False)
 
+    def _tokenize(self, text: str, add_bos: bool) -> list[int]:
+        return list(self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+
     def _tokenize_prompt(self, request: pb.GenerateRequest, text: str, add_bos: bool) -> list[int]:
         """The prompt's tokens, refusing one far past the context before reading all of it:
         llama.cpp's tokenizer takes quadratic time in the special tokens of a text (200,000
         one-word chat messages took minutes), and a prompt that cannot fit is a 400 anyway."""
-        llm, context = self.llm, self.llm.n_ctx()
+        context = self.context_size
         head_chars = context * _PROMPT_CHARS_PER_TOKEN
         if len(text) > head_chars:
-            head = llm.tokenize(text[:head_chars].encode("utf-8"), add_bos=add_bos, special=True)
+            head = self._tokenize(text[:head_chars], add_bos)
             # Cutting the text splits at most one token in two: the whole has len(head) - 1 or more.
             if len(head) - 1 >= context:
                 raise invalid(
@@ -216,135 +366,117 @@ class LlamaBackend(Backend):
                     f"holds {context}: shorten the prompt or raise context_size in the model YAML",
                     param="messages" if request.WhichOneof("input") == "chat" else "prompt",
                 )
-        return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+        return self._tokenize(text, add_bos)
 
     def _grammar(self, request: pb.GenerateRequest) -> Any:
-        """The grammar the response format asks for, checked before llama.cpp sees it: a
-        schema can make one that crashes it or stalls it (see backends/llama/grammar.py)."""
+        """llama.cpp's grammar sampler for the response format, checked before llama.cpp sees
+        it: a schema can make one that crashes it or stalls it (see backends/llama/grammar.py)."""
         from llama_cpp.llama_grammar import JSON_GBNF
 
         kind = request.response_format.type
         if kind == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
-            return llama_grammar(self.llm._model.vocab, JSON_GBNF)
+            return llama_grammar(self.model.vocab, JSON_GBNF)
         if kind == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
-            text = grammar_for_schema(request.response_format.json_schema, self.llm.n_vocab())
-            return llama_grammar(self.llm._model.vocab, text)
+            text = grammar_for_schema(request.response_format.json_schema, self.model.n_vocab())
+            return llama_grammar(self.model.vocab, text)
         return None
+
+    def _sampler(self, request: pb.GenerateRequest) -> SamplerChain:
+        sampling = request.sampling
+
+        def given(name: str, default: float) -> Any:
+            return getattr(sampling, name) if sampling.HasField(name) else default
+
+        settings = Sampling(
+            temperature=given("temperature", DEFAULT_TEMPERATURE),
+            top_k=given("top_k", DEFAULT_TOP_K),
+            top_p=given("top_p", DEFAULT_TOP_P),
+            min_p=given("min_p", DEFAULT_MIN_P),
+            repeat_penalty=given("repeat_penalty", 1.0),
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            seed=given("seed", random.getrandbits(31)),
+        )
+        return SamplerChain(settings, self.model.n_vocab(), self._grammar(request))
 
     def generate_stream(
         self, request: pb.GenerateRequest, cancelled: threading.Event
     ) -> Iterator[pb.GenerateStreamResponse]:
-        with self.lock:
+        with self.in_use.held():
             yield from self._generate(request, cancelled)
 
     def _generate(
         self, request: pb.GenerateRequest, cancelled: threading.Event
     ) -> Iterator[pb.GenerateStreamResponse]:
-        llm = self.llm
-        sampling = request.sampling
+        engine, model = self.engine, self.model
+        if engine is None or model is None:
+            raise _unloaded()
         prompt = self._prompt_tokens(request)
-        budget = token_budget(request, len(prompt), llm.n_ctx())
+        if not prompt:
+            raise invalid("empty_prompt", "the prompt is empty", param="prompt")
+        budget = token_budget(request, len(prompt), self.context_size)
         finish = pb.FINISH_REASON_LENGTH
-        grammar = self._grammar(request)
-        llm.set_seed(sampling.seed if sampling.HasField("seed") else random.getrandbits(31))
-        if budget > 0 and not self._prefill(prompt, cancelled):
-            log.info("generation cancelled while reading the prompt")
-            return
-
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text = StopText(list(sampling.stop))
-        produced = 0
-        tokens = llm.generate(
-            prompt,
-            temp=sampling.temperature if sampling.HasField("temperature") else DEFAULT_TEMPERATURE,
-            top_k=sampling.top_k if sampling.HasField("top_k") else DEFAULT_TOP_K,
-            top_p=sampling.top_p if sampling.HasField("top_p") else DEFAULT_TOP_P,
-            min_p=sampling.min_p if sampling.HasField("min_p") else DEFAULT_MIN_P,
-            repeat_penalty=sampling.repeat_penalty if sampling.HasField("repeat_penalty") else 1.0,
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            grammar=grammar,
-        )
-        try:
-            for token in tokens if budget > 0 else ():
-                if cancelled.is_set():
-                    log.info("generation cancelled after %d tokens", produced)
-                    return
-                if token in self.eog:
-                    finish = pb.FINISH_REASON_STOP
-                    break
-                produced += 1
-                ready = text.feed(decoder.decode(llm.detokenize([token])))
-                if ready:
-                    yield pb.GenerateStreamResponse(text=ready)
-                if text.stopped:
-                    finish = pb.FINISH_REASON_STOP
-                    break
-                if produced >= budget:
-                    break
-                self.follow_threads()  # the gateway may have given this model more or fewer cores
-            else:
-                if grammar is not None and produced < budget:
-                    finish = pb.FINISH_REASON_STOP  # the grammar completed
-        finally:
-            tokens.close()
+        text = StopText(list(request.sampling.stop))
+        produced = reused = 0
+        if budget > 0:
+            sequence = Sequence(prompt, budget, self._sampler(request), cancelled)
+            engine.submit(sequence)
+            try:
+                while True:
+                    event = sequence.next_event()
+                    if event is None:
+                        log.info("generation cancelled after %d tokens", produced)
+                        return
+                    reused = sequence.reused  # set before the first event
+                    if isinstance(event, Finished):
+                        if event.stopped:
+                            finish = pb.FINISH_REASON_STOP
+                        break
+                    if isinstance(event, BaseException):
+                        raise event
+                    produced += 1
+                    ready = text.feed(decoder.decode(model.detokenize([event])))
+                    if ready:
+                        yield pb.GenerateStreamResponse(text=ready)
+                    if text.stopped:
+                        finish = pb.FINISH_REASON_STOP
+                        break
+            finally:
+                # Done, stopped by a stop sequence, or the caller gone: the slot is free now.
+                sequence.ended.set()
+                engine.nudge()
         rest = text.feed(decoder.decode(b"", final=True)) + text.rest()
         if rest:
             yield pb.GenerateStreamResponse(text=rest)
         yield pb.GenerateStreamResponse(
             finish_reason=finish,
-            usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=produced),
+            usage=pb.Usage(
+                prompt_tokens=len(prompt), completion_tokens=produced, cached_prompt_tokens=reused
+            ),
         )
 
-    def _prefill(self, prompt: list[int], cancelled: threading.Event) -> bool:
-        """Read the prompt a batch at a time, reusing what the context already holds of it (the
-        same conversation, one turn later).
-
-        `Llama.generate` would read it in one call; in batches, a cancelled call stops between
-        two, and a new thread share applies between two, not only after the whole prompt.
-        Generation then finds the whole prompt read and samples at once. False if cancelled.
-        """
-        llm = self.llm
-        cached = 0
-        for held, wanted in zip(llm._input_ids.tolist(), prompt, strict=False):
-            if held != wanted:
-                break
-            cached += 1
-        # The last token is always read again: the logits to sample from must be its own.
-        cached = min(cached, len(prompt) - 1)
-        if cached < llm.n_tokens:
-            # Keep the shared beginning, drop the rest. A recurrent or hybrid model (Mamba,
-            # RWKV) keeps a state that cannot be cut back: it starts over.
-            recurrent = getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False)
-            if recurrent or not llm._ctx.kv_cache_seq_rm(-1, cached, -1):
-                llm.reset()
-                cached = 0
-        llm.n_tokens = cached
-        for start in range(cached, len(prompt), llm.n_batch):
-            if cancelled.is_set():
-                return False
-            self.follow_threads()
-            llm.eval(prompt[start : start + llm.n_batch])
-        return True
-
     def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
-        with self.lock:
-            ids = self.llm.tokenize(
-                request.text.encode("utf-8"), add_bos=request.add_special, special=True
-            )
+        with self.in_use.held():
+            if self.model is None:
+                raise _unloaded()
+            ids = self._tokenize(request.text, request.add_special)
         return pb.TokenizeResponse(tokens=ids)
 
     def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
-        vocabulary = self.llm.n_vocab()
-        bad = [t for t in request.tokens if not 0 <= t < vocabulary]
-        if bad:
-            raise invalid(
-                "invalid_token",
-                f"token id {bad[0]} is outside this model's vocabulary of {vocabulary}",
-                param="tokens",
-            )
-        with self.lock:
-            data = self.llm.detokenize(list(request.tokens))
+        with self.in_use.held():
+            model = self.model
+            if model is None:
+                raise _unloaded()
+            vocabulary = model.n_vocab()
+            bad = [t for t in request.tokens if not 0 <= t < vocabulary]
+            if bad:
+                raise invalid(
+                    "invalid_token",
+                    f"token id {bad[0]} is outside this model's vocabulary of {vocabulary}",
+                    param="tokens",
+                )
+            data = model.detokenize(list(request.tokens))
         return pb.DetokenizeResponse(text=data.decode("utf-8", errors="replace"))
 
     # Embeddings -------------------------------------------------------------------------------
@@ -359,6 +491,14 @@ class LlamaBackend(Backend):
                     param="input",
                 )
             texts.append(item.text)
+        with self.lock:
+            return self._embed(texts, request, cancelled)
+
+    def _embed(
+        self, texts: list[str], request: pb.EmbedRequest, cancelled: threading.Event
+    ) -> pb.EmbedResponse:
+        if self.llm is None:
+            raise _unloaded()
         size = self.llm.n_embd()
         if request.dimensions and request.dimensions != size:
             raise invalid(
@@ -372,31 +512,30 @@ class LlamaBackend(Backend):
         own = int(self.llm.context_params.n_ubatch)
         limit = min(own, request.max_input_tokens or own)
         counts: list[int] = []
-        with self.lock:
-            for index, text in enumerate(texts):
-                tokens = len(self.llm.tokenize(text.encode("utf-8")))  # as embed() counts them
-                counts.append(tokens)
-                if tokens > limit:
-                    whose = "this model reads" if limit == own else "this server embeds"
-                    raise invalid(
-                        Reason.INPUT_TOO_LONG,
-                        f"input[{index}] is {tokens} tokens; {whose} at most {limit} in one input",
-                        param="input",
-                    )
-            # A few inputs at a time, so that a client who leaves stops the work between groups.
-            rows: list[Any] = []
-            count = 0
-            for start in range(0, len(texts), _EMBED_GROUP):
-                if cancelled.is_set():
-                    raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
-                self.follow_threads()
-                group, used = self.llm.embed(
-                    texts[start : start + _EMBED_GROUP],
-                    normalize=False,
-                    truncate=False,
-                    return_count=True,
+        for index, text in enumerate(texts):
+            tokens = len(self.llm.tokenize(text.encode("utf-8")))  # as embed() counts them
+            counts.append(tokens)
+            if tokens > limit:
+                whose = "this model reads" if limit == own else "this server embeds"
+                raise invalid(
+                    Reason.INPUT_TOO_LONG,
+                    f"input[{index}] is {tokens} tokens; {whose} at most {limit} in one input",
+                    param="input",
                 )
-                rows.extend(group)
-                count += used
+        # A few inputs at a time, so that a client who leaves stops the work between groups.
+        rows: list[Any] = []
+        count = 0
+        for start in range(0, len(texts), _EMBED_GROUP):
+            if cancelled.is_set():
+                raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
+            self.follow_threads()
+            group, used = self.llm.embed(
+                texts[start : start + _EMBED_GROUP],
+                normalize=False,
+                truncate=False,
+                return_count=True,
+            )
+            rows.extend(group)
+            count += used
         vectors = [pb.Embedding(values=_unit(row)) for row in rows]
         return pb.EmbedResponse(embeddings=vectors, prompt_tokens=count, input_tokens=counts)

@@ -216,13 +216,13 @@ def check_grammar(grammar: str, vocabulary: int) -> GrammarShape:
 
 
 def llama_grammar(vocab: Any, grammar: str) -> Any:
-    """A LlamaGrammar for a checked grammar, once llama.cpp itself has accepted it.
+    """llama.cpp's grammar sampler for a checked grammar; the caller owns it (a sampler chain
+    takes it over, or `llama_sampler_free`).
 
-    llama.cpp answers a grammar it refuses with NULL, and llama-cpp-python would put that in
-    its sampler chain: the first sample would crash the process.
+    llama.cpp answers a grammar it refuses with NULL: put in a sampler chain, that would crash
+    the process at the first sample.
     """
     import llama_cpp
-    from llama_cpp.llama_grammar import LlamaGrammar
 
     sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
     if not sampler:
@@ -230,8 +230,7 @@ def llama_grammar(vocab: Any, grammar: str) -> Any:
             "llama.cpp refuses the grammar made from this schema (most often: a part repeated "
             "into 2000 rules or more); lower its bounds or simplify it"
         )
-    llama_cpp.llama_sampler_free(sampler)
-    return LlamaGrammar.from_string(grammar, verbose=False)
+    return sampler
 
 
 # Measuring a grammar ---------------------------------------------------------------------------

@@ -4,9 +4,9 @@ Only safetensors weights are loaded (pickle weights can run code), `trust_remote
 unless the model YAML turns it on, and nothing is fetched from a hub: the model is a local
 directory.
 
-Generation runs `model.generate` in a helper thread with a streamer that hands over token ids;
-this backend's stream thread decodes them, watches stop sequences, and a stopping criterion ends
-`generate` within one token once the call is cancelled or a stop sequence has appeared.
+Concurrent generations share `model.generate` calls (static batching, see batch.py), all on one
+compute thread; each caller's stream thread decodes its own token ids and watches its own stop
+sequences, and its row of the batch ends within one token once it is cancelled or stopped.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import random
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +32,7 @@ from backends.runtime.text import (
     template_rejected,
     token_budget,
 )
+from backends.transformers.batch import Generation, GenerationBatcher, model_unloaded
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Reason
 
@@ -45,6 +44,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 _POOLING_MODES = ("mean", "cls", "max")
 _EMBED_CHUNK = 64  # inputs per forward pass
+_DEFAULT_PARALLEL = 4  # generations per batch when the LoadRequest does not say
+_DEFAULT_WINDOW_MS = 5.0  # how long an idle model waits for more prompts to batch
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -53,24 +54,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-class _TokenQueue:
-    """A `generate` streamer: new token ids go into a queue (the prompt is skipped)."""
-
-    def __init__(self) -> None:
-        self.items: queue.Queue[Any] = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.items.put(int(token))
-
-    def end(self) -> None:
-        self.items.put(None)
 
 
 class _IncrementalText:
@@ -113,6 +96,9 @@ class TransformersBackend(Backend):
     name = "transformers"
     adjustable_threads = True  # torch.set_num_threads between tokens and forward passes
     embed_batch_inputs = _EMBED_CHUNK  # concurrent callers' inputs share one forward pass
+    # Callers of a batch wait on engine threads (the gateway allows up to 64 in parallel), with
+    # room for tokenize calls; none of them computes: that is the compute thread's work.
+    engine_threads = 64 + 8
 
     def __init__(self) -> None:
         self.model: Any = None
@@ -124,10 +110,10 @@ class TransformersBackend(Backend):
         self.truncate = True
         self.max_length = 512
         self.context = 2048
-        self.lock = threading.Lock()
-        # generate() always runs on this one thread (torch keeps per-thread state), while the
-        # stream thread decodes what it produces.
-        self.generator = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        # Every forward pass runs on this one thread: torch keeps per-thread state (its OpenMP
+        # team, the thread count the gateway gives), and a new thread per call costs dearly.
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self.batcher: GenerationBatcher | None = None
 
     # Lifecycle --------------------------------------------------------------------------------
 
@@ -156,6 +142,10 @@ class TransformersBackend(Backend):
         if dtype_name not in _DTYPES:
             raise invalid("invalid_option", f"options.dtype must be one of {', '.join(_DTYPES)}")
         dtype = dtype_name if dtype_name == "auto" else getattr(torch, dtype_name)
+        window_ms = options.get("batch_window_ms", _DEFAULT_WINDOW_MS)
+        if not isinstance(window_ms, (int, float)) or not 0 <= window_ms <= 1000:
+            raise invalid("invalid_option", "options.batch_window_ms must be between 0 and 1000")
+        self._stop_batching()
         if request.threads:
             torch.set_num_threads(request.threads)
         self.threads.loaded = torch.get_num_threads()
@@ -170,20 +160,38 @@ class TransformersBackend(Backend):
         except (OSError, ValueError) as exc:
             raise invalid("invalid_model", f"transformers cannot load {path.name}: {exc}") from None
         self.model = model.eval()
+        parallel = request.parallel or _DEFAULT_PARALLEL
         positions = getattr(model.config, "max_position_embeddings", None) or 2048
         if self.embeddings:
             self._configure_embeddings(path, options, positions)
         else:
             self.context = request.context_size or positions
             self.chat_template = request.chat_template or self.tokenizer.chat_template
+            # The first call resets a tokenizer.json's padding and truncation settings; after
+            # it, the callers' threads (tokenizing prompts at once) only read them.
+            self.tokenizer("")
+            self.batcher = GenerationBatcher(
+                self.model,
+                self.compute,
+                parallel=parallel,
+                window_seconds=window_ms / 1000,
+                pad_token_id=self._pad_token(),
+                end_tokens=self._end_tokens(),
+                follow_threads=self.follow_threads,
+            )
         log.info(
-            "loaded %s (%s, %s, %d torch threads)",
+            "loaded %s (%s, %s, %d torch threads%s)",
             path.name,
             type(model).__name__,
             dtype_name,
             torch.get_num_threads(),
+            "" if self.batcher is None else f", batches of up to {self.batcher.parallel}",
         )
-        return pb.LoadResponse(context_size=self.max_length if self.embeddings else self.context)
+        if self.embeddings:
+            return pb.LoadResponse(context_size=self.max_length)
+        # As many calls at once as a batch holds (0: the gateway's one at a time).
+        concurrent = parallel if parallel > 1 else 0
+        return pb.LoadResponse(context_size=self.context, concurrent_calls=concurrent)
 
     def _configure_embeddings(self, path: Path, options: dict[str, Any], positions: int) -> None:
         pooling_file = _read_json(path / "1_Pooling" / "config.json")
@@ -214,9 +222,16 @@ class TransformersBackend(Backend):
         torch.set_num_threads(threads)
 
     def unload(self) -> None:
-        with self.lock:
-            self.model = None
-            self.tokenizer = None
+        self._stop_batching()
+        self.model = None
+        self.tokenizer = None
+
+    def _stop_batching(self) -> None:
+        """Refuse queued generations and wait for the compute thread to finish its work."""
+        if self.batcher is not None:
+            self.batcher.close()
+            self.batcher = None
+        self.compute.submit(lambda: None).result()
 
     def capabilities(self) -> frozenset[Capability]:
         return frozenset({Capability.EMBEDDINGS if self.embeddings else Capability.TEXT})
@@ -255,73 +270,36 @@ class TransformersBackend(Backend):
                 "the transformers backend cannot constrain output to JSON; use a llama model",
                 param="response_format",
             )
-        with self.lock:
-            yield from self._generate(request, cancelled)
-
-    def _generate(
-        self, request: pb.GenerateRequest, cancelled: threading.Event
-    ) -> Iterator[pb.GenerateStreamResponse]:
-        import torch
-        import transformers
-
+        batcher = self.batcher
+        if batcher is None:  # unloaded meanwhile
+            raise model_unloaded()
         prompt = self._prompt_ids(request)
         sampling = request.sampling
-        budget = token_budget(request, len(prompt), self.context)
+        generation = Generation(
+            prompt=prompt,
+            budget=token_budget(request, len(prompt), self.context),
+            options=self._generation_options(sampling),
+            seed=sampling.seed if sampling.HasField("seed") else None,
+            cancelled=cancelled,
+        )
         text = StopText(list(sampling.stop))
-        streamer = _TokenQueue()
-
-        class Halt(transformers.StoppingCriteria):
-            """Ends generate() at the next token once cancelled or stopped by a stop sequence."""
-
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                follow_threads()  # the gateway may have given this model more or fewer cores
-                done = cancelled.is_set() or text.stopped
-                return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
-
-        options = self._generation_options(sampling)
-        follow_threads = self.follow_threads
-        seed = sampling.seed if sampling.HasField("seed") else random.getrandbits(31)
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                follow_threads()
-                torch.manual_seed(seed)
-                with torch.inference_mode():
-                    self.model.generate(
-                        input_ids=torch.tensor([prompt]),
-                        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                        max_new_tokens=budget,
-                        streamer=streamer,
-                        stopping_criteria=transformers.StoppingCriteriaList([Halt()]),
-                        pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-                        **options,
-                    )
-            except BaseException as exc:
-                failure.append(exc)
-                streamer.end()
-
-        worker = self.generator.submit(run)
-        eos = self._end_tokens()
         decoder = _IncrementalText(self.tokenizer)
+        batcher.submit(generation)
         try:
-            while (token := streamer.items.get()) is not None:
-                if token in eos:
-                    continue
-                if text.stopped or cancelled.is_set():
-                    continue  # generate() ends at the next token
+            while (token := generation.next_token()) is not None and not cancelled.is_set():
                 ready = text.feed(decoder.push(token))
                 if ready:
                     yield pb.GenerateStreamResponse(text=ready)
+                if text.stopped:
+                    break
         finally:
-            cancelled_now = cancelled.is_set()
-            worker.result()
-        if failure:
-            raise failure[0]
-        if cancelled_now:
-            log.info("generation cancelled after %d of %d tokens", len(decoder.ids), budget)
+            batcher.release(generation)  # its row ends within a token, if it has not yet
+        if cancelled.is_set():
+            log.info(
+                "generation cancelled after %d of %d tokens", len(decoder.ids), generation.budget
+            )
             return
-        ran_out = len(decoder.ids) >= budget and not text.stopped
+        ran_out = len(decoder.ids) >= generation.budget and not text.stopped
         finish = pb.FINISH_REASON_LENGTH if ran_out else pb.FINISH_REASON_STOP
         rest = text.feed(decoder.flush()) + text.rest()
         if rest:
@@ -330,6 +308,13 @@ class TransformersBackend(Backend):
             finish_reason=finish,
             usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=len(decoder.ids)),
         )
+
+    def _pad_token(self) -> int:
+        """What fills the left of shorter prompts (masked out: any id would do)."""
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
 
     def _end_tokens(self) -> set[int]:
         ends = self.model.generation_config.eos_token_id
@@ -372,6 +357,10 @@ class TransformersBackend(Backend):
     # Embeddings -------------------------------------------------------------------------------
 
     def embed(self, request: pb.EmbedRequest, cancelled: threading.Event) -> pb.EmbedResponse:
+        # On the compute thread, tokenizing included: padding changes the tokenizer's state.
+        return self.compute.submit(self._embed, request, cancelled).result()
+
+    def _embed(self, request: pb.EmbedRequest, cancelled: threading.Event) -> pb.EmbedResponse:
         import torch
 
         texts = []
@@ -420,7 +409,7 @@ class TransformersBackend(Backend):
             )
         vectors: list[pb.Embedding] = []
         counts: list[int] = []
-        with self.lock, torch.inference_mode():
+        with torch.inference_mode():
             for start in range(0, len(texts), _EMBED_CHUNK):
                 if cancelled.is_set():
                     raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")

@@ -64,6 +64,18 @@ _COMPUTE_SHARE = 0.25
 _ENCODERS = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "t5encoder"})
 _DEFAULT_CONTEXT = 4096
 _DEFAULT_BATCH = 512
+#: Generations a text model computes together when its YAML does not say (`parallel:`); the
+#: manager loads it with one where the caches of this many would not fit the memory budget.
+DEFAULT_PARALLEL = 4
+#: Backends whose text models batch generations, each with a cache of its own.
+BATCHING_BACKENDS = frozenset({"llama", "transformers"})
+
+
+def sequences(config: ModelConfig) -> int:
+    """How many generations `config`'s model holds a cache for."""
+    if config.embeddings or config.backend not in BATCHING_BACKENDS:
+        return 1
+    return config.parallel or DEFAULT_PARALLEL
 
 
 @dataclass(frozen=True)
@@ -127,7 +139,8 @@ def _no_parts(config: ModelConfig, path: Path) -> dict[str, int]:
 
 def _llama(config: ModelConfig, path: Path) -> dict[str, int]:
     header = read_gguf(path)
-    context = config.context_size or _DEFAULT_CONTEXT
+    # llama.cpp rounds each sequence's share of the cache up to a multiple of 256.
+    context = -(-(config.context_size or _DEFAULT_CONTEXT) // 256) * 256
     batch = min(config.batch_size or _DEFAULT_BATCH, context)
     layers = int(header.get("block_count", 0) or 0)
     width = int(header.get("embedding_length", 0) or 0)
@@ -139,8 +152,11 @@ def _llama(config: ModelConfig, path: Path) -> dict[str, int]:
     vocabulary = int(header.metadata.get("tokenizer.ggml.tokens", 0) or 0)
     parts = {"weights": header.tensor_bytes}
     if header.architecture not in _ENCODERS:
-        # f16 keys and values for every position of the context, in every layer.
-        parts["kv_cache"] = context * layers * kv_heads * (key_width + value_width) * 2
+        # f16 keys and values for every position of the context, in every layer, for every
+        # sequence computed together.
+        parts["kv_cache"] = (
+            sequences(config) * context * layers * kv_heads * (key_width + value_width) * 2
+        )
     # The largest of: a batch's logits, a batch's attention scores over the whole context; plus
     # the batch's activations.
     compute = max(vocabulary, (heads + 1) * context) * batch * 4 + 8 * width * batch * 4
@@ -163,7 +179,8 @@ def _transformers(config: ModelConfig, path: Path) -> dict[str, int]:
         head_width = int(settings.get("head_dim", 0) or (width // heads if heads else 0))
         positions = int(settings.get("max_position_embeddings", 0) or 2048)
         context = config.context_size or positions
-        parts["kv_cache"] = context * layers * kv_heads * head_width * 2 * (per_parameter or 4)
+        per_sequence = context * layers * kv_heads * head_width * 2 * (per_parameter or 4)
+        parts["kv_cache"] = sequences(config) * per_sequence
     return parts
 
 
@@ -219,6 +236,7 @@ def fingerprint(config: ModelConfig, models_dir: Path) -> str:
         "context_size": config.context_size,
         "batch_size": config.batch_size,
         "embeddings": config.embeddings,
+        "parallel": config.parallel,
         "options": config.options,
     }
     encoded = json.dumps(settings, sort_keys=True, default=str).encode()

@@ -55,6 +55,9 @@ class BackendInstance:
     keep_alive: float = math.inf
     #: Memory planned for it before loading, and its resident memory (now, and the most seen).
     footprint: Footprint = field(default_factory=lambda: Footprint(0, "unknown"))
+    #: The settings it was loaded with, where the manager chose one the YAML leaves open
+    #: (`parallel`); its measured memory is recorded under these.
+    loaded_as: ModelConfig | None = None
     rss: int = 0
     rss_peak: int = 0
     #: The part of `rss` the kernel cannot drop (not pages of mapped files).

@@ -21,13 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
+
 from gateway.client import BackendClient
 from gateway.config import BUILTIN_BACKENDS, CustomBackend, ModelConfig
 from gateway.errors import OUTPUT_HEADING, BackendGone, OpenAIError
 from gateway.manager.admission import Lease, Slots
 from gateway.manager.budget import Machine, MachineBudget, resident_memory
 from gateway.manager.cpu import Demand, divide
-from gateway.manager.footprint import FootprintBook
+from gateway.manager.footprint import FootprintBook, sequences
 from gateway.manager.instance import BackendInstance, State
 from gateway.manager.memory import MemoryPlanner
 from gateway.manager.process import (
@@ -434,6 +436,18 @@ class BackendManager:
         remote = custom is not None and custom.address is not None
         # Reading a model's header (and hashing its folder's listing) is file work: off the loop.
         footprint = await asyncio.to_thread(self.footprints.footprint, config, remote)
+        loading = config
+        defaulted = sequences(config) > 1 and config.parallel is None and not remote
+        if defaulted and footprint.bytes > self.budget.memory_bytes:
+            # The default's extra caches do not fit: one generation at a time, as before.
+            loading = msgspec.structs.replace(config, parallel=1)
+            footprint = await asyncio.to_thread(self.footprints.footprint, loading, remote)
+            log.info(
+                "%s: the caches of %d generations at once would not fit the memory budget;"
+                " computing one at a time (set parallel: in its YAML to choose)",
+                config.name,
+                sequences(config),
+            )
         start = self._starting.get(config.name)
         if start is not None:
             start.waiting_for_memory = True
@@ -450,9 +464,10 @@ class BackendManager:
             withheld = token_variables(self.registry.known.backends.values())
             instance = await self.launcher.spawn(config, custom, withheld)
             instance.footprint = footprint
+            instance.loaded_as = loading
             if start is not None:
                 start.instance = instance
-            await self._load(instance, config, remote)
+            await self._load(instance, loading, remote)
         finally:
             reservation.release()
         self.metrics.load_time.labels(config.name).observe(time.monotonic() - spawned)
@@ -511,7 +526,8 @@ class BackendManager:
         instance.threads = instance.threads_applied = instance.threads_loaded
         instance.adjustable_threads = response.adjustable_threads
         if config.max_concurrency is None and response.concurrent_calls > 1:
-            # The backend batches concurrent calls (embeddings): let them reach it together.
+            # The backend batches concurrent calls (generations, embeddings): let them reach it
+            # together.
             # Nobody holds or waits for a slot before the model is ready.
             instance.slots = Slots(response.concurrent_calls, config.max_queue)
 
@@ -593,7 +609,7 @@ class BackendManager:
     def _record(self, instance: BackendInstance) -> None:
         """Keep what a backend was seen to use, for the next load of its model."""
         if instance.local and instance.rss_peak and instance.state != State.STARTING:
-            self.footprints.record(instance.config, instance.rss_peak)
+            self.footprints.record(instance.loaded_as or instance.config, instance.rss_peak)
 
     def _drain(self, instance: BackendInstance, why: str) -> None:
         """Let `instance` finish what it has, take nothing new, then stop."""
@@ -800,7 +816,7 @@ class BackendManager:
             "threads_max": None,
             "adjustable_threads": False,
             "memory": None,
-            "requests": {"in_flight": 0, "queued": 0},
+            "requests": {"in_flight": 0, "queued": 0, "at_once": None},
             "loaded_at": None,
             "last_used_at": None,
             "keep_alive_seconds": None,
@@ -827,7 +843,11 @@ class BackendManager:
                 "planned_bytes": instance.footprint.bytes,
                 "planned_from": instance.footprint.source,
             },
-            "requests": {"in_flight": instance.slots.busy, "queued": instance.slots.waiting},
+            "requests": {
+                "in_flight": instance.slots.busy,
+                "queued": instance.slots.waiting,
+                "at_once": instance.slots.limit,
+            },
             "loaded_at": int(instance.loaded_at) if instance.loaded_at else None,
             "last_used_at": int(last_used),
             "keep_alive_seconds": keep_alive if math.isfinite(keep_alive) else None,

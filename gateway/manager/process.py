@@ -164,6 +164,7 @@ def load_request_for(config: ModelConfig, models_dir: Path, threads: int = 0) ->
         chat_template=config.chat_template or "",
         embeddings=config.embeddings,
         options=options,
+        parallel=config.parallel or 0,
     )
     if config.mmap is not None:
         request.mmap = config.mmap

@@ -32,10 +32,16 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
-class Usage(msgspec.Struct):
+class PromptTokensDetails(msgspec.Struct):
+    #: Prompt tokens the backend found in its cache and did not compute again.
+    cached_tokens: int
+
+
+class Usage(msgspec.Struct, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 #: Ollama's keep_alive on a request: "5m", seconds, 0 (unload after this request), -1 (never).

@@ -18,7 +18,7 @@ from gateway.schemas.chat import (
     ToolCall,
 )
 from gateway.schemas.chat import Choice as ChatChoice
-from gateway.schemas.common import Usage
+from gateway.schemas.common import PromptTokensDetails, Usage
 from gateway.schemas.completions import Completion, CompletionChoice, CompletionRequest
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
@@ -153,10 +153,14 @@ def completion_request(request: CompletionRequest, config: ModelConfig) -> pb.Ge
 
 
 def usage(value: pb.Usage) -> Usage:
+    details = None
+    if value.HasField("cached_prompt_tokens"):
+        details = PromptTokensDetails(cached_tokens=value.cached_prompt_tokens)
     return Usage(
         prompt_tokens=value.prompt_tokens,
         completion_tokens=value.completion_tokens,
         total_tokens=value.prompt_tokens + value.completion_tokens,
+        prompt_tokens_details=details,
     )
 
 
