@@ -4,6 +4,7 @@ exactly the answer it would get alone."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -319,3 +320,33 @@ def test_unloading_under_a_stream_and_a_tokenization_ends_them_cleanly(tiny_gguf
     assert isinstance(outcomes["pieces"], int)
     assert outcomes["pieces"] > 0
     assert outcomes["tokenize"] in ("done", "model_not_loaded")
+
+
+def test_without_room_for_four_caches_a_model_computes_one_at_a_time(
+    tmp_path: Path, tiny_gguf: Path
+) -> None:
+    from gateway.config import load_model_file
+    from gateway.manager.footprint import estimate
+
+    shutil.copy(tiny_gguf, tmp_path / "tiny.gguf")
+    # A long context and a small batch: the cache is most of what the model takes.
+    body = "backend: llama\nmodel: tiny.gguf\ncontext_size: 65536\nbatch_size: 8"
+    write_model(tmp_path, "roomy", body)
+    one = write_model(tmp_path, "one", f"{body}\nparallel: 1")
+    default = estimate(load_model_file(tmp_path / "roomy.yaml", tmp_path), tmp_path).bytes
+    single = estimate(load_model_file(one, tmp_path), tmp_path).bytes
+    one.unlink()
+    assert single < default
+    gateway = Gateway(tmp_path, env={"HEARTH_MEMORY": str((single + default) // 2)}).start()
+    try:
+        reply = httpx.post(
+            f"{gateway.url}/v1/completions",
+            json={"model": "roomy", "prompt": "hello", "max_tokens": 4},
+            timeout=60,
+        )
+        assert reply.status_code == 200, reply.text
+        log = gateway.log()
+        assert "would not fit the memory budget; computing one at a time" in log
+        assert "1 request(s) at once" in log
+    finally:
+        gateway.cleanup()
