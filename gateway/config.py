@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -86,6 +86,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: batching, transformers), each with its own `context_size` of cache. Unset: 4 where the
     #: memory budget holds the extra caches, else 1.
     parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
+    #: The format the model writes tool calls in. Unset: told from its chat template (and a
+    #: template without tools gets them described in a system message, hermes-style).
+    tool_parser: Literal["hermes", "llama3", "mistral"] | None = None
     max_queue: Annotated[int, msgspec.Meta(ge=0)] = 64
     #: Backend-specific settings, passed through as they are.
     options: dict[str, Any] = msgspec.field(default_factory=dict)

@@ -412,3 +412,14 @@ def test_health_and_readiness(http: httpx.Client) -> None:
     ready = http.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["status"] == "ready"
+
+
+def test_null_for_the_spec_s_nullable_stream_and_echo_is_accepted(http: httpx.Client) -> None:
+    chat = {"model": "echo", "messages": [{"role": "user", "content": "hi there"}], "stream": None}
+    answer = http.post("/v1/chat/completions", json=chat)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == "hi there"
+    body = {"model": "echo", "prompt": "hi there", "stream": None, "echo": None}
+    answer = http.post("/v1/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["text"] == "hi there"

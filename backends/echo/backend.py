@@ -13,6 +13,9 @@ make it misbehave on purpose:
 - `exit_on_load`: end the whole process abruptly while loading (a backend that cannot start).
 - `dimensions`: embedding size (default 16).
 - `hold_mb`: keep this many MB of memory resident while loaded (a model bigger than it says).
+
+With tools in a chat, the echoed text is parsed for tool calls in the YAML's `tool_parser` format
+(default hermes), so the gateway's tool-call path can be tested with crafted answers.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from google.protobuf import json_format
 
 from backends.runtime import Backend, BackendError, invalid
 from backends.runtime.text import StopText
+from backends.runtime.tools import generate_with_tools
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Reason
 
@@ -64,6 +68,7 @@ class EchoBackend(Backend):
         self.options: dict[str, Any] = {}
         self.vocabulary: dict[int, str] = {}  # ids seen by tokenize, for detokenize
         self.held = b""
+        self.tool_family = "hermes"
 
     def load(self, request: pb.LoadRequest) -> pb.LoadResponse:
         self.options = json_format.MessageToDict(request.options)
@@ -71,6 +76,7 @@ class EchoBackend(Backend):
             log.error("exit_on_load: exiting")
             os._exit(3)
         self.threads.loaded = request.threads or 1
+        self.tool_family = request.tool_parser or "hermes"
         self.held = b"\x01" * int(float(self.options.get("hold_mb", 0)) * 1e6)  # pages touched
         time.sleep(float(self.options.get("load_delay_ms", 0)) / 1000)
         return pb.LoadResponse(context_size=request.context_size or 4096)
@@ -87,6 +93,15 @@ class EchoBackend(Backend):
         return "", prompt_tokens
 
     def generate_stream(
+        self, request: pb.GenerateRequest, cancelled: threading.Event
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        # Echo's "template" renders tools: a crafted message comes back parsed as the model
+        # family's calls would be.
+        yield from generate_with_tools(
+            request, self.tool_family, lambda _: self._echo(request, cancelled), constrained=True
+        )
+
+    def _echo(
         self, request: pb.GenerateRequest, cancelled: threading.Event
     ) -> Iterator[pb.GenerateStreamResponse]:
         answer, prompt_tokens = self._answer(request)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import json
 import logging
 import math
 import os
 import random
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -28,10 +30,10 @@ from backends.runtime import Backend, BackendError, Capability, invalid
 from backends.runtime.text import (
     StopText,
     no_chat_template,
-    template_inputs,
     template_rejected,
     token_budget,
 )
+from backends.runtime.tools import ToolPlan, family_of_template, generate_with_tools
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Reason
 
@@ -85,6 +87,14 @@ def _unit(vector: list[float]) -> list[float]:
     return [v / norm for v in vector]
 
 
+#: What a forced tool call is wrapped in, by the model's tool-call format (GBNF).
+_FORCED_CALL = {
+    "hermes": ('"<tool_call>" ', ' "</tool_call>"'),
+    "llama3": ("", ""),
+    "mistral": ('"[TOOL_CALLS] [" ', ' "]"'),
+}
+
+
 def _unloaded() -> BackendError:
     return BackendError(
         grpc.StatusCode.FAILED_PRECONDITION, Reason.MODEL_NOT_LOADED, "no model is loaded"
@@ -135,6 +145,8 @@ class LlamaBackend(Backend):
         self.context_size = 0  # per sequence
         self.lock = threading.Lock()
         self.in_use = _InUse()
+        #: The format the model writes tool calls in; None: its template renders no tools.
+        self.tool_family: str | None = None
         self.eog: frozenset[int] = frozenset()
 
     # Lifecycle --------------------------------------------------------------------------------
@@ -187,6 +199,7 @@ class LlamaBackend(Backend):
         metadata = self.model.metadata()
         template = request.chat_template or metadata.get("tokenizer.chat_template", "")
         self.formatter = None
+        self.tool_family = request.tool_parser or family_of_template(template)
         if template:
             try:
                 self.formatter = Jinja2ChatFormatter(
@@ -334,14 +347,13 @@ class LlamaBackend(Backend):
 
     # Text -------------------------------------------------------------------------------------
 
-    def _prompt_tokens(self, request: pb.GenerateRequest) -> list[int]:
-        if request.WhichOneof("input") != "chat":
+    def _prompt_tokens(self, request: pb.GenerateRequest, plan: ToolPlan | None) -> list[int]:
+        if plan is None:
             return self._tokenize_prompt(request, request.prompt, add_bos=True)
         if self.formatter is None:
             raise no_chat_template()
-        messages, tools = template_inputs(request.chat)
         try:
-            formatted = self.formatter(messages=messages, tools=tools)
+            formatted = self.formatter(messages=plan.messages, tools=plan.tools)
         except Exception as exc:  # the template's own raise_exception, or a Jinja error
             raise template_rejected(exc) from None
         # The template writes BOS itself where the model wants one.
@@ -368,11 +380,21 @@ class LlamaBackend(Backend):
                 )
         return self._tokenize(text, add_bos)
 
-    def _grammar(self, request: pb.GenerateRequest) -> Any:
-        """llama.cpp's grammar sampler for the response format, checked before llama.cpp sees
-        it: a schema can make one that crashes it or stalls it (see backends/llama/grammar.py)."""
+    def _grammar(self, request: pb.GenerateRequest, plan: ToolPlan | None) -> Any:
+        """llama.cpp's grammar sampler for a forced tool call or the response format, checked
+        before llama.cpp sees it: a schema can make one that crashes it or stalls it (see
+        backends/llama/grammar.py)."""
         from llama_cpp.llama_grammar import JSON_GBNF
 
+        if plan is not None and plan.forced is not None and plan.parser is not None:
+            try:
+                call = grammar_for_schema(json.dumps(plan.forced), self.model.n_vocab())
+            except BackendError as exc:  # the tools' schemas, not a response_format
+                raise BackendError(exc.code, exc.reason, exc.message, param="tools") from None
+            # The call's own rules, under a root that writes it in the model's format.
+            body = re.sub(r"^root ::=", "tool-call ::=", call, flags=re.MULTILINE)
+            before, after = _FORCED_CALL[plan.parser.family]
+            return llama_grammar(self.model.vocab, f"root ::= {before}tool-call{after}\n{body}")
         kind = request.response_format.type
         if kind == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
             return llama_grammar(self.model.vocab, JSON_GBNF)
@@ -381,7 +403,7 @@ class LlamaBackend(Backend):
             return llama_grammar(self.model.vocab, text)
         return None
 
-    def _sampler(self, request: pb.GenerateRequest) -> SamplerChain:
+    def _sampler(self, request: pb.GenerateRequest, plan: ToolPlan | None) -> SamplerChain:
         sampling = request.sampling
 
         def given(name: str, default: float) -> Any:
@@ -397,21 +419,26 @@ class LlamaBackend(Backend):
             frequency_penalty=sampling.frequency_penalty,
             seed=given("seed", random.getrandbits(31)),
         )
-        return SamplerChain(settings, self.model.n_vocab(), self._grammar(request))
+        return SamplerChain(settings, self.model.n_vocab(), self._grammar(request, plan))
 
     def generate_stream(
         self, request: pb.GenerateRequest, cancelled: threading.Event
     ) -> Iterator[pb.GenerateStreamResponse]:
         with self.in_use.held():
-            yield from self._generate(request, cancelled)
+            yield from generate_with_tools(
+                request,
+                self.tool_family,
+                lambda plan: self._generate(request, cancelled, plan),
+                constrained=True,  # a forced call is forced by a grammar
+            )
 
     def _generate(
-        self, request: pb.GenerateRequest, cancelled: threading.Event
+        self, request: pb.GenerateRequest, cancelled: threading.Event, plan: ToolPlan | None
     ) -> Iterator[pb.GenerateStreamResponse]:
         engine, model = self.engine, self.model
         if engine is None or model is None:
             raise _unloaded()
-        prompt = self._prompt_tokens(request)
+        prompt = self._prompt_tokens(request, plan)
         if not prompt:
             raise invalid("empty_prompt", "the prompt is empty", param="prompt")
         budget = token_budget(request, len(prompt), self.context_size)
@@ -419,8 +446,11 @@ class LlamaBackend(Backend):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text = StopText(list(request.sampling.stop))
         produced = reused = 0
+        # A tool-call format may be written in control tokens ([TOOL_CALLS] in Mistral's
+        # tekken vocabulary): kept in the text while calls are parsed out of it.
+        special = plan is not None and plan.parser is not None
         if budget > 0:
-            sequence = Sequence(prompt, budget, self._sampler(request), cancelled)
+            sequence = Sequence(prompt, budget, self._sampler(request, plan), cancelled)
             engine.submit(sequence)
             try:
                 while True:
@@ -436,7 +466,8 @@ class LlamaBackend(Backend):
                     if isinstance(event, BaseException):
                         raise event
                     produced += 1
-                    ready = text.feed(decoder.decode(model.detokenize([event])))
+                    piece = model.detokenize([event], special=special)
+                    ready = text.feed(decoder.decode(piece))
                     if ready:
                         yield pb.GenerateStreamResponse(text=ready)
                     if text.stopped:

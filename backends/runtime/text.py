@@ -6,6 +6,7 @@ generation, they are never returned, and text that might still grow into one is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -68,8 +69,15 @@ def template_inputs(chat: pb.ChatInput) -> tuple[list[dict[str, Any]], list[dict
         json_format.MessageToDict(m, preserving_proto_field_name=True) for m in chat.messages
     ]
     for message in messages:
-        # An assistant turn that only calls tools has no content; templates expect the key.
-        message.setdefault("content", None if message.get("tool_calls") else "")
+        # An assistant turn that only calls tools has no content; templates expect the key, and
+        # many concatenate it as a string.
+        message.setdefault("content", "")
+        for call in message.get("tool_calls", ()):
+            # Templates read the arguments as a mapping (`| tojson`, `.items()`), as Hugging
+            # Face's chat templating passes them.
+            function = call.get("function", {})
+            with contextlib.suppress(ValueError, TypeError):
+                function["arguments"] = json.loads(function.get("arguments") or "{}")
     tools = [
         {
             "type": tool.type or "function",

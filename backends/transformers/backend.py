@@ -28,10 +28,10 @@ from backends.runtime.files import require_safetensors
 from backends.runtime.text import (
     StopText,
     no_chat_template,
-    template_inputs,
     template_rejected,
     token_budget,
 )
+from backends.runtime.tools import ToolPlan, family_of_template, generate_with_tools
 from backends.transformers.batch import Generation, GenerationBatcher, model_unloaded
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Reason
@@ -110,6 +110,8 @@ class TransformersBackend(Backend):
         self.truncate = True
         self.max_length = 512
         self.context = 2048
+        #: The format the model writes tool calls in; None: its template renders no tools.
+        self.tool_family: str | None = None
         # Every forward pass runs on this one thread: torch keeps per-thread state (its OpenMP
         # team, the thread count the gateway gives), and a new thread per call costs dearly.
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
@@ -167,6 +169,7 @@ class TransformersBackend(Backend):
         else:
             self.context = request.context_size or positions
             self.chat_template = request.chat_template or self.tokenizer.chat_template
+            self.tool_family = request.tool_parser or family_of_template(self.chat_template or "")
             # The first call resets a tokenizer.json's padding and truncation settings; after
             # it, the callers' threads (tokenizing prompts at once) only read them.
             self.tokenizer("")
@@ -238,17 +241,16 @@ class TransformersBackend(Backend):
 
     # Text -------------------------------------------------------------------------------------
 
-    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+    def _prompt_ids(self, request: pb.GenerateRequest, plan: ToolPlan | None) -> list[int]:
         tokenizer = self.tokenizer
-        if request.WhichOneof("input") != "chat":
+        if plan is None:
             return list(tokenizer(request.prompt).input_ids)
         if not self.chat_template:
             raise no_chat_template()
-        messages, tools = template_inputs(request.chat)
         try:
             prompt = tokenizer.apply_chat_template(
-                messages,
-                tools=tools,
+                plan.messages,
+                tools=plan.tools,
                 chat_template=self.chat_template,
                 add_generation_prompt=True,
                 tokenize=False,
@@ -260,6 +262,18 @@ class TransformersBackend(Backend):
 
     def generate_stream(
         self, request: pb.GenerateRequest, cancelled: threading.Event
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        # No constrained decoding here: a forced call (tool_choice required or named) is asked
+        # for in words, and parsed like any other.
+        yield from generate_with_tools(
+            request,
+            self.tool_family,
+            lambda plan: self._generate(request, cancelled, plan),
+            constrained=False,
+        )
+
+    def _generate(
+        self, request: pb.GenerateRequest, cancelled: threading.Event, plan: ToolPlan | None
     ) -> Iterator[pb.GenerateStreamResponse]:
         if request.response_format.type in (
             pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
@@ -273,7 +287,7 @@ class TransformersBackend(Backend):
         batcher = self.batcher
         if batcher is None:  # unloaded meanwhile
             raise model_unloaded()
-        prompt = self._prompt_ids(request)
+        prompt = self._prompt_ids(request, plan)
         sampling = request.sampling
         generation = Generation(
             prompt=prompt,

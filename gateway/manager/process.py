@@ -165,6 +165,7 @@ def load_request_for(config: ModelConfig, models_dir: Path, threads: int = 0) ->
         embeddings=config.embeddings,
         options=options,
         parallel=config.parallel or 0,
+        tool_parser=config.tool_parser or "",
     )
     if config.mmap is not None:
         request.mmap = config.mmap

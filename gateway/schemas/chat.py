@@ -77,7 +77,7 @@ class ChatCompletionRequest(msgspec.Struct):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     n: Choices | None = None
-    stream: bool = False
+    stream: bool | None = False  # OpenAI's spec lets clients send null
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     presence_penalty: Penalty | None = None
@@ -85,6 +85,7 @@ class ChatCompletionRequest(msgspec.Struct):
     seed: Seed | None = None
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     # Extensions llama.cpp users expect.
     top_k: TopK | None = None
@@ -98,7 +99,8 @@ class ChatCompletionMessage(msgspec.Struct):
     role: str
     content: str | None
     refusal: None = None
-    tool_calls: list[ToolCall] | None = None
+    #: Left out when there are none (OpenAI's schema has no null here).
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Choice(msgspec.Struct):
@@ -115,7 +117,6 @@ class ChatCompletion(msgspec.Struct):
     choices: list[Choice]
     usage: Usage
     object: str = "chat.completion"
-    system_fingerprint: str | None = None
 
 
 class ChoiceDelta(msgspec.Struct, omit_defaults=True):
@@ -137,5 +138,4 @@ class ChatCompletionChunk(msgspec.Struct):
     model: str
     choices: list[ChunkChoice]
     object: str = "chat.completion.chunk"
-    system_fingerprint: str | None = None
     usage: Usage | None = None

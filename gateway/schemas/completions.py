@@ -26,13 +26,13 @@ class CompletionRequest(msgspec.Struct):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     n: Choices | None = None
-    stream: bool = False
+    stream: bool | None = False  # OpenAI's spec lets clients send null
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     seed: Seed | None = None
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
     # Extensions llama.cpp users expect.
     top_k: TopK | None = None
@@ -55,5 +55,4 @@ class Completion(msgspec.Struct):
     model: str
     choices: list[CompletionChoice]
     object: str = "text_completion"
-    system_fingerprint: str | None = None
     usage: Usage | None = None

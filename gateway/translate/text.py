@@ -113,6 +113,8 @@ def chat_request(request: ChatCompletionRequest, config: ModelConfig) -> pb.Gene
                 parameters_json=json.dumps(tool.function.parameters or {}),
             )
         )
+    if request.parallel_tool_calls is not None:
+        chat.parallel_tool_calls = request.parallel_tool_calls
     choice = request.tool_choice
     if choice is not None:
         chat.tool_choice = choice if isinstance(choice, str) else json.dumps(choice)
@@ -184,7 +186,8 @@ def chat_completion(
     message = ChatCompletionMessage(
         role="assistant", content=response.text if response.text or not calls else None
     )
-    message.tool_calls = calls
+    if calls:
+        message.tool_calls = calls
     return ChatCompletion(
         id=id,
         created=created,
@@ -222,6 +225,7 @@ class ChatChunks:
     def __init__(self, *, id: str, created: int, model: str, include_usage: bool) -> None:
         self.id, self.created, self.model = id, created, model
         self.include_usage = include_usage
+        self.calls = 0  # tool calls sent so far: a call's index counts them all
 
     def _chunk(
         self, choices: list[ChunkChoice], usage_: Usage | None = None
@@ -240,9 +244,10 @@ class ChatChunks:
         if item.text:
             chunks.append(self._chunk([ChunkChoice(index=0, delta=ChoiceDelta(content=item.text))]))
         if item.tool_calls:
+            first, self.calls = self.calls, self.calls + len(item.tool_calls)
             calls = [
                 {
-                    "index": i,
+                    "index": first + i,
                     "id": c.id,
                     "type": c.type or "function",
                     "function": {"name": c.function.name, "arguments": c.function.arguments},
