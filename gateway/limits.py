@@ -27,6 +27,8 @@ from gateway.translate.images import size
 #: Generous: real vocabularies' tokens are rarely longer (runs of spaces or symbols can be), so
 #: an input the backend would take is not refused; one far past it is, before it costs anything.
 CHARS_PER_TOKEN = 16
+#: Choices (`n`) one chat or completion request may ask for.
+MAX_CHOICES = 16
 #: The side assumed for `size: auto` in the work estimate: the largest default of common
 #: pipelines (SDXL's 1024; Stable Diffusion 1.5 makes 512x512, a quarter of the work).
 AUTO_IMAGE_SIDE = 1024
@@ -40,13 +42,25 @@ _NESTING = (msgspec.Struct, list, dict)
 
 
 def check_chat(body: ChatCompletionRequest, settings: Settings) -> None:
-    """Nesting (tool schemas are open-ended JSON) and stop sequences."""
+    """Nesting (tool schemas are open-ended JSON), stop sequences, choices."""
     check_depth(body, settings)
     _check_stop(body.stop, settings)
+    _check_choices(body.n)
 
 
 def check_completion(body: CompletionRequest, settings: Settings) -> None:
     _check_stop(body.stop, settings)
+    _check_choices(body.n)
+
+
+def _check_choices(n: int | None) -> None:
+    """Each choice is a generation of its own, holding a slot of the model while it runs."""
+    if n is not None and n > MAX_CHOICES:
+        raise invalid_request(
+            f"Invalid 'n': {n} is more choices than this server makes for one request (at most "
+            f"{MAX_CHOICES}); send several requests instead",
+            param="n",
+        )
 
 
 def check_embeddings(body: EmbeddingRequest, settings: Settings) -> None:

@@ -249,7 +249,7 @@ def test_unknown_model_is_404_naming_model(client: openai.OpenAI) -> None:
         ({"model": "echo", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ({"model": "echo", "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
         ({"model": "echo", "messages": [], "temperature": 9}, "temperature"),
-        ({"model": "echo", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+        ({"model": "echo", "messages": [{"role": "user", "content": "x"}], "n": 17}, "n"),
         ({"model": "echo", "messages": []}, "messages"),
         ({"model": 7, "messages": []}, "model"),
     ],
@@ -423,3 +423,40 @@ def test_null_for_the_spec_s_nullable_stream_and_echo_is_accepted(http: httpx.Cl
     answer = http.post("/v1/completions", json=body)
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["text"] == "hi there"
+
+
+def test_n_choices_each_come_back_with_their_index(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "one two three"}], n=3
+    )
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert all(c.message.content == "one two three" for c in answer.choices)
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens == 9  # three words, three times
+    assert answer.usage.prompt_tokens == 3  # the prompt once
+    completion = client.completions.create(model="echo", prompt="a b", n=2)
+    assert [c.text for c in completion.choices] == ["a b", "a b"]
+
+
+def test_n_streamed_choices_each_get_their_deltas_and_one_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="echo",
+        messages=[{"role": "user", "content": "one two three"}],
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    usages = []
+    for chunk in stream:
+        if chunk.usage is not None:
+            usages.append(chunk.usage)
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert texts == {0: "one two three", 1: "one two three"}
+    assert finished == {0: "stop", 1: "stop"}
+    assert len(usages) == 1
+    assert usages[0].completion_tokens == 6

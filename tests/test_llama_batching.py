@@ -350,3 +350,21 @@ def test_without_room_for_four_caches_a_model_computes_one_at_a_time(
         assert "1 request(s) at once" in log
     finally:
         gateway.cleanup()
+
+
+def test_n_sampled_choices_differ_and_are_computed_together(batching: Gateway) -> None:
+    body = {
+        "model": TINY,
+        "prompt": "item 7: word word",
+        "max_tokens": 16,
+        "temperature": 1.0,
+        "seed": 5,
+        "n": 2,
+    }
+    with httpx.Client(base_url=batching.url, timeout=60) as http:
+        first = http.post("/v1/completions", json=body).json()
+        again = http.post("/v1/completions", json=body).json()
+    texts = [c["text"] for c in first["choices"]]
+    assert len(set(texts)) == 2, "each choice samples with its own seed"
+    assert [c["text"] for c in again["choices"]] == texts, "and the same seed repeats them"
+    assert first["usage"]["completion_tokens"] == 32

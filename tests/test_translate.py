@@ -114,19 +114,36 @@ def test_a_list_of_several_prompts_is_refused() -> None:
 
 def test_stream_chunks_end_with_finish_then_usage() -> None:
     chunks = text.ChatChunks(id="chatcmpl-1", created=1, model="m", include_usage=True)
-    assert chunks.opening()[0].choices[0].delta.role == "assistant"
+    assert chunks.opening(1)[0].choices[0].delta.role == "assistant"
     assert chunks.piece(pb.GenerateStreamResponse(text="hi"))[0].choices[0].delta.content == "hi"
+    usage = pb.Usage(prompt_tokens=3, completion_tokens=2)
     final = chunks.piece(
-        pb.GenerateStreamResponse(
-            finish_reason=pb.FINISH_REASON_LENGTH,
-            usage=pb.Usage(prompt_tokens=3, completion_tokens=2),
-        )
+        pb.GenerateStreamResponse(finish_reason=pb.FINISH_REASON_LENGTH, usage=usage)
     )
-    assert final[0].choices[0].finish_reason == "length"
-    assert final[1].choices == []
-    assert final[1].usage is not None
-    assert final[1].usage.total_tokens == 5
-    assert {c.id for c in final} == {"chatcmpl-1"}
+    assert [c.choices[0].finish_reason for c in final] == ["length"]
+    closing = chunks.closing(usage)
+    assert closing[0].choices == []
+    assert closing[0].usage is not None
+    assert closing[0].usage.total_tokens == 5
+    assert {c.id for c in final + closing} == {"chatcmpl-1"}
+
+
+def test_a_second_choice_s_chunks_carry_its_index() -> None:
+    chunks = text.ChatChunks(id="chatcmpl-1", created=1, model="m", include_usage=False)
+    assert [c.choices[0].index for c in chunks.opening(2)] == [0, 1]
+    call = pb.ToolCall(id="call_1", type="function", function=pb.FunctionCall(name="f"))
+    first = chunks.piece(pb.GenerateStreamResponse(tool_calls=[call]), 1)
+    again = chunks.piece(pb.GenerateStreamResponse(tool_calls=[call]), 1)
+    other = chunks.piece(pb.GenerateStreamResponse(tool_calls=[call]), 0)
+    assert first[0].choices[0].index == 1
+    # A call's index counts its own choice's calls.
+    indexes = []
+    for chunk in (first, again, other):
+        calls = chunk[0].choices[0].delta.tool_calls
+        assert calls is not None
+        indexes.append(calls[0]["index"])
+    assert indexes == [0, 1, 0]
+    assert chunks.closing(pb.Usage()) == []
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,7 @@ def test_text_is_plain(client: openai.OpenAI, http: httpx.Client, fox_wav: bytes
         files={"file": ("a.wav", fox_wav)},
         data={"model": "whisper-base", "response_format": "text"},
     )
-    assert raw.headers["content-type"].startswith("text/plain")
+    assert raw.headers["content-type"] == "text/plain; charset=utf-8"
     assert not raw.text.lstrip().startswith("{")
 
 
@@ -101,7 +101,7 @@ def test_srt_and_vtt(client: openai.OpenAI, espeak: str, http: httpx.Client) -> 
         files={"file": ("a.wav", audio)},
         data={"model": "whisper-base", "response_format": "vtt"},
     )
-    assert raw.headers["content-type"].startswith("text/vtt")
+    assert raw.headers["content-type"] == "text/vtt; charset=utf-8"
 
 
 def test_verbose_json_with_words(client: openai.OpenAI, fox_wav: bytes) -> None:

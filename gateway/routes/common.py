@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -18,6 +21,8 @@ from gateway.config import ModelConfig, parse_keep_alive, validation_error_field
 from gateway.errors import OpenAIError, for_caller, invalid_request
 from gateway.lifetime import RequestLife, life_of
 from gateway.manager import BackendManager
+from gateway.manager.admission import Lease
+from gateway.translate import text
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Capability
 
@@ -89,31 +94,94 @@ def now() -> int:
 
 
 class ChunkBuilder(Protocol):
-    def opening(self) -> list[Any]: ...
+    def opening(self, n: int) -> list[Any]: ...
 
-    def piece(self, item: pb.GenerateStreamResponse) -> list[Any]: ...
+    def piece(self, item: pb.GenerateStreamResponse, index: int = 0) -> list[Any]: ...
+
+    def closing(self, total: pb.Usage) -> list[Any]: ...
 
 
 def _event(chunk: Any) -> str:
     return msgspec.json.encode(chunk).decode()
 
 
+@dataclass
+class _Opened:
+    """One choice's backend stream, its slot, and its first piece."""
+
+    lease: Lease
+    stream: AsyncGenerator[pb.GenerateStreamResponse]
+    first: pb.GenerateStreamResponse | None
+    arrived: float
+
+
 async def stream_text(
     life: RequestLife,
     manager: BackendManager,
     config: ModelConfig,
-    request: pb.GenerateRequest,
+    requests: list[pb.GenerateRequest],
     chunks: ChunkBuilder,
     keep_alive: float | None = None,
 ) -> ServerSentEvent:
-    """An SSE response for a text generation.
+    """An SSE response for a text generation: one backend stream per choice (`n`).
 
-    The first piece is awaited before answering, so a failure before generation starts is an
-    ordinary HTTP error; a failure after it is one `data: {"error": ...}` event, then [DONE].
-    The slot and the backend's stream belong to the request's `life`: they end with it, even
-    if the framework never starts this response (its client left first).
+    The first piece of each is awaited before answering, so a failure before generation starts
+    is an ordinary HTTP error; a failure after it is one `data: {"error": ...}` event, then
+    [DONE]. The slots and the backend's streams belong to the request's `life`: they end with
+    it, even if the framework never starts this response (its client left first).
     """
+    # The first choice's stream opens before answering; the others open as the answer goes
+    # (each waits for a slot of its own, which the first may be holding).
+    first = await _open(life, manager, config, requests[0], keep_alive)
+    opened: list[_Opened | None] = [first] + [None] * (len(requests) - 1)
+    meters = [manager.metrics.stream_meter(config.name, life.started) for _ in requests]
 
+    async def open_later(index: int) -> _Opened:
+        one = await _open(life, manager, config, requests[index], keep_alive)
+        opened[index] = one
+        return one
+
+    async def events() -> AsyncIterator[str]:
+        usages: dict[int, pb.Usage] = {}
+        try:
+            for chunk in chunks.opening(len(requests)):
+                yield _event(chunk)
+            later: list[Callable[[], Awaitable[_Opened]]] = [
+                functools.partial(open_later, i) for i in range(1, len(requests))
+            ]
+            async for index, item, arrived in _merged(first, later):
+                meters[index].piece(item, arrived)
+                if item.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    usages[index] = item.usage
+                for chunk in chunks.piece(item, index):
+                    yield _event(chunk)
+            if usages:
+                for chunk in chunks.closing(text.total_usage(list(usages.values()))):
+                    yield _event(chunk)
+        except _Failed as failed:
+            exc = failed.error
+            failing = opened[failed.index]
+            if failing is not None:
+                # Before the slot goes back: a backend that died must be known dead to the
+                # requests queued behind this one.
+                exc = await manager.failed(failing.lease, exc)
+            exc = for_caller(exc, manager.settings.models_dir, manager.runtime_dir)
+            yield _event(exc.body())
+        for one in opened:
+            if one is not None:
+                one.lease.release()  # done: the next request need not wait for the last bytes
+        yield "[DONE]"
+
+    return ServerSentEvent(events())
+
+
+async def _open(
+    life: RequestLife,
+    manager: BackendManager,
+    config: ModelConfig,
+    request: pb.GenerateRequest,
+    keep_alive: float | None,
+) -> _Opened:
     async def start(
         client: BackendClient,
     ) -> tuple[AsyncGenerator[pb.GenerateStreamResponse], pb.GenerateStreamResponse | None]:
@@ -125,29 +193,86 @@ async def stream_text(
             raise
 
     lease, (stream, first) = await manager.open(config, Capability.TEXT, start, keep_alive)
-    first_arrived = time.monotonic()
     life.on_end(lease.release)
     life.on_end(stream.aclose)  # closed first: the backend stops generating
-    meter = manager.metrics.stream_meter(config.name, life.started)
+    return _Opened(lease, stream, first, time.monotonic())
 
-    async def events() -> AsyncIterator[str]:
+
+class _Failed(Exception):
+    """A choice's backend stream failed with an error for the client."""
+
+    def __init__(self, index: int, error: OpenAIError) -> None:
+        super().__init__(error)
+        self.index, self.error = index, error
+
+
+async def _merged(
+    first: _Opened, later: list[Callable[[], Awaitable[_Opened]]]
+) -> AsyncIterator[tuple[int, pb.GenerateStreamResponse, float]]:
+    """The pieces of every choice's stream as they come, with the choice's index: the first,
+    already open, and those `later` opens; a stream's error for the client raises `_Failed`."""
+    if not later:  # one choice, the usual case: no task or queue in between
+        item, arrived = first.first, first.arrived
         try:
-            for chunk in chunks.opening():
-                yield _event(chunk)
-            item, arrived = first, first_arrived
             while item is not None:
-                meter.piece(item, arrived)
-                for chunk in chunks.piece(item):
-                    yield _event(chunk)
-                item = await anext(stream, None)
+                yield 0, item, arrived
+                item = await anext(first.stream, None)
                 arrived = time.monotonic()
         except OpenAIError as exc:
-            # Before the slot goes back: a backend that died must be known dead to the
-            # requests queued behind this one.
-            exc = await manager.failed(lease, exc)
-            exc = for_caller(exc, manager.settings.models_dir, manager.runtime_dir)
-            yield _event(exc.body())
-        lease.release()  # done: the next request need not wait for the last bytes to leave
-        yield "[DONE]"
+            raise _Failed(0, exc) from exc
+        return
+    queue: asyncio.Queue[tuple[int, Any, float]] = asyncio.Queue()
 
-    return ServerSentEvent(events())
+    async def pump(index: int, opening: Callable[[], Awaitable[_Opened]] | _Opened) -> None:
+        try:
+            one = opening if isinstance(opening, _Opened) else await opening()
+            item = one.first
+            while item is not None:
+                await queue.put((index, item, time.monotonic()))
+                item = await anext(one.stream, None)
+        except OpenAIError as exc:  # handed on: the response tells the client
+            await queue.put((index, exc, 0.0))
+            return
+        # Its slot goes back now: a choice still waiting for one may be waiting for this one.
+        one.lease.release()
+        await queue.put((index, None, 0.0))
+
+    openings: list[Callable[[], Awaitable[_Opened]] | _Opened] = [first, *later]
+    pumps = [asyncio.create_task(pump(i, o)) for i, o in enumerate(openings)]
+    try:
+        running = len(pumps)
+        while running:
+            index, item, arrived = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, OpenAIError):
+                raise _Failed(index, item)
+            else:
+                yield index, item, arrived
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+async def generate_all(
+    manager: BackendManager,
+    config: ModelConfig,
+    requests: list[pb.GenerateRequest],
+    keep_alive: float | None,
+) -> list[pb.GenerateResponse]:
+    """Every choice's answer, generated at once (a model that batches computes them together);
+    the first failure is the request's."""
+
+    async def one(request: pb.GenerateRequest) -> pb.GenerateResponse:
+        return await manager.call(
+            config, Capability.TEXT, lambda client: client.generate(request), keep_alive
+        )
+
+    results = await asyncio.gather(*(one(r) for r in requests), return_exceptions=True)
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is not None:
+        raise failure
+    responses = [r for r in results if isinstance(r, pb.GenerateResponse)]
+    total = text.total_usage([r.usage for r in responses])
+    manager.metrics.tokens_used(config.name, total.prompt_tokens, total.completion_tokens)
+    return responses

@@ -11,6 +11,7 @@ from gateway.lifetime import life_of
 from gateway.manager import BackendManager
 from gateway.routes.common import (
     decode_body,
+    generate_all,
     keep_alive_of,
     new_id,
     now,
@@ -19,7 +20,6 @@ from gateway.routes.common import (
 )
 from gateway.schemas.completions import CompletionRequest
 from gateway.translate import text
-from protos.hearth.backend.v1.contract import Capability
 
 
 class CompletionsController(Controller):
@@ -35,6 +35,7 @@ class CompletionsController(Controller):
         config = await resolve_model(request, manager, body.model)
         keep_alive = keep_alive_of(body.keep_alive)
         generate = text.completion_request(body, config)
+        generations = text.choices(generate, body.n)
         id_, created = new_id("cmpl"), now()
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -42,10 +43,6 @@ class CompletionsController(Controller):
                 id=id_, created=created, model=body.model, include_usage=include_usage
             )
             life = life_of(request)
-            return await stream_text(life, manager, config, generate, chunks, keep_alive)
-        response = await manager.call(
-            config, Capability.TEXT, lambda client: client.generate(generate), keep_alive
-        )
-        usage = response.usage
-        manager.metrics.tokens_used(config.name, usage.prompt_tokens, usage.completion_tokens)
-        return Response(text.completion(response, id=id_, created=created, model=body.model))
+            return await stream_text(life, manager, config, generations, chunks, keep_alive)
+        responses = await generate_all(manager, config, generations, keep_alive)
+        return Response(text.completion(responses, id=id_, created=created, model=body.model))

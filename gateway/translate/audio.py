@@ -18,9 +18,10 @@ from protos.hearth.backend.v1 import backend_pb2 as pb
 RESPONSE_FORMATS = {
     "json": "application/json",
     "verbose_json": "application/json",
-    "text": "text/plain; charset=utf-8",
+    # Litestar adds "; charset=utf-8" to text/* types itself.
+    "text": "text/plain",
     "srt": "application/x-subrip; charset=utf-8",
-    "vtt": "text/vtt; charset=utf-8",
+    "vtt": "text/vtt",
 }
 GRANULARITIES = frozenset({"segment", "word"})
 

@@ -35,8 +35,6 @@ def _sampling(
     request: ChatCompletionRequest | CompletionRequest, config: ModelConfig, max_tokens: int | None
 ) -> pb.SamplingParams:
     """The request's sampling settings over the model YAML's defaults."""
-    if request.n not in (None, 1):
-        raise invalid_request("only n=1 is supported", param="n")
     defaults = config.parameters
     stop = request.stop if request.stop is not None else defaults.stop
     # An empty stop sequence would end every answer at once: a client that sends one (stop: "")
@@ -179,43 +177,69 @@ def _tool_calls(calls: list[pb.ToolCall]) -> list[ToolCall] | None:
     ]
 
 
+def choices(request: pb.GenerateRequest, n: int | None) -> list[pb.GenerateRequest]:
+    """One generation per choice (`n`): the same request, each with its own seed where the
+    request gives one (else each draws its own), so that sampled choices differ."""
+    copies = []
+    for index in range(n or 1):
+        copy = pb.GenerateRequest()
+        copy.CopyFrom(request)
+        if index and copy.sampling.HasField("seed"):
+            copy.sampling.seed = (copy.sampling.seed + index + 2**63) % 2**64 - 2**63
+        copies.append(copy)
+    return copies
+
+
+def total_usage(usages: list[pb.Usage]) -> pb.Usage:
+    """The usage of several choices of one request: the prompt once, every completion."""
+    total = pb.Usage()
+    total.CopyFrom(usages[0])
+    total.completion_tokens = sum(u.completion_tokens for u in usages)
+    return total
+
+
 def chat_completion(
-    response: pb.GenerateResponse, *, id: str, created: int, model: str
+    responses: list[pb.GenerateResponse], *, id: str, created: int, model: str
 ) -> ChatCompletion:
+    return ChatCompletion(
+        id=id,
+        created=created,
+        model=model,
+        choices=[_chat_choice(index, r) for index, r in enumerate(responses)],
+        usage=usage(total_usage([r.usage for r in responses])),
+    )
+
+
+def _chat_choice(index: int, response: pb.GenerateResponse) -> ChatChoice:
     calls = _tool_calls(list(response.tool_calls))
     message = ChatCompletionMessage(
         role="assistant", content=response.text if response.text or not calls else None
     )
     if calls:
         message.tool_calls = calls
-    return ChatCompletion(
-        id=id,
-        created=created,
-        model=model,
-        choices=[
-            ChatChoice(
-                index=0,
-                message=message,
-                finish_reason=FINISH_REASONS.get(response.finish_reason, "stop"),
-            )
-        ],
-        usage=usage(response.usage),
+    return ChatChoice(
+        index=index,
+        message=message,
+        finish_reason=FINISH_REASONS.get(response.finish_reason, "stop"),
     )
 
 
-def completion(response: pb.GenerateResponse, *, id: str, created: int, model: str) -> Completion:
+def completion(
+    responses: list[pb.GenerateResponse], *, id: str, created: int, model: str
+) -> Completion:
     return Completion(
         id=id,
         created=created,
         model=model,
         choices=[
             CompletionChoice(
-                index=0,
+                index=index,
                 text=response.text,
                 finish_reason=FINISH_REASONS.get(response.finish_reason, "stop"),
             )
+            for index, response in enumerate(responses)
         ],
-        usage=usage(response.usage),
+        usage=usage(total_usage([r.usage for r in responses])),
     )
 
 
@@ -225,7 +249,8 @@ class ChatChunks:
     def __init__(self, *, id: str, created: int, model: str, include_usage: bool) -> None:
         self.id, self.created, self.model = id, created, model
         self.include_usage = include_usage
-        self.calls = 0  # tool calls sent so far: a call's index counts them all
+        #: Tool calls sent so far, by choice: a call's index counts its choice's calls.
+        self.calls: dict[int, int] = {}
 
     def _chunk(
         self, choices: list[ChunkChoice], usage_: Usage | None = None
@@ -234,17 +259,20 @@ class ChatChunks:
             id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_
         )
 
-    def opening(self) -> list[ChatCompletionChunk]:
+    def opening(self, n: int) -> list[ChatCompletionChunk]:
         return [
-            self._chunk([ChunkChoice(index=0, delta=ChoiceDelta(role="assistant", content=""))])
+            self._chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))])
+            for i in range(n)
         ]
 
-    def piece(self, item: pb.GenerateStreamResponse) -> list[ChatCompletionChunk]:
+    def piece(self, item: pb.GenerateStreamResponse, index: int = 0) -> list[ChatCompletionChunk]:
         chunks = []
         if item.text:
-            chunks.append(self._chunk([ChunkChoice(index=0, delta=ChoiceDelta(content=item.text))]))
+            delta = ChoiceDelta(content=item.text)
+            chunks.append(self._chunk([ChunkChoice(index=index, delta=delta)]))
         if item.tool_calls:
-            first, self.calls = self.calls, self.calls + len(item.tool_calls)
+            first = self.calls.get(index, 0)
+            self.calls[index] = first + len(item.tool_calls)
             calls = [
                 {
                     "index": first + i,
@@ -254,15 +282,18 @@ class ChatChunks:
                 }
                 for i, c in enumerate(item.tool_calls)
             ]
-            chunks.append(self._chunk([ChunkChoice(index=0, delta=ChoiceDelta(tool_calls=calls))]))
+            delta = ChoiceDelta(tool_calls=calls)
+            chunks.append(self._chunk([ChunkChoice(index=index, delta=delta)]))
         if item.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             reason = FINISH_REASONS.get(item.finish_reason, "stop")
             chunks.append(
-                self._chunk([ChunkChoice(index=0, delta=ChoiceDelta(), finish_reason=reason)])
+                self._chunk([ChunkChoice(index=index, delta=ChoiceDelta(), finish_reason=reason)])
             )
-            if self.include_usage:
-                chunks.append(self._chunk([], usage(item.usage)))
         return chunks
+
+    def closing(self, total: pb.Usage) -> list[ChatCompletionChunk]:
+        """After every choice has finished: the usage chunk, where the client asked for it."""
+        return [self._chunk([], usage(total))] if self.include_usage else []
 
 
 class CompletionChunks:
@@ -277,17 +308,15 @@ class CompletionChunks:
             id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_
         )
 
-    def opening(self) -> list[Completion]:
+    def opening(self, n: int) -> list[Completion]:
         return []
 
-    def piece(self, item: pb.GenerateStreamResponse) -> list[Completion]:
+    def piece(self, item: pb.GenerateStreamResponse, index: int = 0) -> list[Completion]:
         finished = item.finish_reason != pb.FINISH_REASON_UNSPECIFIED
-        chunks = []
-        if item.text or finished:
-            reason = FINISH_REASONS.get(item.finish_reason, "stop") if finished else None
-            chunks.append(
-                self._chunk([CompletionChoice(index=0, text=item.text, finish_reason=reason)])
-            )
-        if finished and self.include_usage:
-            chunks.append(self._chunk([], usage(item.usage)))
-        return chunks
+        if not (item.text or finished):
+            return []
+        reason = FINISH_REASONS.get(item.finish_reason, "stop") if finished else None
+        return [self._chunk([CompletionChoice(index=index, text=item.text, finish_reason=reason)])]
+
+    def closing(self, total: pb.Usage) -> list[Completion]:
+        return [self._chunk([], usage(total))] if self.include_usage else []
