@@ -257,24 +257,26 @@ def load_tiny(path: Path, **settings: Any) -> Any:
     return backend
 
 
-def engine_threads() -> int:
-    return sum(1 for t in threading.enumerate() if t.name == "llama-batch")
-
-
 def test_loading_again_or_failing_to_load_leaves_no_engine_behind(tiny_gguf: Path) -> None:
     from backends.runtime import BackendError
     from protos.hearth.backend.v1 import backend_pb2 as pb
 
-    before = engine_threads()
     backend = load_tiny(tiny_gguf, context_size=128, parallel=2)
+    first = backend.engine
+    assert first is not None
+    assert first.running
     backend.load(pb.LoadRequest(model_name="t", model_path=str(tiny_gguf), threads=1))
-    assert engine_threads() == before + 1
+    second = backend.engine
+    assert second is not None
+    assert not first.running, "the first model's engine (and its cache) is gone"
+    assert second.running
     broken = pb.LoadRequest(
         model_name="t", model_path=str(tiny_gguf), threads=1, chat_template="{% if %}"
     )
     with pytest.raises(BackendError, match="chat_template in the model YAML does not parse"):
         backend.load(broken)
-    assert engine_threads() == before
+    assert not second.running
+    assert backend.engine is None
     backend.unload()
 
 

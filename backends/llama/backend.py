@@ -19,6 +19,7 @@ import random
 import re
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -132,8 +133,8 @@ class LlamaBackend(Backend):
     name = "llama"
     adjustable_threads = True
     embed_batch_inputs = 64  # concurrent callers' inputs share llama.cpp's batches
-    # A call waits on its engine thread: the batch engine computes text on a thread of its
-    # own, and embedding calls take turns on `lock`.
+    # A call waits on its runtime thread: llama.cpp computes on the backend's own compute
+    # thread (the batch engine's loop, or embedding calls taking turns on `lock`).
     engine_threads = MAX_PARALLEL + 8
 
     def __init__(self) -> None:
@@ -145,6 +146,9 @@ class LlamaBackend(Backend):
         self.context_size = 0  # per sequence
         self.lock = threading.Lock()
         self.in_use = _InUse()
+        # Every llama.cpp computation runs on this one thread (see BatchEngine): the load and
+        # its warm-up, then the batch engine's loop, or the embedding calls.
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="llama")
         #: The format the model writes tool calls in; None: its template renders no tools.
         self.tool_family: str | None = None
         self.eog: frozenset[int] = frozenset()
@@ -177,10 +181,13 @@ class LlamaBackend(Backend):
             raise invalid("invalid_option", f"parallel must be at most {MAX_PARALLEL}")
         self.unload()  # a model loaded before: its engine, context and weights go first
         try:
-            return self._load(request, settings, parallel)
+            response = self.compute.submit(self._load, request, settings, parallel).result()
         except BaseException:
             self.unload()
             raise
+        if self.engine is not None:
+            self.engine.start()
+        return response
 
     def _load(
         self, request: pb.LoadRequest, settings: dict[str, Any], parallel: int
@@ -294,6 +301,7 @@ class LlamaBackend(Backend):
             batch_size=int(params.n_batch),
             recurrent=recurrent,
             follow_threads=self.follow_threads,
+            compute=self.compute,
         )
         self.context_size = self.engine.context_per_slot
 
@@ -523,7 +531,7 @@ class LlamaBackend(Backend):
                 )
             texts.append(item.text)
         with self.lock:
-            return self._embed(texts, request, cancelled)
+            return self.compute.submit(self._embed, texts, request, cancelled).result()
 
     def _embed(
         self, texts: list[str], request: pb.EmbedRequest, cancelled: threading.Event
