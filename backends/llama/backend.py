@@ -151,7 +151,6 @@ class LlamaBackend(Backend):
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="llama")
         #: The format the model writes tool calls in; None: its template renders no tools.
         self.tool_family: str | None = None
-        self.eog: frozenset[int] = frozenset()
 
     # Lifecycle --------------------------------------------------------------------------------
 
@@ -202,7 +201,6 @@ class LlamaBackend(Backend):
         threads = settings["n_threads"]
         self.embeddings = request.embeddings
         self.threads.loaded = threads
-        self.eog = self._end_of_generation_tokens()
         metadata = self.model.metadata()
         template = request.chat_template or metadata.get("tokenizer.chat_template", "")
         self.formatter = None
@@ -325,14 +323,6 @@ class LlamaBackend(Backend):
         if token < 0:
             return ""
         return str(self.model.detokenize([token], special=True).decode("utf-8", errors="replace"))
-
-    def _end_of_generation_tokens(self) -> frozenset[int]:
-        import llama_cpp
-
-        vocab = self.model.vocab
-        return frozenset(
-            t for t in range(self.model.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)
-        )
 
     def unload(self) -> None:
         """End the engine (its sequences fail as the model unloading), wait for the calls still

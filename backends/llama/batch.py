@@ -180,7 +180,6 @@ class BatchEngine:
         self._lib = llama_cpp
         self.model = model
         self.ctx = ctx  # a llama_cpp._internals.LlamaContext
-        self.slots = slots
         self.batch_size = batch_size
         #: Each sequence's share of the context.
         self.context_per_slot = ctx.n_ctx() // slots
