@@ -101,12 +101,12 @@ def check_images(body: ImageGenerationRequest, config: ModelConfig, settings: Se
     Where the size is `auto` the pipeline picks it, and the estimate takes AUTO_IMAGE_SIDE;
     where the steps are not given, the model YAML's `options.steps`, else the backend's default.
     """
-    if body.n > settings.max_images:
-        raise _above("n", body.n, settings, "max_images")
-    width, height = size(body.size)
+    if body.count > settings.max_images:
+        raise _above("n", body.count, settings, "max_images")
+    width, height = size(body.side)
     if max(width, height) > settings.max_image_side:
         raise invalid_request(
-            f"Invalid 'size': {body.size} is larger than this server makes: each side at most "
+            f"Invalid 'size': {body.side} is larger than this server makes: each side at most "
             f"{settings.max_image_side} pixels ({_name('max_image_side')}).",
             param="size",
             code="size_too_large",
@@ -119,26 +119,27 @@ def check_images(body: ImageGenerationRequest, config: ModelConfig, settings: Se
         configured = config.options.get("steps")
         steps = configured if type(configured) is int and configured > 0 else None
     work = (
-        body.n
+        body.count
         * (width or AUTO_IMAGE_SIDE)
         * (height or AUTO_IMAGE_SIDE)
         * (steps or DEFAULT_IMAGE_STEPS)
         / _MEGAPIXEL
     )
     if work > settings.max_image_work:
-        shown = "auto (counted as 1024x1024)" if body.size == "auto" else body.size
+        shown = "auto (counted as 1024x1024)" if body.side == "auto" else body.side
         raise invalid_request(
             f"This request asks for more work than this server does at once: n x width x height "
-            f"x steps = {body.n} x {shown} x {steps or DEFAULT_IMAGE_STEPS} is {work:.0f} "
+            f"x steps = {body.count} x {shown} x {steps or DEFAULT_IMAGE_STEPS} is {work:.0f} "
             f"megapixel-steps, and the most is {settings.max_image_work} "
             f"({_name('max_image_work')}). Ask for fewer or smaller images, or fewer steps.",
-            param="n" if body.n > 1 else "size",
+            param="n" if body.count > 1 else "size",
             code="image_work_too_large",
         )
     # Image i of a batch is made with seed + i, which must still be an int64.
-    if body.seed is not None and body.seed > INT64_MAX - (body.n - 1):
+    if body.seed is not None and body.seed > INT64_MAX - (body.count - 1):
         raise invalid_request(
-            f"Invalid 'seed': with n={body.n} it must be at most {INT64_MAX - (body.n - 1)} "
+            f"Invalid 'seed': with n={body.count} it must be at most "
+            f"{INT64_MAX - (body.count - 1)} "
             "(image i is made with seed + i, a 64-bit integer).",
             param="seed",
             code="integer_above_max_value",

@@ -225,6 +225,8 @@ def models_dir(
     tiny = "backend: llama\nmodel: tiny-llama.gguf\ncontext_size: 256"
     write_model(directory, "tiny-llama", tiny)
     write_model(directory, "tiny-llama-embed", f"{tiny}\nembeddings: true")
+    write_tiny_llama_gguf(directory / "tiny-infill.gguf", infill=True)
+    write_model(directory, "tiny-llama-infill", tiny.replace("tiny-llama.gguf", "tiny-infill.gguf"))
     template = "Q: {{ messages[-1]['content'] }}\\nA:"
     write_model(directory, "tiny-llama-template", f'{tiny}\nchat_template: "{template}"')
     link_tree(tiny_hf, directory / "tiny-hf")

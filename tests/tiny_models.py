@@ -117,15 +117,23 @@ def write_tiny_mamba_gguf(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
-def write_tiny_llama_gguf(path: Path, *, seed: int = 0) -> Path:
-    """A llama-architecture GGUF: 64-wide, 2 blocks, SPM vocabulary, a chat template.
+#: The fill-in-the-middle control tokens `infill=True` adds (ids 6, 7, 8).
+INFILL_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+
+
+def write_tiny_llama_gguf(path: Path, *, seed: int = 0, infill: bool = False) -> Path:
+    """A llama-architecture GGUF: 64-wide, 2 blocks, SPM vocabulary, a chat template; with
+    `infill`, fill-in-the-middle tokens as code models have.
 
     Its output never favours end-of-sequence, byte or control tokens, so greedy generation
     produces words until max_tokens.
     """
     from gguf import GGUFWriter
 
-    tokens, types, scores, first_word = _spm_vocabulary(("<|system|>", "<|user|>", "<|assistant|>"))
+    controls = ("<|system|>", "<|user|>", "<|assistant|>")
+    tokens, types, scores, first_word = _spm_vocabulary(
+        controls + (INFILL_TOKENS if infill else ())
+    )
     vocab = len(tokens)
 
     embed, blocks, heads, kv_heads, ff = 64, 2, 4, 2, 128
@@ -149,6 +157,9 @@ def write_tiny_llama_gguf(path: Path, *, seed: int = 0) -> Path:
     _add_vocabulary(writer, tokens, types, scores)
     writer.add_add_bos_token(True)
     writer.add_chat_template(TINY_CHAT_TEMPLATE)
+    if infill:
+        for key, token in zip(("pre", "suf", "mid"), INFILL_TOKENS, strict=True):
+            writer.add_uint32(f"tokenizer.ggml.fim_{key}_token_id", tokens.index(token))
 
     _add_word_head(writer, weight, vocab, embed, first_word)
     for block in range(blocks):

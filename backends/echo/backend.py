@@ -36,7 +36,7 @@ import grpc
 from google.protobuf import json_format
 
 from backends.runtime import Backend, BackendError, invalid
-from backends.runtime.text import StopText
+from backends.runtime.text import StopText, scored_alternatives, token_logprob
 from backends.runtime.tools import generate_with_tools
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Reason
@@ -112,6 +112,8 @@ class EchoBackend(Backend):
             words, finish = words[: sampling.max_tokens], pb.FINISH_REASON_LENGTH
         latency = float(self.options.get("latency_ms", 0)) / 1000
         text = StopText(list(sampling.stop))
+        # Echo is sure of every word: log-probability 0, the word its only alternative.
+        alternatives = scored_alternatives(request)
         sent = 0
         for index, word in enumerate(words):
             # Echo computes nothing, but takes its share between words like a real engine, so
@@ -122,17 +124,23 @@ class EchoBackend(Backend):
                 log.info("stream cancelled after %d of %d words", index, len(words))
                 return
             sent = index + 1
-            ready = text.feed(word)
-            if ready:
-                yield pb.GenerateStreamResponse(text=ready)
+            scored = None
+            if alternatives is not None:
+                top = [(word, 0.0)][:alternatives]
+                scored = token_logprob(word, 0.0, top, str.encode)
+            ready = text.feed(word, scored)
+            logprobs = text.logprobs()
+            if ready or logprobs:
+                yield pb.GenerateStreamResponse(text=ready, logprobs=logprobs)
             if text.stopped:
                 finish = pb.FINISH_REASON_STOP
                 break
         else:
             self._misbehave(len(words))
         rest = text.rest()
-        if rest:
-            yield pb.GenerateStreamResponse(text=rest)
+        logprobs = text.logprobs()
+        if rest or logprobs:
+            yield pb.GenerateStreamResponse(text=rest, logprobs=logprobs)
         yield pb.GenerateStreamResponse(
             finish_reason=finish,
             usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=sent),

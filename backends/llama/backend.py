@@ -25,14 +25,23 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from backends.llama.batch import BatchEngine, Finished, SamplerChain, Sampling, Sequence
+from backends.llama.batch import (
+    BatchEngine,
+    Finished,
+    SamplerChain,
+    Sampling,
+    Scored,
+    Sequence,
+)
 from backends.llama.grammar import grammar_for_schema, llama_grammar
 from backends.runtime import Backend, BackendError, Capability, invalid
 from backends.runtime.text import (
     StopText,
     no_chat_template,
+    scored_alternatives,
     template_rejected,
     token_budget,
+    token_logprob,
 )
 from backends.runtime.tools import ToolPlan, family_of_template, generate_with_tools
 from protos.hearth.backend.v1 import backend_pb2 as pb
@@ -346,8 +355,17 @@ class LlamaBackend(Backend):
     # Text -------------------------------------------------------------------------------------
 
     def _prompt_tokens(self, request: pb.GenerateRequest, plan: ToolPlan | None) -> list[int]:
+        model = self.model
         if plan is None:
-            return self._tokenize_prompt(request, request.prompt, add_bos=True)
+            if request.suffix:
+                return self._infill_tokens(request)
+            tokens = self._tokenize_prompt(request, request.prompt, add_bos=True)
+            if not tokens:
+                # An empty prompt (OpenAI's null one) begins a document, as OpenAI's
+                # <|endoftext|> default does: the model's BOS, or else its end-of-text token.
+                start = next((t for t in (model.token_bos(), model.token_eos()) if t >= 0), None)
+                tokens = [start] if start is not None else []
+            return tokens
         if self.formatter is None:
             raise no_chat_template()
         try:
@@ -356,6 +374,29 @@ class LlamaBackend(Backend):
             raise template_rejected(exc) from None
         # The template writes BOS itself where the model wants one.
         return self._tokenize_prompt(request, formatted.prompt, add_bos=False)
+
+    def _infill_tokens(self, request: pb.GenerateRequest) -> list[int]:
+        """Fill in the middle: the prompt and the suffix around the model's infill tokens, in
+        prefix-suffix-middle order (as llama.cpp's /infill writes them); the answer is the
+        middle. A model without those tokens (most chat models) is the client's 400."""
+        model = self.model
+        prefix, suffix, middle = model.token_prefix(), model.token_suffix(), model.token_middle()
+        if min(prefix, suffix, middle) < 0:
+            raise invalid(
+                "infill_unsupported",
+                "this model has no fill-in-the-middle tokens, so it cannot use suffix; use a "
+                "code model trained for infill (Qwen2.5-Coder, CodeLlama, StarCoder, ...)",
+                param="suffix",
+            )
+        bos = [model.token_bos()] if model.add_bos_token() and model.token_bos() >= 0 else []
+        return [
+            *bos,
+            prefix,
+            *self._tokenize_prompt(request, request.prompt, add_bos=False),
+            suffix,
+            *self._tokenize_prompt(request, request.suffix, add_bos=False),
+            middle,
+        ]
 
     def _tokenize(self, text: str, add_bos: bool) -> list[int]:
         return list(self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
@@ -428,6 +469,7 @@ class LlamaBackend(Backend):
                 self.tool_family,
                 lambda plan: self._generate(request, cancelled, plan),
                 constrained=True,  # a forced call is forced by a grammar
+                infill=True,
             )
 
     def _generate(
@@ -447,8 +489,10 @@ class LlamaBackend(Backend):
         # A tool-call format may be written in control tokens ([TOOL_CALLS] in Mistral's
         # tekken vocabulary): kept in the text while calls are parsed out of it.
         special = plan is not None and plan.parser is not None
+        logprobs = scored_alternatives(request)
         if budget > 0:
             sequence = Sequence(prompt, budget, self._sampler(request, plan), cancelled)
+            sequence.logprobs = logprobs
             engine.submit(sequence)
             try:
                 while True:
@@ -464,10 +508,20 @@ class LlamaBackend(Backend):
                     if isinstance(event, BaseException):
                         raise event
                     produced += 1
+                    scored = None
+                    if isinstance(event, Scored):
+                        scored = token_logprob(
+                            event.token,
+                            event.logprob,
+                            event.top,
+                            lambda t: model.detokenize([t], special=special),
+                        )
+                        event = event.token
                     piece = model.detokenize([event], special=special)
-                    ready = text.feed(decoder.decode(piece))
-                    if ready:
-                        yield pb.GenerateStreamResponse(text=ready)
+                    ready = text.feed(decoder.decode(piece), scored)
+                    logprob_items = text.logprobs()
+                    if ready or logprob_items:
+                        yield pb.GenerateStreamResponse(text=ready, logprobs=logprob_items)
                     if text.stopped:
                         finish = pb.FINISH_REASON_STOP
                         break
@@ -476,8 +530,9 @@ class LlamaBackend(Backend):
                 sequence.ended.set()
                 engine.nudge()
         rest = text.feed(decoder.decode(b"", final=True)) + text.rest()
-        if rest:
-            yield pb.GenerateStreamResponse(text=rest)
+        logprob_items = text.logprobs()
+        if rest or logprob_items:
+            yield pb.GenerateStreamResponse(text=rest, logprobs=logprob_items)
         yield pb.GenerateStreamResponse(
             finish_reason=finish,
             usage=pb.Usage(

@@ -120,10 +120,20 @@ class Finished:
     stopped: bool
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A sampled token with its log-probability and the most likely tokens at its place
+    (token, log-probability; most likely first), for a sequence that asked for them."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass(eq=False)
 class Sequence:
-    """One request inside the engine. The engine puts on `events` each sampled token (an int),
-    then a `Finished`, or a BackendError."""
+    """One request inside the engine. The engine puts on `events` each sampled token (an int,
+    or a `Scored` where `logprobs` is set), then a `Finished`, or a BackendError."""
 
     prompt: list[int]
     budget: int
@@ -142,6 +152,8 @@ class Sequence:
     reused: int = 0
     #: Order of admission: prompts are read first come, first served.
     arrival: int = 0
+    #: Score each token, with this many alternatives (None: tokens alone).
+    logprobs: int | None = None
 
     def gone(self) -> bool:
         """Nobody wants this sequence's tokens any more."""
@@ -368,13 +380,34 @@ class BatchEngine:
             self._finish(sequence, stopped=True)
             return
         sequence.produced += 1
-        sequence.events.put(token)
+        sequence.events.put(
+            token if sequence.logprobs is None else self._score(token, index, sequence.logprobs)
+        )
         if sequence.produced >= sequence.budget:
             self._finish(sequence, stopped=False)
         elif len(self._held[sequence.slot]) >= self.context_per_slot:
             self._finish(sequence, stopped=False)  # its share of the cache is full
         else:
             sequence.pending = token
+
+    def _score(self, token: int, index: int, alternatives: int) -> Scored:
+        """`token`'s log-probability under the model's distribution at batch position `index`
+        (the raw logits: before penalties, grammar and temperature, as OpenAI reports it)."""
+        import numpy as np
+
+        vocabulary = self.model.n_vocab()
+        logits = np.ctypeslib.as_array(
+            self._lib.llama_get_logits_ith(self.ctx.ctx, index), shape=(vocabulary,)
+        ).astype(np.float64)
+        peak = logits.max()
+        logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        top: list[tuple[int, float]] = []
+        alternatives = min(alternatives, vocabulary)
+        if alternatives:
+            best = np.argpartition(logprobs, -alternatives)[-alternatives:]
+            best = best[np.argsort(-logprobs[best], kind="stable")]
+            top = [(int(t), float(logprobs[t])) for t in best]
+        return Scored(token, float(logprobs[token]), top)
 
     def _finish(self, sequence: Sequence, *, stopped: bool) -> None:
         sequence.events.put(Finished(stopped=stopped))

@@ -152,15 +152,18 @@ class Backend:
         pieces: list[str] = []
         last = pb.GenerateStreamResponse()
         tool_calls: list[pb.ToolCall] = []
+        logprobs: list[pb.TokenLogprob] = []
         for chunk in self.generate_stream(request, cancelled):
             pieces.append(chunk.text)
             tool_calls.extend(chunk.tool_calls)
+            logprobs.extend(chunk.logprobs)
             last = chunk
         return pb.GenerateResponse(
             text="".join(pieces),
             finish_reason=last.finish_reason,
             usage=last.usage,
             tool_calls=tool_calls,
+            logprobs=logprobs,
         )
 
     def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -16,6 +17,8 @@ from google.protobuf import json_format
 from backends.runtime.errors import BackendError, invalid
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Reason
+
+T = TypeVar("T")
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -30,17 +33,28 @@ def held_back(text: str, stops: list[str]) -> int:
 
 
 class StopText:
-    """Accumulates decoded pieces; `feed` returns the text safe to send and whether a stop hit."""
+    """Accumulates decoded pieces; `feed` returns the text safe to send and whether a stop hit.
+
+    Each piece may come with its token's log-probability: `logprobs()` hands them out with the
+    text they made (held back with it; those of a stop sequence are dropped with it)."""
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
         self.text = ""
         self.sent = 0  # characters of `text` already handed out
         self.stopped = False
+        #: Log-probabilities not handed out yet, with where their token's text starts.
+        self._scored: list[tuple[int, pb.TokenLogprob]] = []
+        self._ended = False
 
-    def feed(self, piece: str) -> str:
-        """Add a decoded piece; return what can be sent now ('' if nothing)."""
-        if self.stopped or not piece:
+    def feed(self, piece: str, logprob: pb.TokenLogprob | None = None) -> str:
+        """Add a decoded piece (and its token's log-probability); return what can be sent now
+        ('' if nothing)."""
+        if self.stopped:
+            return ""
+        if logprob is not None:
+            self._scored.append((len(self.text), logprob))
+        if not piece:
             return ""
         self.text += piece
         hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
@@ -48,12 +62,29 @@ class StopText:
             end = min(hits)
             self.stopped = True
             self.text = self.text[:end]
+            # A token that only wrote the stop sequence made none of the answer.
+            self._scored = [(start, lp) for start, lp in self._scored if start < end]
+            self._ended = True
             return self._take(end)
         return self._take(len(self.text) - held_back(self.text, self.stops))
 
     def rest(self) -> str:
         """At the end of generation: whatever was held back (nothing after a stop)."""
+        self._ended = True
         return "" if self.stopped else self._take(len(self.text))
+
+    def logprobs(self) -> list[pb.TokenLogprob]:
+        """The log-probabilities of the tokens whose text has been handed out (all of them once
+        generation has ended), in order; each once."""
+        if self._ended:
+            ready, self._scored = self._scored, []
+        else:
+            count = next(
+                (i for i, (start, _) in enumerate(self._scored) if start >= self.sent),
+                len(self._scored),
+            )
+            ready, self._scored = self._scored[:count], self._scored[count:]
+        return [lp for _, lp in ready]
 
     def _take(self, end: int) -> str:
         if end <= self.sent:
@@ -125,3 +156,46 @@ def token_budget(request: pb.GenerateRequest, prompt_tokens: int, context: int) 
     if request.sampling.HasField("max_tokens"):
         budget = min(budget, request.sampling.max_tokens)
     return budget
+
+
+#: The most alternatives a token's log-probability comes with (OpenAI's top_logprobs bound).
+MAX_TOP_LOGPROBS = 20
+
+
+def scored_alternatives(request: pb.GenerateRequest) -> int | None:
+    """How many alternatives each token's log-probability comes with; None: no log-probabilities
+    asked for. More than MAX_TOP_LOGPROBS is the client's 400."""
+    if not request.sampling.HasField("logprobs"):
+        return None
+    count = request.sampling.logprobs
+    if count > MAX_TOP_LOGPROBS:
+        raise invalid(
+            "invalid_value",
+            f"at most {MAX_TOP_LOGPROBS} alternatives per token, not {count}",
+            param="top_logprobs",
+        )
+    return count
+
+
+def token_logprob(
+    token: T,
+    logprob: float,
+    top: list[tuple[T, float]],
+    piece: Callable[[T], bytes],
+) -> pb.TokenLogprob:
+    """A generated token's log-probability as the contract carries it; `piece` gives a token's
+    bytes."""
+
+    def text(data: bytes) -> str:
+        return data.decode("utf-8", errors="replace")
+
+    data = piece(token)
+    return pb.TokenLogprob(
+        token=text(data),
+        logprob=logprob,
+        token_bytes=data,
+        top=[
+            pb.TopLogprob(token=text(b), logprob=lp, token_bytes=b)
+            for b, lp in ((piece(t), lp) for t, lp in top)
+        ],
+    )

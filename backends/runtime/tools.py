@@ -361,14 +361,21 @@ def _split_top_level(text: str, separator: str) -> Iterator[str]:
 def with_tool_calls(
     stream: Iterator[pb.GenerateStreamResponse], parser: ToolCallParser
 ) -> Iterator[pb.GenerateStreamResponse]:
-    """A backend's stream with the tool calls in its text parsed out."""
+    """A backend's stream with the tool calls in its text parsed out. Token log-probabilities
+    go out with the next message (the text of a call is not shown, its tokens' are still
+    reported)."""
+    logprobs: list[pb.TokenLogprob] = []
     for item in stream:
         final = item.finish_reason != pb.FINISH_REASON_UNSPECIFIED
         shown, calls = parser.feed(item.text)
         if final:
             rest, more = parser.finish()
             shown, calls = shown + rest, calls + more
+        logprobs.extend(item.logprobs)
         out = pb.GenerateStreamResponse(text=shown, tool_calls=[*item.tool_calls, *calls])
+        if out.text or out.tool_calls or final:
+            out.logprobs.extend(logprobs)
+            logprobs.clear()
         if final:
             out.usage.CopyFrom(item.usage)
             stopped = item.finish_reason == pb.FINISH_REASON_STOP
@@ -472,9 +479,17 @@ def generate_with_tools(
     generate: Callable[[ToolPlan | None], Iterator[pb.GenerateStreamResponse]],
     *,
     constrained: bool,
+    infill: bool = False,
 ) -> Iterator[pb.GenerateStreamResponse]:
     """A text backend's stream for `request`: `generate(plan)` (None for a raw prompt), with
-    the calls parsed out of its text where the request offers tools."""
+    the calls parsed out of its text where the request offers tools. `infill`: the backend
+    can fill in the middle (a `suffix`); else a suffix is the client's 400."""
+    if request.suffix and not infill:
+        raise invalid(
+            "infill_unsupported",
+            "this backend cannot fill in the middle (suffix); use a llama (GGUF) code model",
+            param="suffix",
+        )
     plan = None
     if request.WhichOneof("input") == "chat":
         plan = plan_tools(request.chat, family, constrained=constrained)

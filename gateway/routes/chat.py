@@ -40,9 +40,16 @@ class ChatController(Controller):
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             chunks = text.ChatChunks(
-                id=id_, created=created, model=body.model, include_usage=include_usage
+                id=id_,
+                created=created,
+                model=body.model,
+                include_usage=include_usage,
+                logprobs=bool(body.logprobs),
             )
             life = life_of(request)
             return await stream_text(life, manager, config, generations, chunks, keep_alive)
         responses = await generate_all(manager, config, generations, keep_alive)
-        return Response(text.chat_completion(responses, id=id_, created=created, model=body.model))
+        completion = text.chat_completion(
+            responses, id=id_, created=created, model=body.model, logprobs=bool(body.logprobs)
+        )
+        return Response(completion)

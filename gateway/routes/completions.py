@@ -35,14 +35,31 @@ class CompletionsController(Controller):
         config = await resolve_model(request, manager, body.model)
         keep_alive = keep_alive_of(body.keep_alive)
         generate = text.completion_request(body, config)
-        generations = text.choices(generate, body.n)
+        n = body.n or 1
+        generations = text.choices(generate, max(n, body.best_of or 1))
+        echo = text.prompt_of(body) if body.echo else None
+        logprobs = body.logprobs is not None
         id_, created = new_id("cmpl"), now()
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             chunks = text.CompletionChunks(
-                id=id_, created=created, model=body.model, include_usage=include_usage
+                id=id_,
+                created=created,
+                model=body.model,
+                include_usage=include_usage,
+                echo=echo,
+                logprobs=logprobs,
             )
             life = life_of(request)
             return await stream_text(life, manager, config, generations, chunks, keep_alive)
         responses = await generate_all(manager, config, generations, keep_alive)
-        return Response(text.completion(responses, id=id_, created=created, model=body.model))
+        completion = text.completion(
+            text.best_of(responses, n) if len(responses) > n else responses,
+            id=id_,
+            created=created,
+            model=body.model,
+            echo=echo,
+            logprobs=logprobs,
+            generated=responses,
+        )
+        return Response(completion)

@@ -28,9 +28,8 @@ class ImagesController(Controller):
         generated: GeneratedImages,
     ) -> ImagesResponse:
         body = decode_body(await request.body(), ImageGenerationRequest)
-        if not body.model:
-            raise invalid_request("model is required: GET /v1/models lists them", param="model")
-        config = await resolve_model(request, manager, body.model)
+        name = body.model or await _only_image_model(manager)
+        config = await resolve_model(request, manager, name)
         limits.check_images(body, config, manager.settings)
         keep_alive = keep_alive_of(body.keep_alive)
         call = generate_image_request(body)
@@ -45,6 +44,17 @@ class ImagesController(Controller):
                 name = await generated.store(image.png)
                 images.append(Image(url=f"{str(request.base_url).rstrip('/')}/generated/{name}"))
         return ImagesResponse(created=now(), data=images)
+
+
+async def _only_image_model(manager: BackendManager) -> str:
+    """The model of a request that names none (OpenAI's default is its own): the catalog's one
+    image model; with none or several, the client must say."""
+    catalog = await manager.registry.current()
+    names = sorted(n for n, c in catalog.models.items() if c.backend == "diffusers")
+    if len(names) != 1:
+        which = f"one of {', '.join(names)}" if names else "an image model (none is installed)"
+        raise invalid_request(f"model is required here: name {which}", param="model")
+    return names[0]
 
 
 @get("/generated/{name:str}", media_type="image/png")

@@ -16,6 +16,7 @@ from gateway.schemas.common import (
     StreamOptions,
     Temperature,
     TopK,
+    TopLogprobs,
     TopP,
     Usage,
 )
@@ -87,6 +88,8 @@ class ChatCompletionRequest(msgspec.Struct):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
     # Extensions llama.cpp users expect.
     top_k: TopK | None = None
     min_p: TopP | None = None
@@ -103,11 +106,29 @@ class ChatCompletionMessage(msgspec.Struct):
     tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class Choice(msgspec.Struct):
     index: int
     message: ChatCompletionMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(msgspec.Struct):
@@ -129,7 +150,7 @@ class ChunkChoice(msgspec.Struct):
     index: int
     delta: ChoiceDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct):

@@ -24,6 +24,9 @@ Seed = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 TopK = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 #: llama.cpp divides by it and transformers wants it positive; past 10 it only garbles text.
 RepeatPenalty = Annotated[float, msgspec.Meta(gt=0, le=10)]
+#: Alternatives reported at each token's place: chat's top_logprobs, completions' logprobs.
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
+CompletionLogprobs = Annotated[int, msgspec.Meta(ge=0, le=5)]
 #: A token id, as the backends' int32 fields hold it.
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from gateway.schemas.common import (
+    INT32_MAX,
     Choices,
+    CompletionLogprobs,
     KeepAlive,
-    MaxTokens,
     Penalty,
     RepeatPenalty,
     Seed,
@@ -21,8 +24,10 @@ from gateway.schemas.common import (
 
 class CompletionRequest(msgspec.Struct):
     model: str
-    prompt: str | list[str]
-    max_tokens: MaxTokens | None = None
+    #: OpenAI's spec: nullable, null meaning the start of a document.
+    prompt: str | list[str] | None
+    #: 0 generates nothing (with echo: the prompt alone).
+    max_tokens: Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)] | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     n: Choices | None = None
@@ -34,6 +39,9 @@ class CompletionRequest(msgspec.Struct):
     seed: Seed | None = None
     echo: bool | None = False
     suffix: str | None = None
+    logprobs: CompletionLogprobs | None = None
+    #: Generations made to return the `n` most likely of (by mean token log-probability).
+    best_of: Choices | None = None
     # Extensions llama.cpp users expect.
     top_k: TopK | None = None
     min_p: TopP | None = None
@@ -42,11 +50,20 @@ class CompletionRequest(msgspec.Struct):
     keep_alive: KeepAlive = None
 
 
+class CompletionLogprobsResult(msgspec.Struct):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobsResult | None = None
 
 
 class Completion(msgspec.Struct):

@@ -15,9 +15,10 @@ _Count = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
 class ImageGenerationRequest(msgspec.Struct):
     prompt: str
     model: str | None = None
-    n: _Count = 1
-    size: str = "auto"
-    response_format: Literal["url", "b64_json"] = "url"
+    # OpenAI's spec lets these be null, meaning their defaults (set in __post_init__).
+    n: _Count | None = 1
+    size: str | None = "auto"
+    response_format: Literal["url", "b64_json"] | None = "url"
     # Extensions users of local gateways expect.
     seed: Seed | None = None
     steps: _Count | None = None
@@ -26,6 +27,22 @@ class ImageGenerationRequest(msgspec.Struct):
     guidance_scale: Annotated[float, msgspec.Meta(ge=0, le=50)] | None = None
     # Ollama's: how long the model stays loaded after this request.
     keep_alive: KeepAlive = None
+
+    def __post_init__(self) -> None:
+        if self.n is None:
+            self.n = 1
+        if self.size is None:
+            self.size = "auto"
+        if self.response_format is None:
+            self.response_format = "url"
+
+    @property
+    def count(self) -> int:
+        return self.n or 1
+
+    @property
+    def side(self) -> str:
+        return self.size or "auto"
 
 
 class Image(msgspec.Struct, omit_defaults=True):

@@ -29,13 +29,13 @@ def size(text: str) -> tuple[int, int]:
 def generate_image_request(request: ImageGenerationRequest) -> pb.GenerateImageRequest:
     if not request.prompt.strip():
         raise invalid_request("prompt must not be empty", param="prompt")
-    width, height = size(request.size)
+    width, height = size(request.side)
     call = pb.GenerateImageRequest(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt or "",
         width=width,
         height=height,
-        n=request.n,
+        n=request.count,
     )
     steps = request.steps if request.steps is not None else request.num_inference_steps
     if steps is not None:

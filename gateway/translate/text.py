@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import TypeVar
 
 from gateway.config import ModelConfig
@@ -13,13 +14,21 @@ from gateway.schemas.chat import (
     ChatCompletionMessage,
     ChatCompletionRequest,
     ChoiceDelta,
+    ChoiceLogprobs,
     ChunkChoice,
     FunctionCall,
+    TokenLogprob,
     ToolCall,
+    TopLogprob,
 )
 from gateway.schemas.chat import Choice as ChatChoice
 from gateway.schemas.common import PromptTokensDetails, Usage
-from gateway.schemas.completions import Completion, CompletionChoice, CompletionRequest
+from gateway.schemas.completions import (
+    Completion,
+    CompletionChoice,
+    CompletionLogprobsResult,
+    CompletionRequest,
+)
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
 T = TypeVar("T")
@@ -55,7 +64,21 @@ def _sampling(
     for name, value in values.items():
         if value is not None:
             setattr(sampling, name, value)
+    alternatives = _alternatives(request)
+    if alternatives is not None:
+        sampling.logprobs = alternatives
     return sampling
+
+
+def _alternatives(request: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """The log-probabilities asked for: None, or how many alternatives at each token."""
+    if isinstance(request, CompletionRequest):
+        return request.logprobs
+    if request.top_logprobs is not None and not request.logprobs:
+        raise invalid_request(
+            "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value"
+        )
+    return (request.top_logprobs or 0) if request.logprobs else None
 
 
 def _first(*values: T | None) -> T | None:
@@ -138,18 +161,52 @@ def chat_request(request: ChatCompletionRequest, config: ModelConfig) -> pb.Gene
 
 def completion_request(request: CompletionRequest, config: ModelConfig) -> pb.GenerateRequest:
     """A (legacy) completion request as the backend's GenerateRequest."""
+    if request.echo and request.logprobs is not None:
+        raise invalid_request(
+            "echo with logprobs (the prompt's own log-probabilities) is not supported; send "
+            "one or the other",
+            param="echo",
+        )
+    generate = pb.GenerateRequest(
+        prompt=prompt_of(request),
+        sampling=_sampling(request, config, request.max_tokens),
+        suffix=request.suffix or "",
+    )
+    best_of = request.best_of
+    if best_of is not None and best_of < (request.n or 1):
+        raise invalid_request(
+            f"best_of ({best_of}) must be at least n ({request.n})", param="best_of"
+        )
+    if best_of is not None and best_of > (request.n or 1):
+        if request.stream:
+            raise invalid_request(
+                "best_of greater than n cannot be streamed: the best are known at the end",
+                param="best_of",
+            )
+        if not generate.sampling.HasField("logprobs"):
+            generate.sampling.logprobs = 0  # to rank them
+    return generate
+
+
+def prompt_of(request: CompletionRequest) -> str:
+    """A completion request's one prompt text (null: empty, the start of a document)."""
     prompt = request.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
             raise invalid_request("send one prompt per request", param="prompt")
         prompt = prompt[0]
-    if request.echo:
-        raise invalid_request("echo is not supported", param="echo")
-    if request.suffix:
-        raise invalid_request("suffix is not supported", param="suffix")
-    return pb.GenerateRequest(
-        prompt=prompt, sampling=_sampling(request, config, request.max_tokens)
-    )
+    return prompt or ""
+
+
+def best_of(responses: list[pb.GenerateResponse], n: int) -> list[pb.GenerateResponse]:
+    """The `n` answers with the highest mean token log-probability, best first (OpenAI's
+    best_of)."""
+
+    def score(response: pb.GenerateResponse) -> float:
+        values = [lp.logprob for lp in response.logprobs]
+        return sum(values) / len(values) if values else 0.0
+
+    return sorted(responses, key=score, reverse=True)[:n]
 
 
 def usage(value: pb.Usage) -> Usage:
@@ -198,19 +255,57 @@ def total_usage(usages: list[pb.Usage]) -> pb.Usage:
     return total
 
 
+def chat_logprobs(items: Iterable[pb.TokenLogprob]) -> ChoiceLogprobs:
+    """Token log-probabilities in chat's shape."""
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprob(
+                token=item.token,
+                logprob=item.logprob,
+                bytes=list(item.token_bytes),
+                top_logprobs=[
+                    TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token_bytes))
+                    for t in item.top
+                ],
+            )
+            for item in items
+        ]
+    )
+
+
+def completion_logprobs(
+    items: Iterable[pb.TokenLogprob], offset: int
+) -> tuple[CompletionLogprobsResult, int]:
+    """Token log-probabilities in the legacy completions shape, the first token's text at
+    `offset` in the choice's text; and the offset after the last."""
+    result = CompletionLogprobsResult(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for item in items:
+        result.tokens.append(item.token)
+        result.token_logprobs.append(item.logprob)
+        result.top_logprobs.append({t.token: t.logprob for t in item.top})
+        result.text_offset.append(offset)
+        offset += len(item.token)
+    return result, offset
+
+
 def chat_completion(
-    responses: list[pb.GenerateResponse], *, id: str, created: int, model: str
+    responses: list[pb.GenerateResponse],
+    *,
+    id: str,
+    created: int,
+    model: str,
+    logprobs: bool = False,
 ) -> ChatCompletion:
     return ChatCompletion(
         id=id,
         created=created,
         model=model,
-        choices=[_chat_choice(index, r) for index, r in enumerate(responses)],
+        choices=[_chat_choice(index, r, logprobs) for index, r in enumerate(responses)],
         usage=usage(total_usage([r.usage for r in responses])),
     )
 
 
-def _chat_choice(index: int, response: pb.GenerateResponse) -> ChatChoice:
+def _chat_choice(index: int, response: pb.GenerateResponse, logprobs: bool) -> ChatChoice:
     calls = _tool_calls(list(response.tool_calls))
     message = ChatCompletionMessage(
         role="assistant", content=response.text if response.text or not calls else None
@@ -221,34 +316,51 @@ def _chat_choice(index: int, response: pb.GenerateResponse) -> ChatChoice:
         index=index,
         message=message,
         finish_reason=FINISH_REASONS.get(response.finish_reason, "stop"),
+        logprobs=chat_logprobs(response.logprobs) if logprobs else None,
     )
 
 
 def completion(
-    responses: list[pb.GenerateResponse], *, id: str, created: int, model: str
+    responses: list[pb.GenerateResponse],
+    *,
+    id: str,
+    created: int,
+    model: str,
+    echo: str | None = None,
+    logprobs: bool = False,
+    generated: list[pb.GenerateResponse] | None = None,
 ) -> Completion:
+    """`echo`: the prompt, written before each choice's text. `generated`: every generation
+    made, where best_of made more than `responses` (all are billed)."""
+    choices = []
+    for index, response in enumerate(responses):
+        text_ = (echo or "") + response.text
+        choice = CompletionChoice(
+            index=index,
+            text=text_,
+            finish_reason=FINISH_REASONS.get(response.finish_reason, "stop"),
+        )
+        if logprobs:
+            choice.logprobs, _ = completion_logprobs(response.logprobs, len(echo or ""))
+        choices.append(choice)
     return Completion(
         id=id,
         created=created,
         model=model,
-        choices=[
-            CompletionChoice(
-                index=index,
-                text=response.text,
-                finish_reason=FINISH_REASONS.get(response.finish_reason, "stop"),
-            )
-            for index, response in enumerate(responses)
-        ],
-        usage=usage(total_usage([r.usage for r in responses])),
+        choices=choices,
+        usage=usage(total_usage([r.usage for r in generated or responses])),
     )
 
 
 class ChatChunks:
     """Builds the chunks of one streamed chat completion (one id for all of them)."""
 
-    def __init__(self, *, id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(
+        self, *, id: str, created: int, model: str, include_usage: bool, logprobs: bool = False
+    ) -> None:
         self.id, self.created, self.model = id, created, model
         self.include_usage = include_usage
+        self.logprobs = logprobs
         #: Tool calls sent so far, by choice: a call's index counts its choice's calls.
         self.calls: dict[int, int] = {}
 
@@ -267,9 +379,13 @@ class ChatChunks:
 
     def piece(self, item: pb.GenerateStreamResponse, index: int = 0) -> list[ChatCompletionChunk]:
         chunks = []
-        if item.text:
-            delta = ChoiceDelta(content=item.text)
-            chunks.append(self._chunk([ChunkChoice(index=index, delta=delta)]))
+        scored = self.logprobs and len(item.logprobs) > 0
+        if item.text or scored:
+            delta = ChoiceDelta(content=item.text) if item.text else ChoiceDelta()
+            choice = ChunkChoice(index=index, delta=delta)
+            if scored:
+                choice.logprobs = chat_logprobs(item.logprobs)
+            chunks.append(self._chunk([choice]))
         if item.tool_calls:
             first = self.calls.get(index, 0)
             self.calls[index] = first + len(item.tool_calls)
@@ -299,9 +415,21 @@ class ChatChunks:
 class CompletionChunks:
     """Builds the chunks of one streamed completion."""
 
-    def __init__(self, *, id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(
+        self,
+        *,
+        id: str,
+        created: int,
+        model: str,
+        include_usage: bool,
+        echo: str | None = None,
+        logprobs: bool = False,
+    ) -> None:
         self.id, self.created, self.model = id, created, model
         self.include_usage = include_usage
+        self.echo, self.logprobs = echo, logprobs
+        #: Each choice's text so far, in characters (text_offset of its next token).
+        self.offsets: dict[int, int] = {}
 
     def _chunk(self, choices: list[CompletionChoice], usage_: Usage | None = None) -> Completion:
         return Completion(
@@ -309,14 +437,25 @@ class CompletionChunks:
         )
 
     def opening(self, n: int) -> list[Completion]:
-        return []
+        """With echo, each choice's text begins with the prompt."""
+        if not self.echo:
+            return []
+        return [
+            self._chunk([CompletionChoice(index=i, text=self.echo, finish_reason=None)])
+            for i in range(n)
+        ]
 
     def piece(self, item: pb.GenerateStreamResponse, index: int = 0) -> list[Completion]:
         finished = item.finish_reason != pb.FINISH_REASON_UNSPECIFIED
-        if not (item.text or finished):
+        scored = self.logprobs and len(item.logprobs) > 0
+        if not (item.text or finished or scored):
             return []
         reason = FINISH_REASONS.get(item.finish_reason, "stop") if finished else None
-        return [self._chunk([CompletionChoice(index=index, text=item.text, finish_reason=reason)])]
+        choice = CompletionChoice(index=index, text=item.text, finish_reason=reason)
+        if scored:
+            start = self.offsets.get(index, len(self.echo or ""))
+            choice.logprobs, self.offsets[index] = completion_logprobs(item.logprobs, start)
+        return [self._chunk([choice])]
 
     def closing(self, total: pb.Usage) -> list[Completion]:
         return [self._chunk([], usage(total))] if self.include_usage else []
