@@ -29,6 +29,8 @@ from gateway.routes.health import healthz, readyz
 from gateway.routes.images import ImagesController, generated_image
 from gateway.routes.metrics import prometheus_metrics
 from gateway.routes.models import ModelsController
+from gateway.routes.ollama import OllamaController
+from gateway.routes.responses import ResponsesController
 from gateway.routes.tokenize import TokenizeController
 from gateway.settings import Settings
 
@@ -117,6 +119,8 @@ def create_app(settings: Settings, ring: KeyRing | None = None) -> Litestar:
             EmbeddingsController,
             ImagesController,
             ModelsController,
+            OllamaController,
+            ResponsesController,
             TokenizeController,
         ],
         opt={SCOPE: Scope.INFERENCE},

@@ -32,7 +32,8 @@ def test_chat_logprobs_cover_the_answer_token_by_token(client: openai.OpenAI) ->
         top_logprobs=1,
     )
     choice = answer.choices[0]
-    assert choice.logprobs is not None and choice.logprobs.content is not None
+    assert choice.logprobs is not None
+    assert choice.logprobs.content is not None
     tokens = choice.logprobs.content
     assert "".join(t.token for t in tokens) == choice.message.content == "hello wide world"
     for token in tokens:
@@ -90,7 +91,8 @@ def test_llama_logprobs_are_the_models_distribution(client: openai.OpenAI) -> No
         **GREEDY,
     )
     content = answer.choices[0].logprobs.content  # type: ignore[union-attr]
-    assert content is not None and len(content) == 6
+    assert content is not None
+    assert len(content) == 6
     assert "".join(t.token for t in content) == answer.choices[0].message.content
     for token in content:
         top = [t.logprob for t in token.top_logprobs]

@@ -46,7 +46,8 @@ def decode_body(body: bytes, kind: type[T]) -> T:
     if not body.strip():
         raise invalid_request("the request body is empty; send a JSON object")
     try:
-        return msgspec.json.decode(body, type=kind)
+        # Lax, as OpenAI's own validation is: `n: 4.0` is 4, `"stream": "true"` is true.
+        return msgspec.json.decode(body, type=kind, strict=False)
     except msgspec.ValidationError as exc:
         param, text = validation_error_field(exc)
         message = f"{param}: {text}" if param else text
@@ -106,13 +107,15 @@ def _event(chunk: Any) -> str:
 
 
 @dataclass
-class _Opened:
-    """One choice's backend stream, its slot, and its first piece."""
+class OpenedStream:
+    """One generation's backend stream, its slot, its first piece, and when (time.monotonic())
+    the call began (the slot taken, the model loaded) and that piece arrived."""
 
     lease: Lease
     stream: AsyncGenerator[pb.GenerateStreamResponse]
     first: pb.GenerateStreamResponse | None
     arrived: float
+    called: float
 
 
 async def stream_text(
@@ -122,22 +125,26 @@ async def stream_text(
     requests: list[pb.GenerateRequest],
     chunks: ChunkBuilder,
     keep_alive: float | None = None,
+    *,
+    failure: Callable[[OpenAIError], list[Any]] | None = None,
+    done: bool = True,
 ) -> ServerSentEvent:
     """An SSE response for a text generation: one backend stream per choice (`n`).
 
     The first piece of each is awaited before answering, so a failure before generation starts
-    is an ordinary HTTP error; a failure after it is one `data: {"error": ...}` event, then
-    [DONE]. The slots and the backend's streams belong to the request's `life`: they end with
-    it, even if the framework never starts this response (its client left first).
+    is an ordinary HTTP error; a failure after it is one `data: {"error": ...}` event (or the
+    events `failure` makes of it), then [DONE] (unless not `done`: the Responses API ends with
+    its own last event). The slots and the backend's streams belong to the request's `life`:
+    they end with it, even if the framework never starts this response (its client left first).
     """
     # The first choice's stream opens before answering; the others open as the answer goes
     # (each waits for a slot of its own, which the first may be holding).
-    first = await _open(life, manager, config, requests[0], keep_alive)
-    opened: list[_Opened | None] = [first] + [None] * (len(requests) - 1)
+    first = await open_stream(life, manager, config, requests[0], keep_alive)
+    opened: list[OpenedStream | None] = [first] + [None] * (len(requests) - 1)
     meters = [manager.metrics.stream_meter(config.name, life.started) for _ in requests]
 
-    async def open_later(index: int) -> _Opened:
-        one = await _open(life, manager, config, requests[index], keep_alive)
+    async def open_later(index: int) -> OpenedStream:
+        one = await open_stream(life, manager, config, requests[index], keep_alive)
         opened[index] = one
         return one
 
@@ -146,7 +153,7 @@ async def stream_text(
         try:
             for chunk in chunks.opening(len(requests)):
                 yield _event(chunk)
-            later: list[Callable[[], Awaitable[_Opened]]] = [
+            later: list[Callable[[], Awaitable[OpenedStream]]] = [
                 functools.partial(open_later, i) for i in range(1, len(requests))
             ]
             async for index, item, arrived in _merged(first, later):
@@ -166,25 +173,33 @@ async def stream_text(
                 # requests queued behind this one.
                 exc = await manager.failed(failing.lease, exc)
             exc = for_caller(exc, manager.settings.models_dir, manager.runtime_dir)
-            yield _event(exc.body())
+            for chunk in failure(exc) if failure is not None else [exc.body()]:
+                yield _event(chunk)
         for one in opened:
             if one is not None:
                 one.lease.release()  # done: the next request need not wait for the last bytes
-        yield "[DONE]"
+        if done:
+            yield "[DONE]"
 
     return ServerSentEvent(events())
 
 
-async def _open(
+async def open_stream(
     life: RequestLife,
     manager: BackendManager,
     config: ModelConfig,
     request: pb.GenerateRequest,
     keep_alive: float | None,
-) -> _Opened:
+) -> OpenedStream:
+    """One generation's backend stream, opened once its first piece is in; its slot and the
+    stream end with the request's `life`."""
+    called = 0.0
+
     async def start(
         client: BackendClient,
     ) -> tuple[AsyncGenerator[pb.GenerateStreamResponse], pb.GenerateStreamResponse | None]:
+        nonlocal called
+        called = time.monotonic()
         stream = client.generate_stream(request)
         try:
             return stream, await anext(stream, None)
@@ -195,7 +210,7 @@ async def _open(
     lease, (stream, first) = await manager.open(config, Capability.TEXT, start, keep_alive)
     life.on_end(lease.release)
     life.on_end(stream.aclose)  # closed first: the backend stops generating
-    return _Opened(lease, stream, first, time.monotonic())
+    return OpenedStream(lease, stream, first, time.monotonic(), called)
 
 
 class _Failed(Exception):
@@ -207,7 +222,7 @@ class _Failed(Exception):
 
 
 async def _merged(
-    first: _Opened, later: list[Callable[[], Awaitable[_Opened]]]
+    first: OpenedStream, later: list[Callable[[], Awaitable[OpenedStream]]]
 ) -> AsyncIterator[tuple[int, pb.GenerateStreamResponse, float]]:
     """The pieces of every choice's stream as they come, with the choice's index: the first,
     already open, and those `later` opens; a stream's error for the client raises `_Failed`."""
@@ -223,9 +238,11 @@ async def _merged(
         return
     queue: asyncio.Queue[tuple[int, Any, float]] = asyncio.Queue()
 
-    async def pump(index: int, opening: Callable[[], Awaitable[_Opened]] | _Opened) -> None:
+    async def pump(
+        index: int, opening: Callable[[], Awaitable[OpenedStream]] | OpenedStream
+    ) -> None:
         try:
-            one = opening if isinstance(opening, _Opened) else await opening()
+            one = opening if isinstance(opening, OpenedStream) else await opening()
             item = one.first
             while item is not None:
                 await queue.put((index, item, time.monotonic()))
@@ -237,7 +254,7 @@ async def _merged(
         one.lease.release()
         await queue.put((index, None, 0.0))
 
-    openings: list[Callable[[], Awaitable[_Opened]] | _Opened] = [first, *later]
+    openings: list[Callable[[], Awaitable[OpenedStream]] | OpenedStream] = [first, *later]
     pumps = [asyncio.create_task(pump(i, o)) for i, o in enumerate(openings)]
     try:
         running = len(pumps)
