@@ -29,7 +29,7 @@ from gateway.routes.health import healthz, readyz
 from gateway.routes.images import ImagesController, generated_image
 from gateway.routes.metrics import prometheus_metrics
 from gateway.routes.models import ModelsController
-from gateway.routes.ollama import OllamaController
+from gateway.routes.ollama import OllamaController, on_ollama_paths
 from gateway.routes.responses import ResponsesController
 from gateway.routes.tokenize import TokenizeController
 from gateway.settings import Settings
@@ -142,7 +142,7 @@ def create_app(settings: Settings, ring: KeyRing | None = None) -> Litestar:
             "generated": Provide(_generated, sync_to_thread=False),
             "installer": Provide(_installer, sync_to_thread=False),
         },
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers=on_ollama_paths(EXCEPTION_HANDLERS),
         request_max_body_size=settings.max_body_bytes,  # JSON bodies: 413 past it
         middleware=[
             lifetime_middleware(settings.read_timeout),

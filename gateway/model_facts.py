@@ -30,21 +30,9 @@ GGUF_FILE_TYPES = {
     29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
 }  # fmt: skip
 _TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-#: GGUF keys that hold arrays (their reader gives only a length): shown empty, as Ollama shows
-#: long arrays unless asked for all of them.
-_GGUF_ARRAYS = frozenset(
-    {
-        "tokenizer.ggml.tokens",
-        "tokenizer.ggml.scores",
-        "tokenizer.ggml.token_type",
-        "tokenizer.ggml.merges",
-        "tokenizer.ggml.added_tokens",
-        "general.tags",
-        "general.languages",
-        "general.datasets",
-    }
-)
-#: GGUF keys shown elsewhere (the template) or not at all (as Ollama leaves them out).
+#: GGUF arrays (their reader gives only a length) are shown empty, as Ollama shows long arrays
+#: unless asked for all of them. These keys are shown elsewhere (the template) or not at all
+#: (as Ollama leaves them out).
 _GGUF_HIDDEN = frozenset({"tokenizer.chat_template", "general.name"})
 
 
@@ -81,7 +69,7 @@ def model_facts(config: ModelConfig, models_dir: Path) -> ModelFacts:
             path = resolve_model_path(models_dir, config.model)
         except ValueError:
             path = None
-    files = _files(path)
+    files = _files(path, models_dir)
     described = _described(config.backend, str(path) if path else "", files)
     yaml = Path(config.source) if config.source else None
     try:
@@ -99,14 +87,18 @@ def model_facts(config: ModelConfig, models_dir: Path) -> ModelFacts:
     )
 
 
-def _files(path: Path | None) -> tuple[tuple[str, int, int], ...]:
-    """(name, size, mtime_ns) of a model's file, or of the files under its folder."""
+def _files(path: Path | None, models_dir: Path) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime_ns) of a model's file, or of the files under its folder (a link out
+    of the models dir is not followed: nothing outside it is described)."""
     if path is None:
         return ()
+    root = models_dir.resolve()
     try:
         items = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         out = []
         for item in items:
+            if not item.resolve().is_relative_to(root):
+                continue
             stat = item.stat()
             name = item.name if item == path else str(item.relative_to(path))
             out.append((name, stat.st_size, stat.st_mtime_ns))
@@ -154,7 +146,7 @@ def _gguf(path: Path) -> dict[str, Any]:
     for key, value in metadata.items():
         if key in _GGUF_HIDDEN:
             continue
-        info[key] = [] if key in _GGUF_ARRAYS else value
+        info[key] = [] if key in header.arrays else value  # read as their length
     template = metadata.get("tokenizer.chat_template")
     return {
         "format": "gguf",
@@ -169,10 +161,15 @@ def _gguf(path: Path) -> dict[str, Any]:
 
 
 def _safetensors(folder: Path) -> dict[str, Any]:
-    parameters = read_safetensors(folder).parameters
+    # The model's folder is inside the models dir (resolve_model_path); links out of it are
+    # not read.
+    inside = folder if folder.is_dir() else folder.parent
+    parameters = read_safetensors(folder, inside).parameters
     settings: dict[str, Any] = {}
-    config_file = folder / "config.json" if folder.is_dir() else folder.parent / "config.json"
+    config_file = inside / "config.json"
     try:
+        if not config_file.resolve().is_relative_to(inside.resolve()):
+            raise OSError("outside the model's folder")
         loaded = json.loads(config_file.read_text())
         settings = loaded if isinstance(loaded, dict) else {}
     except (OSError, ValueError):

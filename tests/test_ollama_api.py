@@ -453,3 +453,55 @@ def test_logprobs_come_with_each_piece_and_with_the_whole(client: ollama.Client)
     generated = client.generate(model="echo", prompt=SAID, logprobs=True)
     assert "".join(lp.token for lp in generated.logprobs or []) == generated.response == SAID
     assert client.chat(model="echo", messages=messages).logprobs is None
+
+
+def test_x_and_x_latest_are_both_listed_and_reachable(client: ollama.Client, models: Path) -> None:
+    write_model(models, "twin", "backend: echo")
+    write_model(models, "twin:latest", "backend: echo\nsystem_prompt: 'the tagged one'")
+    names = [m.model for m in client.list().models]
+    assert names.count("twin:latest") == 1
+    assert "twin" in names
+    # Each name reaches its own model.
+    assert client.generate(model="twin", prompt="one").response == "one"
+    host = client._client.base_url
+    shown = httpx.post(f"{host}/api/show", json={"model": "twin:latest"}).json()
+    assert shown["system"] == "the tagged one"
+    assert httpx.post(f"{host}/api/show", json={"model": "twin"}).json()["system"] == ""
+
+
+def test_no_route_under_api_still_answers_in_ollamas_shape(gateway: Gateway) -> None:
+    wrong_method = httpx.get(f"{gateway.url}/api/chat")
+    assert wrong_method.status_code == 405
+    assert isinstance(wrong_method.json()["error"], str)
+    unknown = httpx.post(f"{gateway.url}/api/blobs/sha256:00", json={})
+    assert unknown.status_code == 404
+    assert isinstance(unknown.json()["error"], str)
+    # /v1 keeps OpenAI's.
+    assert isinstance(httpx.get(f"{gateway.url}/v1/chat/completions").json()["error"], dict)
+
+
+def test_a_system_message_with_a_suffix_is_refused_not_dropped(client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.generate(model="echo", prompt="a", suffix="b", system="be brief")
+    assert refused.value.status_code == 400
+    assert "system" in refused.value.error
+
+
+def test_show_does_not_follow_links_out_of_the_models_dir(
+    client: ollama.Client, models: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text('{"model_type": "SECRET_FROM_OUTSIDE"}')
+    (outside / "big.bin").write_bytes(b"x" * 100_000)
+    folder = models / "linked-hf"
+    folder.mkdir()
+    (folder / "config.json").symlink_to(outside / "config.json")
+    (folder / "big.bin").symlink_to(outside / "big.bin")
+    (folder / "tokenizer.json").write_text("{}")
+    write_model(models, "linked-hf", "backend: transformers\nmodel: linked-hf")
+    listed = {m.model: m for m in client.list().models}["linked-hf:latest"]
+    assert listed.size == 2  # the one file inside
+    assert listed.details is not None
+    assert "SECRET" not in (listed.details.family or "")
+    assert "SECRET" not in json.dumps(client.show("linked-hf").modelinfo or {})

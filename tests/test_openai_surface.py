@@ -287,3 +287,29 @@ def test_an_image_request_may_leave_out_model_size_and_n(http: httpx.Client) -> 
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["data"]) == 1
     assert answer.json()["data"][0]["b64_json"]
+
+
+def test_a_backend_that_cannot_score_tokens_says_so(http: httpx.Client) -> None:
+    """transformers models compute no log-probabilities: a 400, not an answer without them."""
+    body = {"model": "tiny-hf", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    answer = http.post("/v1/chat/completions", json={**body, "logprobs": True}, timeout=120)
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert (error["param"], error["code"]) == ("logprobs", "logprobs_unsupported")
+    best_of = http.post(
+        "/v1/completions",
+        json={"model": "tiny-hf", "prompt": "hi", "max_tokens": 2, "best_of": 2},
+        timeout=120,
+    )
+    assert best_of.status_code == 400
+    # The model still answers what it can.
+    assert http.post("/v1/chat/completions", json=body, timeout=120).status_code == 200
+
+
+def test_a_tool_choice_that_needs_tools_without_any_is_a_400(http: httpx.Client) -> None:
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+        answer = http.post("/v1/chat/completions", json={**body, "tool_choice": choice})
+        assert answer.status_code == 400
+        assert answer.json()["error"]["param"] == "tool_choice"
+    assert http.post("/v1/chat/completions", json={**body, "tool_choice": "auto"}).is_success

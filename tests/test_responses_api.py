@@ -488,3 +488,12 @@ def test_a_schema_the_engine_cannot_take_is_a_400_naming_text_format(
         )
     assert caught.value.code == "invalid_json_schema"
     assert caught.value.body["param"] == "text.format"
+
+
+def test_an_input_with_no_message_is_a_400_naming_input(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(
+            model="echo",
+            input=[{"type": "reasoning", "id": "rs_1", "summary": []}],  # type: ignore[list-item]
+        )
+    assert refused.value.body["param"] == "input"  # type: ignore[index]

@@ -168,3 +168,17 @@ def test_base64_is_little_endian_float32_of_the_same_values() -> None:
     encoded = embeddings.embedding_response(response, model="m", encoding_format="base64")
     raw = base64.b64decode(encoded.data[0].embedding)  # type: ignore[arg-type]
     assert struct.unpack("<3f", raw) == (0.5, -1.25, 3.0)
+
+
+def test_completion_logprobs_name_split_characters_and_count_them_once() -> None:
+    """A character written over two byte tokens: both named by their bytes, as OpenAI names
+    them, and text_offset counts the character once."""
+    items = [
+        pb.TokenLogprob(token="a", logprob=-0.1, token_bytes=b"a"),
+        pb.TokenLogprob(token="\ufffd", logprob=-0.2, token_bytes=b"\xc3"),
+        pb.TokenLogprob(token="\ufffd", logprob=-0.3, token_bytes=b"\xa9"),
+        pb.TokenLogprob(token="x", logprob=-0.4, token_bytes=b"x"),
+    ]
+    result = text.completion_logprobs(items, text.TextOffsets(start=5))
+    assert result.tokens == ["a", "bytes:\\xc3", "bytes:\\xa9", "x"]
+    assert result.text_offset == [5, 6, 6, 7]  # "a" at 5, "é" at 6, "x" at 7

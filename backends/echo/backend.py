@@ -60,6 +60,7 @@ class EchoBackend(Backend):
     """Deterministic text and embeddings, with switches to fail on purpose."""
 
     name = "echo"
+    scores_tokens = True  # every word with log-probability 0
     engine_threads = 8  # it only sleeps: let slow streams overlap
     adjustable_threads = True  # it computes nothing, but takes the share it is given
     embed_batch_inputs = 64  # concurrent Embed calls are merged, as real engines' are

@@ -140,6 +140,7 @@ class LlamaBackend(Backend):
     Embeddings: one context, concurrent callers' inputs merged into its batches."""
 
     name = "llama"
+    scores_tokens = True
     adjustable_threads = True
     embed_batch_inputs = 64  # concurrent callers' inputs share llama.cpp's batches
     # A call waits on its runtime thread: llama.cpp computes on the backend's own compute

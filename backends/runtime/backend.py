@@ -92,6 +92,9 @@ class Backend:
     #: The engine can change its thread count while loaded: it calls `follow_threads()` between
     #: steps and implements `apply_threads`. Set `self.threads.loaded` in `load`.
     adjustable_threads = False
+    #: The backend computes token log-probabilities (sampling.logprobs); the runtime refuses a
+    #: request for them with a 400 where it does not, rather than answer without them.
+    scores_tokens = False
     #: The most inputs one `embed` call should get when the runtime merges concurrent Embed
     #: calls into one (see batching.py); 0: calls run one by one. A backend that sets it fills
     #: `EmbedResponse.input_tokens`, and fails a merged call as it would the calls alone (the

@@ -352,13 +352,33 @@ class _Text(pb_grpc.TextServicer):
     def __init__(self, runtime: _Runtime) -> None:
         self.rt = runtime
 
+    def _checked(
+        self, generate: Callable[[pb.GenerateRequest, threading.Event], Response]
+    ) -> Callable[[pb.GenerateRequest, threading.Event], Response]:
+        """`generate`, refusing what this backend says it cannot do."""
+        backend = self.rt.backend
+
+        def call(request: pb.GenerateRequest, cancelled: threading.Event) -> Response:
+            if request.sampling.HasField("logprobs") and not backend.scores_tokens:
+                raise invalid(
+                    "logprobs_unsupported",
+                    f"the {backend.name} backend does not compute token log-probabilities "
+                    "(logprobs, top_logprobs, best_of); llama models do",
+                    param="logprobs",
+                )
+            return generate(request, cancelled)
+
+        return call
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
-        return await self.rt.call(context, Capability.TEXT, self.rt.backend.generate, request)
+        generate = self._checked(self.rt.backend.generate)
+        return await self.rt.call(context, Capability.TEXT, generate, request)
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        stream = self.rt.stream(context, Capability.TEXT, self.rt.backend.generate_stream, request)
+        generate = self._checked(self.rt.backend.generate_stream)
+        stream = self.rt.stream(context, Capability.TEXT, generate, request)
         async for item in stream:
             yield item
 

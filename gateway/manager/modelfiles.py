@@ -44,6 +44,8 @@ class GGUFHeader:
     metadata: dict[str, Any] = field(default_factory=dict)
     tensor_count: int = 0
     tensor_bytes: int = 0
+    #: The metadata keys whose values are arrays (given as their length).
+    arrays: set[str] = field(default_factory=set)
 
     @property
     def architecture(self) -> str:
@@ -121,7 +123,10 @@ def read_gguf(path: Path) -> GGUFHeader:
             kv_count = reader.take("<Q", 8)
             for _ in range(kv_count):
                 key = reader.string()
-                header.metadata[key] = reader.value(reader.take("<I", 4))
+                kind = reader.take("<I", 4)
+                header.metadata[key] = reader.value(kind)
+                if kind == _GGUF_ARRAY:
+                    header.arrays.add(key)
             for _ in range(header.tensor_count):
                 reader.skip_string()
                 dims = reader.take("<I", 4)
@@ -148,10 +153,14 @@ class SafetensorsSummary:
     bytes: int = 0
 
 
-def read_safetensors(folder: Path) -> SafetensorsSummary:
-    """Count the parameters of every safetensors file in `folder` (recursively)."""
+def read_safetensors(folder: Path, inside: Path | None = None) -> SafetensorsSummary:
+    """Count the parameters of every safetensors file in `folder` (recursively); with `inside`,
+    of those whose real path is under it (a link out of it is passed over)."""
     summary = SafetensorsSummary()
     files = [folder] if folder.is_file() else sorted(folder.rglob("*.safetensors"))
+    if inside is not None:
+        root = inside.resolve()
+        files = [f for f in files if f.resolve().is_relative_to(root)]
     for path in files:
         with path.open("rb") as handle:
             raw = handle.read(8)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +88,26 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
     return _reshaped(handle_unexpected(request, exc))
 
 
-def ollama_name(name: str) -> str:
-    """A catalog name as Ollama lists it: with a tag (`:latest` where it has none)."""
-    return name if ":" in name else f"{name}:latest"
+def on_ollama_paths(handlers: dict[int | type[Exception], Any]) -> dict[int | type[Exception], Any]:
+    """The app's error handlers, answering in Ollama's shape under /api/ also where no route
+    matched (a wrong method, an unknown /api path): Ollama's clients read only that shape."""
+
+    def shaped(handler: Any) -> Any:
+        def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+            response = handler(request, exc)
+            return _reshaped(response) if request.url.path.startswith("/api/") else response
+
+        return handle
+
+    return {kind: shaped(handler) for kind, handler in handlers.items()}
+
+
+def ollama_name(name: str, names: Collection[str] = ()) -> str:
+    """A catalog name as Ollama lists it: with a tag (`:latest` where it has none, unless the
+    catalog's `names` has a model of that name too: then as it is)."""
+    if ":" in name or f"{name}:latest" in names:
+        return name
+    return f"{name}:latest"
 
 
 async def _resolve(
@@ -279,12 +296,13 @@ class OllamaController(Controller):
             key=lambda c: c.name,
         )
         models_dir = manager.settings.models_dir
+        names = {c.name for c in listed}
         facts = await asyncio.to_thread(lambda: [model_facts(c, models_dir) for c in listed])
         return ollama.ListResponse(
             [
                 ollama.ListModel(
-                    name=ollama_name(config.name),
-                    model=ollama_name(config.name),
+                    name=ollama_name(config.name, names),
+                    model=ollama_name(config.name, names),
                     modified_at=translate.timestamp(fact.modified),
                     size=fact.size,
                     digest=fact.digest,

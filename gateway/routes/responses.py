@@ -31,11 +31,15 @@ class ResponsesController(Controller):
     ) -> Response[Any]:
         # Annotated as Response so that a stream keeps its own text/event-stream media type.
         body = decode_body(await request.body(), ResponseCreateRequest)
-        chat = responses.chat_request(body)
-        limits.check_chat(chat, manager.settings)
-        config = await resolve_model(request, manager, body.model)
-        keep_alive = keep_alive_of(body.keep_alive)
-        generate = text.chat_request(chat, config)
+        # Errors name this API's fields (input, text.format), not the chat request's.
+        try:
+            chat = responses.chat_request(body)
+            limits.check_chat(chat, manager.settings)
+            config = await resolve_model(request, manager, body.model)
+            keep_alive = keep_alive_of(body.keep_alive)
+            generate = text.chat_request(chat, config)
+        except OpenAIError as exc:
+            raise responses.for_responses(exc) from None
         started = responses.skeleton(body, config, id=responses.new_item_id("resp"), created=now())
         try:
             if body.stream:

@@ -186,8 +186,9 @@ def generate_request(body: ollama.GenerateRequest) -> ChatCompletionRequest | Co
     sampling = _sampling(body.options)
     prompt = body.prompt or ""
     if body.raw or body.suffix:
-        if body.raw and body.system:
-            raise invalid_request("raw mode does not support a system message", param="system")
+        if body.system:
+            mode = "raw mode" if body.raw else "filling in the middle (suffix)"
+            raise invalid_request(f"{mode} does not take a system message", param="system")
         alternatives = (body.top_logprobs or 0) if body.logprobs else None
         return CompletionRequest(
             model=body.model,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable
 from typing import TypeVar
@@ -137,6 +138,10 @@ def chat_request(request: ChatCompletionRequest, config: ModelConfig) -> pb.Gene
     if request.parallel_tool_calls is not None:
         chat.parallel_tool_calls = request.parallel_tool_calls
     choice = request.tool_choice
+    if choice not in (None, "none", "auto") and not request.tools:
+        raise invalid_request(
+            "tool_choice asks for a call, but the request gives no tools", param="tool_choice"
+        )
     if choice is not None:
         chat.tool_choice = choice if isinstance(choice, str) else json.dumps(choice)
     generate = pb.GenerateRequest(
@@ -273,19 +278,44 @@ def chat_logprobs(items: Iterable[pb.TokenLogprob]) -> ChoiceLogprobs:
     )
 
 
+class TextOffsets:
+    """Where each token of a choice's text begins, in characters: its bytes are decoded as
+    they come, so a character split over several tokens counts once (at its first token)."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.at = start
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def next(self, data: bytes) -> int:
+        """The offset of the token of `data`; the text moves on past it."""
+        here = self.at
+        self.at += len(self._decoder.decode(data))
+        return here
+
+
+def _token_name(token: str, data: bytes) -> str:
+    """A token as the legacy completions shape names it: its text, or `bytes:\\xNN...` for
+    bytes that are not whole UTF-8 characters (as OpenAI writes them)."""
+    try:
+        return data.decode("utf-8") if data else token
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
 def completion_logprobs(
-    items: Iterable[pb.TokenLogprob], offset: int
-) -> tuple[CompletionLogprobsResult, int]:
-    """Token log-probabilities in the legacy completions shape, the first token's text at
-    `offset` in the choice's text; and the offset after the last."""
+    items: Iterable[pb.TokenLogprob], offsets: TextOffsets
+) -> CompletionLogprobsResult:
+    """Token log-probabilities in the legacy completions shape; `offsets` follows the choice's
+    text (it starts after an echoed prompt)."""
     result = CompletionLogprobsResult(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
     for item in items:
-        result.tokens.append(item.token)
+        result.tokens.append(_token_name(item.token, item.token_bytes))
         result.token_logprobs.append(item.logprob)
-        result.top_logprobs.append({t.token: t.logprob for t in item.top})
-        result.text_offset.append(offset)
-        offset += len(item.token)
-    return result, offset
+        result.top_logprobs.append(
+            {_token_name(t.token, t.token_bytes): t.logprob for t in item.top}
+        )
+        result.text_offset.append(offsets.next(item.token_bytes or item.token.encode()))
+    return result
 
 
 def chat_completion(
@@ -341,7 +371,7 @@ def completion(
             finish_reason=FINISH_REASONS.get(response.finish_reason, "stop"),
         )
         if logprobs:
-            choice.logprobs, _ = completion_logprobs(response.logprobs, len(echo or ""))
+            choice.logprobs = completion_logprobs(response.logprobs, TextOffsets(len(echo or "")))
         choices.append(choice)
     return Completion(
         id=id,
@@ -428,8 +458,8 @@ class CompletionChunks:
         self.id, self.created, self.model = id, created, model
         self.include_usage = include_usage
         self.echo, self.logprobs = echo, logprobs
-        #: Each choice's text so far, in characters (text_offset of its next token).
-        self.offsets: dict[int, int] = {}
+        #: Where each choice's text has got to (text_offset of its next token).
+        self.offsets: dict[int, TextOffsets] = {}
 
     def _chunk(self, choices: list[CompletionChoice], usage_: Usage | None = None) -> Completion:
         return Completion(
@@ -453,8 +483,8 @@ class CompletionChunks:
         reason = FINISH_REASONS.get(item.finish_reason, "stop") if finished else None
         choice = CompletionChoice(index=index, text=item.text, finish_reason=reason)
         if scored:
-            start = self.offsets.get(index, len(self.echo or ""))
-            choice.logprobs, self.offsets[index] = completion_logprobs(item.logprobs, start)
+            offsets = self.offsets.setdefault(index, TextOffsets(len(self.echo or "")))
+            choice.logprobs = completion_logprobs(item.logprobs, offsets)
         return [self._chunk([choice])]
 
     def closing(self, total: pb.Usage) -> list[Completion]:
