@@ -85,10 +85,11 @@ def events_of(stream: Any) -> list[Any]:
 
 
 def collapsed(types: list[str]) -> list[str]:
-    """Event types with each run of text deltas as one."""
+    """Event types with each run of text or argument deltas as one."""
+    runs = {"response.output_text.delta", "response.function_call_arguments.delta"}
     out: list[str] = []
     for kind in types:
-        if not (kind == "response.output_text.delta" and out and out[-1] == kind):
+        if not (kind in runs and out and out[-1] == kind):
             out.append(kind)
     return out
 
@@ -341,6 +342,10 @@ def test_a_streamed_call_sends_its_item_and_argument_events(client: openai.OpenA
     arguments = next(e for e in events if e.type == "response.function_call_arguments.done")
     assert json.loads(arguments.arguments) == {"city": "Paris"}
     assert arguments.item_id == added[1].item.id
+    # The arguments stream as the model writes them: in pieces that add up to the whole.
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(pieces) > 1
+    assert "".join(pieces) == arguments.arguments
     final = events[-1].response
     assert [item.type for item in final.output] == ["message", "function_call"]
     assert final.output_text == "Let me look. "

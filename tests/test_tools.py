@@ -118,6 +118,7 @@ def test_streamed_calls_are_deltas_with_their_own_index(client: openai.OpenAI, m
         **said(model, FAMILIES[model], tools=[WEATHER, UNIT]), stream=True
     )
     calls: dict[int, dict[str, str]] = {}
+    pieces: dict[int, int] = {}
     finish = None
     for chunk in stream:
         for choice in chunk.choices:
@@ -128,10 +129,19 @@ def test_streamed_calls_are_deltas_with_their_own_index(client: openai.OpenAI, m
                 assert delta.function is not None
                 call["name"] += delta.function.name or ""
                 call["arguments"] += delta.function.arguments or ""
+                pieces[delta.index] = pieces.get(delta.index, 0) + 1
     assert finish == "tool_calls"
     assert sorted(calls) == [0, 1]
     assert [calls[i]["name"] for i in (0, 1)] == ["get_weather", "set_unit"]
+    assert all(calls[i]["id"].startswith("call_") for i in (0, 1))
     assert json.loads(calls[0]["arguments"]) == {"city": "Paris"}
+    assert json.loads(calls[1]["arguments"]) == {"unit": "celsius"}
+    if model == "echo-hermes":
+        # hermes calls stream as they are written: the id and name, then argument fragments
+        # (echo writes a word at a time). llama3 and mistral answers are read whole.
+        assert pieces[0] > 2
+    else:
+        assert pieces == {0: 1, 1: 1}
 
 
 def test_text_that_only_looks_like_a_call_stays_text(client: openai.OpenAI) -> None:
@@ -326,3 +336,39 @@ def test_a_history_with_calls_and_their_results_is_accepted(client: openai.OpenA
     )
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
     assert answer.choices[0].message.content or answer.choices[0].message.tool_calls
+
+
+def test_hermes_calls_stream_their_arguments_as_they_are_written() -> None:
+    from backends.runtime.tools import ToolCallParser
+
+    def run(text: str, **kwargs: Any) -> tuple[str, list[Any], list[Any]]:
+        parser = ToolCallParser("hermes", NAMES, **kwargs)
+        shown, calls, deltas = "", [], []
+        for start in range(0, len(text), 2):
+            piece, found = parser.feed(text[start : start + 2])
+            shown, calls, deltas = shown + piece, calls + found, deltas + parser.take_deltas()
+        piece, found = parser.finish()
+        return shown + piece, calls + found, deltas + parser.take_deltas()
+
+    text = 'Hi <tool_call>{"name": "f", "arguments": {"a": "}{", "b": [1]}}</tool_call>'
+    shown, calls, deltas = run(text)
+    assert shown == "Hi "
+    (call,) = calls
+    assert (deltas[0].index, deltas[0].id, deltas[0].name) == (0, call.id, "f")
+    assert len(deltas) > 3  # the arguments in pieces, braces inside strings no end to them
+    assert "".join(d.arguments for d in deltas) == call.function.arguments
+    assert json.loads(call.function.arguments) == {"a": "}{", "b": [1]}
+    # A call whose arguments had begun streaming stays a call when the model breaks off, with
+    # what it wrote (its deltas were sent); the closing tag is not part of it.
+    shown, calls, deltas = run('<tool_call>{"name": "f", "arguments": {"a": 1</tool_call>')
+    assert shown == ""
+    assert [c.function.arguments for c in calls] == ['{"a": 1']
+    assert "".join(d.arguments for d in deltas) == '{"a": 1'
+    # A function the request does not offer is not streamed, nor a second call where one is
+    # the most (parallel_tool_calls false).
+    shown, calls, deltas = run('<tool_call>{"name": "nope", "arguments": {}}</tool_call>')
+    assert (calls, deltas) == ([], [])
+    two = '<tool_call>{"name": "f", "arguments": {}}</tool_call>' * 2
+    shown, calls, deltas = run(two, most=1)
+    assert len(calls) == 1
+    assert {d.index for d in deltas} == {0}

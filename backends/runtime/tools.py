@@ -118,7 +118,7 @@ def _call(name: Any, arguments: Any, names: frozenset[str]) -> pb.ToolCall | Non
     if not isinstance(arguments, dict):
         return None
     return pb.ToolCall(
-        id=f"call_{uuid.uuid4().hex[:24]}",
+        id=_call_id(),
         type="function",
         function=pb.FunctionCall(name=name, arguments=json.dumps(arguments, ensure_ascii=False)),
     )
@@ -142,6 +142,45 @@ def _from_json(text: str, names: frozenset[str]) -> list[pb.ToolCall] | None:
     return calls or None
 
 
+#: The start of a hermes call's JSON, up to its arguments object: `{"name": "...", "arguments": `.
+_HERMES_HEAD = re.compile(
+    r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)'
+)
+
+
+@dataclass
+class _OpenCall:
+    """A call whose arguments are being streamed."""
+
+    id: str
+    name: str
+    index: int
+    #: Where its arguments begin, in the block's text.
+    at: int
+    #: Characters of its arguments sent so far.
+    sent: int = 0
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _value_end(text: str) -> int | None:
+    """Where the JSON object or array that begins `text` ends (just after it); None while it
+    is not complete."""
+    depth = 0
+    for index, char, inside in _json_characters(text):
+        if inside:
+            continue
+        if char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return None
+
+
 class ToolCallParser:
     """Splits a model's streamed text into text to show and tool calls."""
 
@@ -160,6 +199,15 @@ class ToolCallParser:
         self.calls = 0
         #: The answer so far was all whitespace (llama3 and mistral calls begin the answer).
         self._at_start = True
+        #: A hermes call being written, its arguments streamed as they come.
+        self._open: _OpenCall | None = None
+        #: Deltas of calls being written, since `take_deltas` last took them.
+        self._deltas: list[pb.ToolCallDelta] = []
+
+    def take_deltas(self) -> list[pb.ToolCallDelta]:
+        """The deltas of calls being written made by the last `feed`s (each once)."""
+        deltas, self._deltas = self._deltas, []
+        return deltas
 
     def feed(self, piece: str) -> tuple[str, list[pb.ToolCall]]:
         """Add text; return the text safe to show now and the calls completed."""
@@ -209,6 +257,7 @@ class ToolCallParser:
             if end < 0:
                 if final:  # an unclosed block: a call if it parses, else text
                     found = _from_json(self.buffer[start + len(self._OPEN) :].strip(), self.names)
+                    found = self._streamed(found, start, len(self.buffer))
                     if found:
                         calls.extend(found)
                     else:
@@ -216,7 +265,9 @@ class ToolCallParser:
                     self.buffer = ""
                 else:
                     self.buffer = self.buffer[start:]
+                    self._stream(0, self.calls + len(calls))
                 break
+            found = self._streamed(found, start, end)
             if found:
                 calls.extend(found)
             else:
@@ -226,6 +277,66 @@ class ToolCallParser:
         if calls and not shown.strip():
             shown = ""
         return shown, calls
+
+    def _stream(self, start: int, index: int) -> None:
+        """The open block at `start`: once it names one of the offered functions and its
+        arguments begin, a delta with the call's id and name, then its arguments' text as it
+        comes (up to where their JSON value ends)."""
+        inside = self.buffer[start + len(self._OPEN) :]
+        if self._open is None:
+            if self.most is not None and index >= self.most:
+                return
+            head = _HERMES_HEAD.match(inside)
+            if head is None:
+                return
+            try:
+                name = json.loads(f'"{head.group(1)}"')
+            except ValueError:
+                return
+            if name not in self.names:
+                return
+            self._open = _OpenCall(_call_id(), name, index, head.end())
+            self._deltas.append(pb.ToolCallDelta(index=index, id=self._open.id, name=name))
+        ready, _ = self._arguments(inside[self._open.at :])
+        if len(ready) > self._open.sent:
+            fragment = ready[self._open.sent :]
+            self._open.sent = len(ready)
+            self._deltas.append(pb.ToolCallDelta(index=self._open.index, arguments=fragment))
+
+    def _arguments(self, text: str) -> tuple[str, bool]:
+        """The arguments' text at the start of `text` (what follows `"arguments": `), and
+        whether it is complete: up to where their JSON value ends, or where the block closes
+        without it ending (a model that broke off), holding back what may begin the closing
+        tag."""
+        end = _value_end(text)
+        if end is not None:
+            return text[:end], True
+        close = text.find(self._CLOSE)
+        if close >= 0:
+            return text[:close], True
+        return text[: len(text) - _partial_suffix(text, self._CLOSE)], False
+
+    def _streamed(
+        self, found: list[pb.ToolCall] | None, start: int, end: int
+    ) -> list[pb.ToolCall] | None:
+        """The calls of the block between `start` and `end`, made to agree with what was
+        streamed of it: the same id, its arguments as their streamed text; a block whose
+        arguments were streamed is a call even if its JSON ends broken (its deltas were)."""
+        opened, self._open = self._open, None
+        if opened is None:
+            return found
+        inside = self.buffer[start + len(self._OPEN) : end]
+        text, _ = self._arguments(inside[opened.at :])
+        text = text.rstrip()
+        if len(text) > opened.sent:  # the rest, not yet streamed
+            rest = text[opened.sent :]
+            self._deltas.append(pb.ToolCallDelta(index=opened.index, arguments=rest))
+        call = pb.ToolCall(
+            id=opened.id,
+            type="function",
+            function=pb.FunctionCall(name=opened.name, arguments=text),
+        )
+        return [call]
 
     def _block(self, start: int) -> tuple[int, list[pb.ToolCall] | None]:
         """Where the block opened at `start` closes (-1: not yet), and its calls. A closing
@@ -372,17 +483,20 @@ def with_tool_calls(
             rest, more = parser.finish()
             shown, calls = shown + rest, calls + more
         logprobs.extend(item.logprobs)
-        out = pb.GenerateStreamResponse(text=shown, tool_calls=[*item.tool_calls, *calls])
-        if out.text or out.tool_calls or final:
-            out.logprobs.extend(logprobs)
-            logprobs.clear()
+        out = pb.GenerateStreamResponse(
+            text=shown,
+            tool_calls=[*item.tool_calls, *calls],
+            tool_call_deltas=[*item.tool_call_deltas, *parser.take_deltas()],
+        )
         if final:
             out.usage.CopyFrom(item.usage)
             stopped = item.finish_reason == pb.FINISH_REASON_STOP
             out.finish_reason = (
                 pb.FINISH_REASON_TOOL_CALLS if parser.calls and stopped else item.finish_reason
             )
-        if out.text or out.tool_calls or final:
+        if out.text or out.tool_calls or out.tool_call_deltas or final:
+            out.logprobs.extend(logprobs)
+            logprobs.clear()
             yield out
 
 

@@ -448,6 +448,9 @@ class ResponseEvents:
         self.text = ""
         self.finish = pb.FINISH_REASON_UNSPECIFIED
         self.sequence = 0
+        #: Calls being written (their arguments streamed), by the backend's call index: their
+        #: item's id, output index and call.
+        self.writing: dict[int, tuple[str, int, pb.ToolCall]] = {}
 
     def _numbered(self, events: list[ResponseStreamEvent]) -> list[ResponseStreamEvent]:
         for event in events:
@@ -476,6 +479,8 @@ class ResponseEvents:
                     delta=item.text,
                 )
             )
+        for delta in item.tool_call_deltas:
+            events += self._call_delta(delta)
         if item.tool_calls:
             events += self._close_message("completed")
             for call in item.tool_calls:
@@ -542,15 +547,49 @@ class ResponseEvents:
             ResponseOutputItemDoneEvent(output_index=at, item=message),
         ]
 
+    def _call_delta(self, delta: pb.ToolCallDelta) -> list[ResponseStreamEvent]:
+        """A call being written: its item added when it begins, then its arguments' deltas."""
+        events: list[ResponseStreamEvent] = []
+        if delta.id:
+            events += self._close_message("completed")
+            call = pb.ToolCall(id=delta.id, function=pb.FunctionCall(name=delta.name))
+            id_, at = new_item_id("fc"), len(self.output)
+            self.writing[delta.index] = (id_, at, call)
+            events.append(
+                ResponseOutputItemAddedEvent(
+                    output_index=at, item=_function_call(id_, call, "", "in_progress")
+                )
+            )
+        writing = self.writing.get(delta.index)
+        if writing is not None and delta.arguments:
+            id_, at, _ = writing
+            events.append(
+                ResponseFunctionCallArgumentsDeltaEvent(
+                    item_id=id_, output_index=at, delta=delta.arguments
+                )
+            )
+        return events
+
     def _call(self, call: pb.ToolCall) -> list[ResponseStreamEvent]:
-        id_, at, arguments = new_item_id("fc"), len(self.output), call.function.arguments
+        arguments = call.function.arguments
+        streamed = next((i for i, w in self.writing.items() if w[2].id == call.id), None)
+        events: list[ResponseStreamEvent] = []
+        if streamed is not None:  # its item and arguments were sent as it was written
+            id_, at, _ = self.writing.pop(streamed)
+        else:
+            id_, at = new_item_id("fc"), len(self.output)
+            events += [
+                ResponseOutputItemAddedEvent(
+                    output_index=at, item=_function_call(id_, call, "", "in_progress")
+                ),
+                ResponseFunctionCallArgumentsDeltaEvent(
+                    item_id=id_, output_index=at, delta=arguments
+                ),
+            ]
         done = _function_call(id_, call, arguments, "completed")
         self.output.append(done)
         return [
-            ResponseOutputItemAddedEvent(
-                output_index=at, item=_function_call(id_, call, "", "in_progress")
-            ),
-            ResponseFunctionCallArgumentsDeltaEvent(item_id=id_, output_index=at, delta=arguments),
+            *events,
             ResponseFunctionCallArgumentsDoneEvent(
                 item_id=id_, output_index=at, name=call.function.name, arguments=arguments
             ),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 import json
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from gateway.config import ModelConfig
 from gateway.errors import invalid_request
@@ -393,6 +393,8 @@ class ChatChunks:
         self.logprobs = logprobs
         #: Tool calls sent so far, by choice: a call's index counts its choice's calls.
         self.calls: dict[int, int] = {}
+        #: Ids of the calls whose deltas were sent as they were written.
+        self.streamed: set[str] = set()
 
     def _chunk(
         self, choices: list[ChunkChoice], usage_: Usage | None = None
@@ -416,6 +418,21 @@ class ChatChunks:
             if scored:
                 choice.logprobs = chat_logprobs(item.logprobs)
             chunks.append(self._chunk([choice]))
+        for written in item.tool_call_deltas:
+            # A call as it is written: its id and name first, then fragments of its arguments
+            # (its index is the backend's: the calls before it in this answer).
+            if written.id:
+                self.streamed.add(written.id)
+                call: dict[str, Any] = {
+                    "index": written.index,
+                    "id": written.id,
+                    "type": "function",
+                    "function": {"name": written.name, "arguments": written.arguments},
+                }
+            else:
+                call = {"index": written.index, "function": {"arguments": written.arguments}}
+            delta = ChoiceDelta(tool_calls=[call])
+            chunks.append(self._chunk([ChunkChoice(index=index, delta=delta)]))
         if item.tool_calls:
             first = self.calls.get(index, 0)
             self.calls[index] = first + len(item.tool_calls)
@@ -427,9 +444,11 @@ class ChatChunks:
                     "function": {"name": c.function.name, "arguments": c.function.arguments},
                 }
                 for i, c in enumerate(item.tool_calls)
+                if c.id not in self.streamed  # already sent, piece by piece
             ]
-            delta = ChoiceDelta(tool_calls=calls)
-            chunks.append(self._chunk([ChunkChoice(index=index, delta=delta)]))
+            if calls:
+                delta = ChoiceDelta(tool_calls=calls)
+                chunks.append(self._chunk([ChunkChoice(index=index, delta=delta)]))
         if item.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             reason = FINISH_REASONS.get(item.finish_reason, "stop")
             chunks.append(
