@@ -502,3 +502,24 @@ def test_an_input_with_no_message_is_a_400_naming_input(client: openai.OpenAI) -
             input=[{"type": "reasoning", "id": "rs_1", "summary": []}],  # type: ignore[list-item]
         )
     assert refused.value.body["param"] == "input"  # type: ignore[index]
+
+
+def test_include_logprobs_gives_each_tokens_log_probability(client: openai.OpenAI) -> None:
+    include: Any = ["message.output_text.logprobs"]
+    response = client.responses.create(
+        model="echo", input="one two three", include=include, top_logprobs=1
+    )
+    (part,) = response.output[0].content  # type: ignore[union-attr]
+    assert [lp.token for lp in part.logprobs] == ["one", " two", " three"]  # type: ignore[union-attr]
+    assert all(lp.top_logprobs[0].token == lp.token for lp in part.logprobs)  # type: ignore[union-attr]
+    events = events_of(
+        client.responses.create(model="echo", input="one two three", include=include, stream=True)
+    )
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    for delta in deltas:
+        assert "".join(lp.token for lp in delta.logprobs) == delta.delta
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert len(done.logprobs) == 3
+    # Not asked for: none.
+    plain = client.responses.create(model="echo", input="one two")
+    assert plain.output[0].content[0].logprobs == []  # type: ignore[union-attr]

@@ -18,6 +18,7 @@ from gateway.schemas.common import (
     Seed,
     Temperature,
     TopK,
+    TopLogprobs,
     TopP,
 )
 
@@ -97,6 +98,8 @@ class ResponseCreateRequest(msgspec.Struct):
     metadata: dict[str, str] | None = None
     user: str | None = None
     include: list[str] | None = None
+    #: With include message.output_text.logprobs: alternatives at each token.
+    top_logprobs: TopLogprobs | None = None
     # Refused when set: each needs a response or conversation kept on the server.
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -119,6 +120,8 @@ def chat_request(body: ResponseCreateRequest) -> ChatCompletionRequest:
         repeat_penalty=body.repeat_penalty,
         seed=body.seed,
         keep_alive=body.keep_alive,
+        logprobs=LOGPROBS in (body.include or ()) or None,
+        top_logprobs=body.top_logprobs if LOGPROBS in (body.include or ()) else None,
     )
 
 
@@ -155,11 +158,6 @@ def _check_include(include: list[str] | None) -> None:
                 + ", ".join(f"'{v}'" for v in INCLUDABLE)
                 + ".",
                 param="include",
-            )
-        if value == "message.output_text.logprobs":
-            raise _unsupported(
-                "include 'message.output_text.logprobs' is not supported on /v1/responses yet",
-                "include",
             )
 
 
@@ -383,8 +381,32 @@ def usage(value: pb.Usage) -> ResponseUsage:
     )
 
 
-def _message(id: str, text: str, status: ItemStatus) -> OutputMessage:
-    return OutputMessage(id=id, status=status, content=[OutputText(text=text)])
+#: The `include` value that asks for token log-probabilities.
+LOGPROBS = "message.output_text.logprobs"
+
+
+def logprobs(items: Iterable[pb.TokenLogprob]) -> list[Any]:
+    """Token log-probabilities as output_text's `logprobs`."""
+    return [
+        {
+            "token": item.token,
+            "bytes": list(item.token_bytes),
+            "logprob": item.logprob,
+            "top_logprobs": [
+                {"token": t.token, "bytes": list(t.token_bytes), "logprob": t.logprob}
+                for t in item.top
+            ],
+        }
+        for item in items
+    ]
+
+
+def _message(
+    id: str, text: str, status: ItemStatus, scored: list[Any] | None = None
+) -> OutputMessage:
+    return OutputMessage(
+        id=id, status=status, content=[OutputText(text=text, logprobs=scored or [])]
+    )
 
 
 def _function_call(
@@ -422,7 +444,7 @@ def response(answer: pb.GenerateResponse, skeleton: Response) -> Response:
     status: ItemStatus = "incomplete" if incomplete else "completed"
     output: list[OutputItem] = []
     if answer.text or not answer.tool_calls:
-        output.append(_message(new_item_id("msg"), answer.text, status))
+        output.append(_message(new_item_id("msg"), answer.text, status, logprobs(answer.logprobs)))
     for call in answer.tool_calls:
         output.append(_function_call(new_item_id("fc"), call, call.function.arguments, "completed"))
     return _finished(skeleton, output, answer.usage, answer.finish_reason)
@@ -446,6 +468,8 @@ class ResponseEvents:
         self.output: list[OutputItem] = []
         self.message_id: str | None = None
         self.text = ""
+        #: The open message's token log-probabilities (where asked for).
+        self.scored: list[Any] = []
         self.finish = pb.FINISH_REASON_UNSPECIFIED
         self.sequence = 0
         #: Calls being written (their arguments streamed), by the backend's call index: their
@@ -466,17 +490,20 @@ class ResponseEvents:
 
     def piece(self, item: pb.GenerateStreamResponse, index: int = 0) -> list[ResponseStreamEvent]:
         events: list[ResponseStreamEvent] = []
-        if item.text:
+        scored = logprobs(item.logprobs)
+        if item.text or (scored and self.message_id is not None):
             if self.message_id is None:
                 events += self._open_message()
             assert self.message_id is not None
             self.text += item.text
+            self.scored += scored
             events.append(
                 ResponseTextDeltaEvent(
                     item_id=self.message_id,
                     output_index=len(self.output),
                     content_index=0,
                     delta=item.text,
+                    logprobs=scored,
                 )
             )
         for delta in item.tool_call_deltas:
@@ -505,7 +532,7 @@ class ResponseEvents:
         error = for_responses(error)
         output = list(self.output)
         if self.message_id is not None:
-            output.append(_message(self.message_id, self.text, "incomplete"))
+            output.append(_message(self.message_id, self.text, "incomplete", self.scored))
         failed = msgspec.structs.replace(
             self.skeleton,
             status="failed",
@@ -520,7 +547,7 @@ class ResponseEvents:
         )
 
     def _open_message(self) -> list[ResponseStreamEvent]:
-        self.message_id, self.text = new_item_id("msg"), ""
+        self.message_id, self.text, self.scored = new_item_id("msg"), "", []
         at = len(self.output)
         return [
             ResponseOutputItemAddedEvent(
@@ -535,14 +562,19 @@ class ResponseEvents:
     def _close_message(self, status: ItemStatus) -> list[ResponseStreamEvent]:
         if self.message_id is None:
             return []
-        id_, text, at = self.message_id, self.text, len(self.output)
-        message = _message(id_, text, status)
+        id_, text, at, scored = self.message_id, self.text, len(self.output), self.scored
+        message = _message(id_, text, status, scored)
         self.output.append(message)
-        self.message_id, self.text = None, ""
+        self.message_id, self.text, self.scored = None, "", []
         return [
-            ResponseTextDoneEvent(item_id=id_, output_index=at, content_index=0, text=text),
+            ResponseTextDoneEvent(
+                item_id=id_, output_index=at, content_index=0, text=text, logprobs=scored
+            ),
             ResponseContentPartDoneEvent(
-                item_id=id_, output_index=at, content_index=0, part=OutputText(text=text)
+                item_id=id_,
+                output_index=at,
+                content_index=0,
+                part=OutputText(text=text, logprobs=scored),
             ),
             ResponseOutputItemDoneEvent(output_index=at, item=message),
         ]
