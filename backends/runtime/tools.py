@@ -81,6 +81,8 @@ def forced_call_schema(tools: list[dict[str, Any]], name: str | None) -> dict[st
                 "type": "object",
                 "properties": {"name": {"const": function["name"]}, "arguments": parameters},
                 "required": ["name", "arguments"],
+                # Nothing but the two: a weak model would go on adding keys.
+                "additionalProperties": False,
             }
         )
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}

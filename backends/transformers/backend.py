@@ -7,6 +7,9 @@ directory.
 Concurrent generations share `model.generate` calls (static batching, see batch.py), all on one
 compute thread; each caller's stream thread decodes its own token ids and watches its own stop
 sequences, and its row of the batch ends within one token once it is cancelled or stopped.
+
+Structured output (response_format json_object and json_schema, and forced tool calls in the
+model's call format) masks a row's scores to what its grammar allows (constrain.py, llguidance).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from backends.runtime.text import (
 )
 from backends.runtime.tools import ToolPlan, family_of_template, generate_with_tools
 from backends.transformers.batch import Generation, GenerationBatcher, model_unloaded
+from backends.transformers.constrain import Grammars
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Reason
 
@@ -116,6 +120,7 @@ class TransformersBackend(Backend):
         # team, the thread count the gateway gives), and a new thread per call costs dearly.
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.batcher: GenerationBatcher | None = None
+        self.grammars: Grammars | None = None
 
     # Lifecycle --------------------------------------------------------------------------------
 
@@ -173,6 +178,7 @@ class TransformersBackend(Backend):
             # The first call resets a tokenizer.json's padding and truncation settings; after
             # it, the callers' threads (tokenizing prompts at once) only read them.
             self.tokenizer("")
+            self.grammars = Grammars(self.tokenizer, self._logits_width(), self._end_tokens())
             self.batcher = GenerationBatcher(
                 self.model,
                 self.compute,
@@ -228,6 +234,7 @@ class TransformersBackend(Backend):
         self._stop_batching()
         self.model = None
         self.tokenizer = None
+        self.grammars = None
 
     def _stop_batching(self) -> None:
         """Refuse queued generations and wait for the compute thread to finish its work."""
@@ -263,31 +270,21 @@ class TransformersBackend(Backend):
     def generate_stream(
         self, request: pb.GenerateRequest, cancelled: threading.Event
     ) -> Iterator[pb.GenerateStreamResponse]:
-        # No constrained decoding here: a forced call (tool_choice required or named) is asked
-        # for in words, and parsed like any other.
         yield from generate_with_tools(
             request,
             self.tool_family,
             lambda plan: self._generate(request, cancelled, plan),
-            constrained=False,
+            constrained=True,  # a forced call is forced by a grammar (constrain.py)
         )
 
     def _generate(
         self, request: pb.GenerateRequest, cancelled: threading.Event, plan: ToolPlan | None
     ) -> Iterator[pb.GenerateStreamResponse]:
-        if request.response_format.type in (
-            pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
-            pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
-        ):
-            raise invalid(
-                Reason.UNSUPPORTED,
-                "the transformers backend cannot constrain output to JSON; use a llama model",
-                param="response_format",
-            )
-        batcher = self.batcher
-        if batcher is None:  # unloaded meanwhile
+        batcher, grammars = self.batcher, self.grammars
+        if batcher is None or grammars is None:  # unloaded meanwhile
             raise model_unloaded()
         prompt = self._prompt_ids(request, plan)
+        constraint = grammars.constraint(request, plan)  # a bad schema is a 400 before any token
         sampling = request.sampling
         generation = Generation(
             prompt=prompt,
@@ -295,6 +292,7 @@ class TransformersBackend(Backend):
             options=self._generation_options(sampling),
             seed=sampling.seed if sampling.HasField("seed") else None,
             cancelled=cancelled,
+            constraint=constraint,
         )
         text = StopText(list(sampling.stop))
         decoder = _IncrementalText(self.tokenizer)
@@ -313,7 +311,9 @@ class TransformersBackend(Backend):
                 "generation cancelled after %d of %d tokens", len(decoder.ids), generation.budget
             )
             return
-        ran_out = len(decoder.ids) >= generation.budget and not text.stopped
+        ran_out = len(decoder.ids) >= generation.budget and not (
+            text.stopped or generation.complete
+        )
         finish = pb.FINISH_REASON_LENGTH if ran_out else pb.FINISH_REASON_STOP
         rest = text.feed(decoder.flush()) + text.rest()
         if rest:
@@ -329,6 +329,14 @@ class TransformersBackend(Backend):
             if candidate is not None:
                 return int(candidate)
         return 0
+
+    def _logits_width(self) -> int:
+        """How many scores the model gives per token (its vocabulary, often padded past the
+        tokenizer's)."""
+        head = self.model.get_output_embeddings()
+        if head is not None and hasattr(head, "weight"):
+            return int(head.weight.shape[0])
+        return len(self.tokenizer)
 
     def _end_tokens(self) -> set[int]:
         ends = self.model.generation_config.eos_token_id

@@ -6,11 +6,15 @@ left-padded `generate` call. One that finds the thread idle waits a few millisec
 window) for others to join, unless the batch fills first; those arriving while a batch computes
 wait for the next one (static batching: a batch never takes on rows once it has started).
 
-A stopping criterion, called after every token, is the batch's one hook into `generate`: it
+A stopping criterion, called after every token, is the batch's main hook into `generate`: it
 applies the gateway's thread share, hands each row's new token to its caller, and ends a row at
-its end-of-sequence token, at its own token budget, or once its caller wants no more (a stop
-sequence appeared, it was cancelled, it left). Ended rows go on as padding nobody reads, and
-`generate` returns once every row has ended.
+its end-of-sequence token, at its own token budget, once its constraint is satisfied, or once its
+caller wants no more (a stop sequence appeared, it was cancelled, it left). Ended rows go on as
+padding nobody reads, and `generate` returns once every row has ended.
+
+A generation may carry a constraint (structured output, see constrain.py): a logits processor
+masks each constrained row's scores to the tokens its grammar allows, row by row, so that
+constrained and free generations share a batch.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from backends.runtime import BackendError
 from protos.hearth.backend.v1.contract import Reason
+
+if TYPE_CHECKING:
+    from backends.transformers.constrain import Constraint
 
 log = logging.getLogger("hearth.backend.transformers")
 
@@ -48,6 +55,8 @@ class Generation:
     #: The caller's own seed: sampling with one computes alone, so that it repeats exactly.
     seed: int | None
     cancelled: threading.Event
+    #: The grammar its tokens must follow (structured output); None: free.
+    constraint: Constraint | None = None
     #: Token ids, then None at the end, or the exception that failed the batch.
     tokens: queue.Queue[int | BaseException | None] = field(default_factory=queue.Queue)
     arrived: float = field(default_factory=time.monotonic)
@@ -91,10 +100,20 @@ class Generation:
         if token in end_tokens:
             self.end()
             return
+        if self.constraint is not None:
+            failure = self.constraint.take(token)
+            if failure is not None:
+                self.end(failure)
+                return
         self.produced += 1
         self.tokens.put(token)
-        if self.produced >= self.budget:
+        if self.produced >= self.budget or self.complete:
             self.end()
+
+    @property
+    def complete(self) -> bool:
+        """Its constraint is satisfied and allows no more tokens."""
+        return self.constraint is not None and self.constraint.complete
 
     def end(self, failure: BaseException | None = None) -> None:
         if not self.ended:
@@ -220,6 +239,21 @@ class GenerationBatcher:
                 ended = [g.ended for g in batch]
                 return torch.tensor(ended, dtype=torch.bool, device=input_ids.device)
 
+        class Masks(transformers.LogitsProcessor):
+            """Before each token: a constrained row may take only what its grammar allows."""
+
+            def __call__(self, input_ids: Any, scores: Any) -> Any:
+                for row, generation in enumerate(batch):
+                    if generation.constraint is None or generation.ended:
+                        continue
+                    if not generation.constraint.forbid(scores[row]):
+                        # Nothing may follow: the row ends, with the reason.
+                        generation.end(generation.constraint.failure())
+                return scores
+
+        constrained = any(g.constraint is not None for g in batch)
+        processors = transformers.LogitsProcessorList([Masks()] if constrained else [])
+
         width = max(len(g.prompt) for g in batch)
         # Left padding: every row's next token comes at the end, where generate() reads it.
         input_ids = [[self.pad_token_id] * (width - len(g.prompt)) + g.prompt for g in batch]
@@ -241,6 +275,7 @@ class GenerationBatcher:
                 attention_mask=torch.tensor(mask),
                 max_new_tokens=max(g.budget for g in batch),
                 stopping_criteria=transformers.StoppingCriteriaList([Step()]),
+                logits_processor=processors,
                 pad_token_id=self.pad_token_id,
                 **first.options,
             )
