@@ -132,7 +132,7 @@ class Grammars:
             return None
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise _bad_schema(str(exc), "response_format") from None
         return self._compile(grammar, param="response_format")
 
