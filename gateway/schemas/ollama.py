@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from gateway.schemas.chat import TokenLogprob
 from gateway.schemas.common import (
     INT32_MAX,
     INT64_MAX,
@@ -142,21 +143,6 @@ class ShowRequest(msgspec.Struct):
     verbose: bool | None = None
 
 
-class TokenLogprob(msgspec.Struct):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class Logprob(msgspec.Struct):
-    """A generated token's log-probability, with the likeliest alternatives at its place."""
-
-    token: str
-    logprob: float
-    bytes: list[int]
-    top_logprobs: list[TokenLogprob] | None = None
-
-
 class ResponseMessage(msgspec.Struct, omit_defaults=True):
     role: str
     content: str
@@ -178,7 +164,7 @@ class ChatResponse(msgspec.Struct, omit_defaults=True):
     prompt_eval_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
-    logprobs: list[Logprob] | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class GenerateResponse(msgspec.Struct, omit_defaults=True):
@@ -195,7 +181,7 @@ class GenerateResponse(msgspec.Struct, omit_defaults=True):
     prompt_eval_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
-    logprobs: list[Logprob] | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class EmbedResponse(msgspec.Struct, omit_defaults=True):

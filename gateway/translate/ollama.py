@@ -25,6 +25,7 @@ from gateway.schemas.chat import (
     FunctionDefinition,
     JSONSchema,
     ResponseFormat,
+    TokenLogprob,
     Tool,
     ToolCall,
 )
@@ -74,20 +75,9 @@ def _logprobs(body: ollama.ChatRequest | ollama.GenerateRequest) -> dict[str, An
     return {"logprobs": True, "top_logprobs": body.top_logprobs or 0}
 
 
-def logprobs(items: Iterable[pb.TokenLogprob]) -> list[ollama.Logprob]:
-    """Token log-probabilities in Ollama's shape."""
-    return [
-        ollama.Logprob(
-            token=item.token,
-            logprob=item.logprob,
-            bytes=list(item.token_bytes),
-            top_logprobs=[
-                ollama.TokenLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token_bytes))
-                for t in item.top
-            ],
-        )
-        for item in items
-    ]
+def logprobs(items: Iterable[pb.TokenLogprob]) -> list[TokenLogprob]:
+    """Token log-probabilities in Ollama's shape (chat's)."""
+    return text.token_logprobs(items)
 
 
 def _response_format(value: ollama.Format) -> ResponseFormat | None:
@@ -317,7 +307,7 @@ class ChatAnswer:
         self.model, self.whole = model, whole
         self.text: list[str] = []
         self.calls: list[ollama.ToolCall] = []
-        self.logprobs: list[ollama.Logprob] = []
+        self.logprobs: list[TokenLogprob] = []
 
     def piece(self, item: pb.GenerateStreamResponse) -> ollama.ChatResponse | None:
         calls = tool_calls(list(item.tool_calls), len(self.calls)) or []
@@ -354,7 +344,7 @@ class GenerateAnswer:
     def __init__(self, model: str, whole: bool) -> None:
         self.model, self.whole = model, whole
         self.text: list[str] = []
-        self.logprobs: list[ollama.Logprob] = []
+        self.logprobs: list[TokenLogprob] = []
 
     def piece(self, item: pb.GenerateStreamResponse) -> ollama.GenerateResponse | None:
         scored = logprobs(item.logprobs)

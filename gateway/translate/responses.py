@@ -63,6 +63,7 @@ from gateway.schemas.responses import (
     TextConfig,
     TextFormat,
 )
+from gateway.translate.text import token_logprobs
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
 #: `include` values OpenAI knows. Each names output this server never makes (hosted tools'
@@ -386,19 +387,8 @@ LOGPROBS = "message.output_text.logprobs"
 
 
 def logprobs(items: Iterable[pb.TokenLogprob]) -> list[Any]:
-    """Token log-probabilities as output_text's `logprobs`."""
-    return [
-        {
-            "token": item.token,
-            "bytes": list(item.token_bytes),
-            "logprob": item.logprob,
-            "top_logprobs": [
-                {"token": t.token, "bytes": list(t.token_bytes), "logprob": t.logprob}
-                for t in item.top
-            ],
-        }
-        for item in items
-    ]
+    """Token log-probabilities as output_text's `logprobs` (chat's shape)."""
+    return list(token_logprobs(items))
 
 
 def _message(

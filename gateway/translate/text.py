@@ -262,20 +262,24 @@ def total_usage(usages: list[pb.Usage]) -> pb.Usage:
 
 def chat_logprobs(items: Iterable[pb.TokenLogprob]) -> ChoiceLogprobs:
     """Token log-probabilities in chat's shape."""
-    return ChoiceLogprobs(
-        content=[
-            TokenLogprob(
-                token=item.token,
-                logprob=item.logprob,
-                bytes=list(item.token_bytes),
-                top_logprobs=[
-                    TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token_bytes))
-                    for t in item.top
-                ],
-            )
-            for item in items
-        ]
-    )
+    return ChoiceLogprobs(content=token_logprobs(items))
+
+
+def token_logprobs(items: Iterable[pb.TokenLogprob]) -> list[TokenLogprob]:
+    """Token log-probabilities as chat, the Responses API and Ollama all write them: token,
+    logprob, bytes, top_logprobs."""
+    return [
+        TokenLogprob(
+            token=item.token,
+            logprob=item.logprob,
+            bytes=list(item.token_bytes),
+            top_logprobs=[
+                TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token_bytes))
+                for t in item.top
+            ],
+        )
+        for item in items
+    ]
 
 
 class TextOffsets:
