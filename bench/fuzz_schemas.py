@@ -1,40 +1,54 @@
-"""Find the JSON schemas that break the llama backend's grammar path, and check the backend's guard.
+"""Find the JSON schemas that hurt the backends' structured-output path, and check that it refuses
+them instead.
 
-For each shape of schema (a bound, a width, a nesting) the value is bisected for the largest one
-that works and the smallest that fails. Every trial runs in a child process, with a memory limit
-and a CPU-time limit, on the real SmolLM2 GGUF, taking the backend's path step by step:
+Both text backends follow a JSON schema (response_format, or with --tools a forced tool call's
+parameters) through backends/runtime/constrain.py: llguidance compiles it, then masks the tokens
+each step allows. For each shape of schema (a bound, a width, a nesting that grows some cost
+with a value) the value is bisected for the largest one that works and the smallest that fails,
+then for the smallest harmful one. Every trial runs in a child process, with a memory limit and
+a CPU-time limit, over the real SmolLM2 GGUF's vocabulary (loaded vocab_only: a constraint needs
+no weights), taking the backend's own path on a thread with the engine threads' stack size:
 
-    build   llama-cpp-python's json_schema_to_gbnf, as the backend calls it
-    parse   llama.cpp's llama_sampler_init_grammar (NULL: llama.cpp refuses the grammar)
-    sample  a few tokens through Llama.generate with the grammar, on an engine-like thread
+    compile  Grammars.constraint(request, plan), as the backend calls it before any token:
+             schema to llguidance grammar, the matcher, the first mask
+    steps    --steps times: Constraint.allowed() (the mask), a seeded random pick among the
+             allowed tokens (an end token never: the trial stops when only an end may follow),
+             Constraint.take(token); each timed, the slowest kept
 
-A crash is the child dying on a signal; which step it died in says where. Outcomes:
+Outcomes:
 
-    ok       every step worked, no token took over --slow seconds of CPU
-    error    the Python port raised: the backend always answered that with a 400
-    refused  llama.cpp returned NULL: llama-cpp-python passes that on, and the first sample
-             crashes the process (see the fixed cases, fed on regardless)
-    slow     a step took over --slow CPU seconds, or the trial over --timeout CPU seconds
-    oom      out of the --memory limit
-    crash    killed by a signal (SIGSEGV: a stack overflow in llama.cpp's recursive parser)
+    ok       compiled, and every step ran
+    refused  the 400 the backend answers (invalid_json_schema or schema_too_complex), before the
+             first token or at a later one: the right answer to a schema too costly to follow
+    slow     compile over --slow CPU seconds (the request's own thread, a core, its memory), a
+             mask or take over --slow-step (the engine thread: every sequence in the batch
+             waits), or the trial over --timeout
+    oom      past --memory MiB of address space (llguidance aborts the process on a failed
+             allocation: the backend would die, or grow until the OS kills it)
+    crash    the child died on a signal (the step it was in says where; SIGSEGV with nothing on
+             stderr is a native stack overflow: --stack-mib moves it)
+    error    any other exception: a bug, a 500 in production
 
-Each trial also asks the backend's own check (backends/llama/grammar.py, then llama.cpp's
-acceptance) what it would do, and the table says whether it refused every harmful value (a miss
-would be a crash or a stall in production) and how far below the failures its limit sits.
+slow, oom, crash and error are harmful: the verdict says whether the backend let any through.
 
-The default run takes about 4 minutes on 2 cores. --stack-kib shrinks the engine thread's
-stack (the OS default is 8 MiB here), to see how the crash point moves with it.
+One warm worker per job loads the vocabulary and llguidance's tokenizer once (~0.5 s), then forks
+a fresh child for each trial, so a crash or a leak stays in its trial. The default run
+(about 300 trials) takes 1-2 minutes on 2 cores.
 
-    .venv/bin/python bench/fuzz_schemas.py [--shapes enum-size,array-max-items] [--jobs 2]
-        [--timeout 10] [--slow 2] [--tokens 3] [--precision 0.05] [--stack-kib N] [--list]
+    .venv/bin/python bench/fuzz_schemas.py [--shapes enum-size,ref-chain] [--jobs 2]
+        [--timeout 10] [--slow 0.5] [--slow-step 0.05] [--steps 32] [--memory 2048]
+        [--stack-mib N] [--tools] [--no-fixed] [--list]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
+import queue
+import re
 import resource
 import signal
 import subprocess
@@ -42,6 +56,8 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,20 +69,23 @@ from harness import ROOT
 MODEL = (
     ROOT / ".cache" / "test-models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 )
-PROMPT = "Answer with JSON only.\n"
-#: What the backend must never let through: refused grammars it now catches itself.
-HARMFUL = {"crash", "slow", "oom"}
+#: What the backend must never let through.
+HARMFUL = {"slow", "oom", "crash", "error"}
 
 
 @dataclass(frozen=True)
 class Shape:
-    """A family of schemas, one per value, that grows some cost with the value."""
+    """A family of schemas, one per value, that grows some cost with the value. `build` gives
+    the schema, or its JSON text where a dict would be too deep for json.dumps."""
 
     name: str
-    build: Callable[[int], dict[str, Any]]
+    build: Callable[[int], Any]
     low: int
     high: int
     what: str
+
+
+STRING = {"type": "string"}
 
 
 def _nest(
@@ -78,21 +97,65 @@ def _nest(
     return schema
 
 
+def _nested_text(depth: int, before: str, after: str) -> str:
+    """A schema `depth` levels deep as text: json.dumps gives up near Python's recursion limit,
+    and the backend, which receives text, must be tried past it."""
+    return before * depth + json.dumps(STRING) + after * depth
+
+
 def _ref_chain(n: int) -> dict[str, Any]:
-    definitions: dict[str, Any] = {f"d{n}": {"type": "string"}}
+    definitions: dict[str, Any] = {f"d{n}": STRING}
     for i in range(n):
-        next_ref = {"$ref": f"#/$defs/d{i + 1}"}
-        definitions[f"d{i}"] = {"type": "object", "properties": {"x": next_ref}}
-    return {"type": "object", "properties": {"x": {"$ref": "#/$defs/d0"}}, "$defs": definitions}
+        definitions[f"d{i}"] = {
+            "type": "object",
+            "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}},
+        }
+    return {"$ref": "#/$defs/d0", "$defs": definitions}
 
 
-STRING = {"type": "string"}
+def _deep_defs(n: int) -> dict[str, Any]:
+    """n $defs chained, the reference to the next 8 objects deep in each: the nesting through
+    references adds up (8n levels), though the text is 10 levels deep."""
+
+    def body(i: int) -> dict[str, Any]:
+        inner = {"$ref": f"#/$defs/d{i + 1}"} if i + 1 < n else STRING
+        return _nest(8, inner, lambda s: {"type": "object", "properties": {"a": s}})
+
+    return {"$ref": "#/$defs/d0", "$defs": {f"d{i}": body(i) for i in range(n)}}
+
+
+def _ref_cycle(n: int) -> dict[str, Any]:
+    definitions = {
+        f"d{i}": {
+            "type": "object",
+            "properties": {"v": STRING, "x": {"$ref": f"#/$defs/d{(i + 1) % n}"}},
+        }
+        for i in range(n)
+    }
+    return {"$ref": "#/$defs/d0", "$defs": definitions}
+
+
+def _recursive_tree(n: int) -> dict[str, Any]:
+    children = {f"c{i}": {"$ref": "#/$defs/node"} for i in range(n)}
+    node = {"type": "object", "properties": {"v": STRING, **children}}
+    return {"$ref": "#/$defs/node", "$defs": {"node": node}}
+
+
+def _digits(seed: str, n: int) -> int:
+    """An n-digit number with no round structure (ranges of such bounds make long regexes)."""
+    return int((seed * (n // len(seed) + 1))[:n])
+
+
 SHAPES = [
+    Shape("enum-size", lambda n: {"enum": [f"value{i}" for i in range(n)]}, 1, 1 << 18, "n values"),
+    Shape(
+        "const-length", lambda n: {"const": "ab" * (n // 2) + "a" * (n % 2)}, 1, 1 << 22, "n chars"
+    ),
     Shape(
         "array-max-items",
         lambda n: {"type": "array", "items": STRING, "maxItems": n},
         1,
-        1 << 16,
+        1 << 20,
         "maxItems n",
     ),
     Shape(
@@ -103,10 +166,24 @@ SHAPES = [
         "minItems n",
     ),
     Shape(
+        "array-item-range",
+        lambda n: {"type": "array", "items": STRING, "minItems": n, "maxItems": 2 * n},
+        1,
+        1 << 20,
+        "minItems n, maxItems 2n",
+    ),
+    Shape(
+        "prefix-items",
+        lambda n: {"type": "array", "prefixItems": [STRING] * n, "items": False},
+        1,
+        1 << 14,
+        "n prefixItems",
+    ),
+    Shape(
         "string-max-length",
         lambda n: {"type": "string", "maxLength": n},
         1,
-        1 << 16,
+        1 << 24,
         "maxLength n",
     ),
     Shape(
@@ -124,17 +201,31 @@ SHAPES = [
         "3 arrays deep, maxItems n each (n^3 strings)",
     ),
     Shape(
-        "object-nesting",
-        lambda n: _nest(n, STRING, lambda s: {"type": "object", "properties": {"a": s}}),
+        "array-nesting",
+        lambda n: _nested_text(n, '{"type": "array", "items": ', "}"),
         1,
-        1 << 12,
-        "objects n deep",
+        1 << 14,
+        "arrays n deep (n JSON levels)",
+    ),
+    Shape(
+        "object-nesting",
+        lambda n: _nested_text(n, '{"type": "object", "properties": {"a": ', "}}"),
+        1,
+        1 << 14,
+        "objects n deep (2n JSON levels)",
+    ),
+    Shape(
+        "any-of-nesting",
+        lambda n: _nested_text(n, '{"anyOf": [{"type": "null"}, ', "]}"),
+        1,
+        1 << 14,
+        "anyOf n deep (2n JSON levels)",
     ),
     Shape(
         "optional-properties",
         lambda n: {"type": "object", "properties": {f"p{i}": STRING for i in range(n)}},
         1,
-        1 << 12,
+        1 << 14,
         "n optional properties",
     ),
     Shape(
@@ -145,10 +236,9 @@ SHAPES = [
             "required": [f"p{i}" for i in range(n)],
         },
         1,
-        1 << 14,
+        1 << 16,
         "n required properties",
     ),
-    Shape("enum-size", lambda n: {"enum": [f"value{i}" for i in range(n)]}, 1, 1 << 18, "n values"),
     Shape(
         "any-of-width",
         lambda n: {
@@ -159,27 +249,44 @@ SHAPES = [
         },
         1,
         1 << 14,
-        "n objects",
+        "anyOf of n objects",
+    ),
+    Shape(
+        "one-of-width",
+        lambda n: {"oneOf": [{"type": "string", "const": f"c{i}"} for i in range(n)]},
+        1,
+        1 << 16,
+        "oneOf of n consts",
+    ),
+    Shape(
+        "all-of-width",
+        lambda n: {
+            "type": "object",
+            "allOf": [{"properties": {f"p{i}": STRING}, "required": [f"p{i}"]} for i in range(n)],
+        },
+        1,
+        1 << 12,
+        "allOf of n objects, each requiring a property",
     ),
     Shape(
         "pattern-bounded",
         lambda n: {"type": "string", "pattern": f"^[a-z]{{0,{n}}}$"},
         1,
-        1 << 16,
+        1 << 20,
         "^[a-z]{0,n}$",
     ),
     Shape(
         "pattern-optional-run",
         lambda n: {"type": "string", "pattern": f"^(.?){{{n}}}$"},
         1,
-        256,
+        1 << 16,
         "^(.?){n}$",
     ),
     Shape(
         "pattern-nested-optional",
         lambda n: {"type": "string", "pattern": "^" + "(" * n + "a?" + "){2}" * n + "$"},
         1,
-        16,
+        32,
         "^((a?){2}){2}...$, n levels (2^n parts)",
     ),
     Shape(
@@ -190,121 +297,359 @@ SHAPES = [
         "^((...(a)...))$, n groups",
     ),
     Shape(
+        "pattern-alternatives",
+        lambda n: {"anyOf": [{"type": "string", "pattern": f"^{i}[a-z]*{i}$"} for i in range(n)]},
+        1,
+        1 << 14,
+        "anyOf of n strings ^i[a-z]*i$ (all open at the first character)",
+    ),
+    Shape(
+        "pattern-properties",
+        lambda n: {
+            "type": "object",
+            "properties": {
+                f"p{i}": {"type": "string", "pattern": f"^{i}-[0-9a-f]{{{i % 9 + 1}}}$"}
+                for i in range(n)
+            },
+            "required": [f"p{i}" for i in range(n)],
+        },
+        1,
+        1 << 14,
+        "n required properties, each with its own pattern",
+    ),
+    Shape(
+        "pattern-intersection",
+        lambda n: {
+            "type": "string",
+            "allOf": [{"pattern": f"^.*{chr(97 + i % 26)}{i}.*$"} for i in range(n)],
+        },
+        1,
+        1 << 10,
+        "allOf of n patterns ^.*<a0>.*$ (a string containing them all)",
+    ),
+    Shape(
         "integer-range",
         lambda n: {"type": "integer", "minimum": -(10**n), "maximum": 10**n},
         1,
-        60,
+        400,
         "minimum -10^n, maximum 10^n",
     ),
-    Shape("ref-chain", _ref_chain, 1, 1 << 12, "n $defs, each referring to the next"),
+    Shape(
+        "integer-range-ragged",
+        lambda n: {
+            "type": "integer",
+            "minimum": _digits("314159265358979", n),
+            "maximum": _digits("271828182845904", n + 1),
+        },
+        1,
+        400,
+        "n-digit minimum, n+1-digit maximum, no round digits",
+    ),
+    Shape(
+        "number-range",
+        lambda n: {
+            "type": "number",
+            "minimum": float(f"-3.14159265358979e{n}"),
+            "maximum": float(f"2.718281828459045e{n}"),
+        },
+        1,
+        307,
+        "minimum -3.14e n, maximum 2.71e n",
+    ),
+    Shape(
+        "number-range-fraction",
+        lambda n: {
+            "type": "number",
+            "exclusiveMinimum": float(f"0.{'0' * n}314159"),
+            "exclusiveMaximum": float(f"0.{'0' * n}314160"),
+        },
+        1,
+        300,
+        "0.<n zeros>314159 < x < 0.<n zeros>314160",
+    ),
+    Shape(
+        "multiple-of-integer",
+        lambda n: {"type": "integer", "multipleOf": n},
+        1,
+        1 << 62,
+        "integer, multipleOf n",
+    ),
+    Shape(
+        "multiple-of-decimal",
+        lambda n: {"type": "number", "multipleOf": float(f"1e-{n}")},
+        1,
+        320,
+        "number, multipleOf 10^-n",
+    ),
+    Shape(
+        "multiple-of-in-range",
+        lambda n: {"type": "integer", "multipleOf": 7, "minimum": 3, "maximum": 10**n + 5},
+        1,
+        400,
+        "integer, multipleOf 7, 3 <= x <= 10^n + 5",
+    ),
+    Shape("ref-chain", _ref_chain, 1, 1 << 14, "n $defs, each an object referring to the next"),
+    Shape("deep-defs", _deep_defs, 1, 1 << 12, "n $defs chained, each 8 objects deep"),
+    Shape("ref-cycle", _ref_cycle, 1, 1 << 14, "n $defs in a cycle of optional properties"),
+    Shape("recursive-tree", _recursive_tree, 1, 1 << 12, "a node with n optional child nodes"),
 ]
 
-LEFT_RECURSIVE = {
-    "$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}},
-    "anyOf": [{"$ref": "#/$defs/a"}],
-}
-#: Schemas tried once each, a refused grammar fed on as the old backend did.
-FIXED: dict[str, dict[str, Any]] = {
-    "left-recursive $ref": LEFT_RECURSIVE,
+#: Schemas tried once each.
+FIXED: dict[str, Any] = {
+    "left-recursive $ref": {
+        "$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}},
+        "anyOf": [{"$ref": "#/$defs/a"}],
+    },
+    "$ref to the root": {"type": "object", "properties": {"x": {"$ref": "#"}}},
+    "$ref to nothing": {"$ref": "#/$defs/missing"},
+    "$ref to another document": {"$ref": "https://example.com/schema.json"},
+    "not": {"not": {"type": "string"}},
+    "if/then/else": {"if": {"type": "string"}, "then": {"maxLength": 3}, "else": {"type": "null"}},
+    "format email": {"type": "string", "format": "email"},
+    "format date-time": {"type": "string", "format": "date-time"},
+    "format made up": {"type": "string", "format": "no-such-format"},
+    "backreference": {"type": "string", "pattern": "^(a)\\1$"},
+    "lookahead": {"type": "string", "pattern": "^(?=a)a+$"},
+    "invalid regex": {"type": "string", "pattern": "^(a$"},
+    "(a+)+$": {"type": "string", "pattern": "^(a+)+$"},
+    "^(.?){21}$ (2 s a token on GBNF)": {"type": "string", "pattern": "^(.?){21}$"},
+    "minLength > maxLength": {"type": "string", "minLength": 5, "maxLength": 2},
+    "minimum > maximum": {"type": "integer", "minimum": 5, "maximum": 1},
+    "empty enum": {"enum": []},
+    "false": False,
+    "true": True,
+    "not an object": [1, 2],
+    "not JSON": "{not json",
+    "uniqueItems": {"type": "array", "items": {"enum": [1, 2, 3]}, "uniqueItems": True},
+    "every type": {"type": ["string", "number", "integer", "boolean", "array", "object", "null"]},
+    "unknown type": {"type": "strng"},
+    "const 10^400": {"const": 10**400},
+    "maximum 1e400 (inf)": '{"type": "number", "maximum": 1e400}',
+    "NaN": '{"type": "number", "minimum": NaN}',
+    "multipleOf 0": {"type": "number", "multipleOf": 0},
+    "multipleOf -3": {"type": "integer", "multipleOf": -3},
+    "multipleOf 0.07": {"type": "number", "multipleOf": 0.07},
     "maxItems 10000": {"type": "array", "items": STRING, "maxItems": 10000},
     "maxLength 20000": {"type": "string", "maxLength": 20000},
+    "anyOf of 2200 objects": {
+        "anyOf": [
+            {"type": "object", "properties": {f"k{i}": STRING}, "required": [f"k{i}"]}
+            for i in range(2200)
+        ]
+    },
+    "patternProperties": {
+        "type": "object",
+        "patternProperties": {"^[a-z]+$": {"type": "integer"}, "^[0-9]+$": STRING},
+    },
+    "additionalProperties schema": {"type": "object", "additionalProperties": {"type": "integer"}},
+    "propertyNames": {"type": "object", "propertyNames": {"pattern": "^[a-z]{3}$"}},
 }
 
 
-# One trial, in a child process -------------------------------------------------------------------
+# One trial, in a child forked from a warm worker -------------------------------------------------
 
 
 def _say(**event: Any) -> None:
-    print(json.dumps(event), flush=True)
+    # Straight to the file descriptor: a forked child must not share Python's buffer.
+    os.write(1, (json.dumps(event) + "\n").encode())
 
 
-def run_trial(spec: dict[str, Any]) -> None:
-    """The child: the backend's steps for one schema, reporting each before it starts."""
+def run_worker(model_path: str) -> None:
+    """A warm worker: loads the vocabulary and llguidance's tokenizer once, then forks a child
+    for each trial it reads (one JSON line each) and reports how the child ended."""
+    from functools import partial
+
+    import llama_cpp
+    import numpy as np
+    from llama_cpp._internals import LlamaModel
+    from llama_cpp._logger import set_verbose
+
+    from backends.llama.backend import _llguidance_tokenizer
+    from backends.runtime.constrain import Grammars
+    from protos.hearth.backend.v1 import backend_pb2 as pb
+
+    set_verbose(False)
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True  # the tokenizer is all a constraint reads: no weights
+    model = LlamaModel(path_model=model_path, params=params, verbose=False)
+    width = model.n_vocab()
+    grammars = Grammars(partial(_llguidance_tokenizer, model), width)
+    ends = np.zeros(width, dtype=np.bool_)
+    ends[[t for t in range(width) if llama_cpp.llama_vocab_is_eog(model.vocab, t)]] = True
+    warm_up = pb.GenerateRequest()
+    warm_up.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT
+    limits = _limits_of(lambda: grammars.constraint(warm_up, None))  # builds the tokenizer too
+    _say(
+        event="ready",
+        vocabulary=width,
+        ends=int(ends.sum()),
+        address_mib=_address_space_mib(),
+        limits=limits,
+        llguidance=importlib.metadata.version("llguidance"),
+        llama_cpp=importlib.metadata.version("llama-cpp-python"),
+    )
+    for line in sys.stdin:
+        spec = json.loads(line)
+        with tempfile.TemporaryFile() as errors:
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    os.dup2(errors.fileno(), 2)
+                    _child(spec, grammars, ends)
+                except BaseException:  # anything here is the harness's own failure
+                    code = 3
+                os._exit(code)
+            status, usage, killed = _wait(pid, spec["wall_seconds"])
+            errors.seek(0, os.SEEK_END)
+            errors.seek(max(0, errors.tell() - 2000))
+            tail = errors.read().decode(errors="replace")
+        _say(
+            event="exit",
+            status=status,
+            killed=killed,
+            cpu=usage.ru_utime + usage.ru_stime,
+            peak_mib=usage.ru_maxrss >> 10,
+            stderr=tail,
+        )
+
+
+def _limits_of(compile_one: Callable[[], Any]) -> dict[str, Any]:
+    """The LLParserLimits the backend's path makes, seen while it compiles one constraint."""
+    import llguidance
+
+    made = []
+    real = llguidance.LLParserLimits
+
+    def recorded(**kwargs: Any) -> Any:
+        made.append(real(**kwargs))
+        return made[-1]
+
+    setattr(llguidance, "LLParserLimits", recorded)  # noqa: B010 (mypy: not a type)
+    try:
+        compile_one()
+    finally:
+        setattr(llguidance, "LLParserLimits", real)  # noqa: B010
+    names = ["max_items_in_row", "step_max_items", "step_lexer_fuel", "initial_lexer_fuel"]
+    names += ["max_lexer_states", "max_grammar_size", "precompute_large_lexemes"]
+    return {name: getattr(made[-1], name) for name in names} if made else {}
+
+
+def _address_space_mib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) >> 10
+    return 0
+
+
+def _wait(pid: int, wall_seconds: float) -> tuple[int, resource.struct_rusage, bool]:
+    """Wait for a child, killing it past `wall_seconds`: its exit code or -signal, its usage."""
+    deadline = time.monotonic() + wall_seconds
+    killed = False
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status), usage, killed
+        if not killed and time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            killed = True
+        time.sleep(0.005)
+
+
+def _child(spec: dict[str, Any], grammars: Any, ends: Any) -> None:
     memory = spec["memory_mib"] << 20
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     # CPU time, not wall time: other work on the machine must not make a trial look slow.
     cpu = math.ceil(spec["cpu_seconds"])
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
-    if spec["stack_kib"]:
-        threading.stack_size(spec["stack_kib"] << 10)
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=spec["model"], n_ctx=512, n_threads=1, verbose=False)
-    _say(step="loaded", vocabulary=llm.n_vocab())
-    # The backend runs engine calls on a worker thread: so does this, with the same stack size.
-    worker = threading.Thread(target=_steps, args=(llm, spec))
+    # The backend compiles and masks on engine threads of a set stack size: so does the trial.
+    threading.stack_size(spec["stack_bytes"])
+    worker = threading.Thread(target=_guarded_steps, args=(spec, grammars, ends))
     worker.start()
     worker.join()
-    _say(step="end", peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)
 
 
-def _steps(llm: Any, spec: dict[str, Any]) -> None:
+def _guarded_steps(spec: dict[str, Any], grammars: Any, ends: Any) -> None:
     try:
-        _run_steps(llm, spec)
+        _steps(spec, grammars, ends)
     except MemoryError:
-        _say(step="failed", outcome="oom")
+        _say(event="done", outcome="oom", detail="MemoryError")
+    except BaseException as exc:  # the backend would answer 500
+        frames = traceback.extract_tb(exc.__traceback__)
+        # Where the project's code called what raised: the line to fix.
+        ours = [f for f in frames if f.filename.startswith(str(ROOT / "backends"))]
+        where = (ours or frames)[-1]
+        file = Path(where.filename).relative_to(ROOT) if ours else Path(where.filename).name
+        detail = f"{type(exc).__name__}: {exc} ({file}:{where.lineno})"
+        _say(event="done", outcome="error", detail=detail[:300])
 
 
-def _run_steps(llm: Any, spec: dict[str, Any]) -> None:
-    import llama_cpp
-    from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
+def _request(spec: dict[str, Any]) -> tuple[Any, Any]:
+    """The backend's request for the schema: a response_format, or a named forced tool call."""
+    from backends.runtime.tools import plan_tools
+    from protos.hearth.backend.v1 import backend_pb2 as pb
 
-    from backends.llama.grammar import grammar_for_schema, llama_grammar, measure
+    request = pb.GenerateRequest()
+    if not spec["tools"]:
+        request.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+        request.response_format.json_schema = spec["schema"]
+        return request, None
+    request.chat.messages.add(role="user", content="Call f.")
+    request.chat.tools.add(type="function", name="f", parameters_json=spec["schema"])
+    request.chat.tool_choice = json.dumps({"type": "function", "function": {"name": "f"}})
+    # SmolLM2's template renders no tools: the backend describes them, hermes-style.
+    return request, plan_tools(request.chat, None, constrained=True)
+
+
+def _steps(spec: dict[str, Any], grammars: Any, ends: Any) -> None:
+    """The backend's path for one schema, saying each step before it starts."""
+    import numpy as np
+
     from backends.runtime.errors import BackendError
 
-    text = spec["schema"]
-    _say(step="begin", name="check")
+    _say(event="begin", step="compile")
     started = time.thread_time()
     try:
-        sampler = llama_grammar(llm._model.vocab, grammar_for_schema(text, llm.n_vocab()))
-        llama_cpp.llama_sampler_free(sampler)
-        verdict: dict[str, Any] = {"accepts": True}
+        request, plan = _request(spec)
+        constraint = grammars.constraint(request, plan)
     except BackendError as exc:
-        verdict = {"accepts": False, "reason": exc.reason, "message": exc.message}
-    except Exception as exc:  # a bug in the check: the backend would answer 500
-        verdict = {"accepts": False, "reason": f"internal: {type(exc).__name__}: {exc}"[:200]}
-    _say(step="check", seconds=time.thread_time() - started, **verdict)
-
-    _say(step="begin", name="build")
-    started = time.thread_time()
-    try:
-        grammar = json_schema_to_gbnf(text)
-    except Exception as exc:  # RecursionError, mostly
-        _say(step="failed", outcome="error", detail=f"{type(exc).__name__}: {exc}"[:200])
+        seconds = time.thread_time() - started
+        _say(event="refused", at="compile", seconds=seconds, reason=exc.reason, message=exc.message)
         return
-    seconds = time.thread_time() - started
-    shape = measure(grammar).__dict__ if len(grammar) <= 4 << 20 else {}
-    _say(step="build", seconds=seconds, size=len(grammar), shape=shape)
-
-    _say(step="begin", name="parse")
-    started = time.thread_time()
-    sampler = llama_cpp.llama_sampler_init_grammar(
-        llm._model.vocab, grammar.encode("utf-8"), b"root"
-    )
-    _say(step="parse", seconds=time.thread_time() - started, refused=not sampler)
-    if sampler:
-        llama_cpp.llama_sampler_free(sampler)
-    elif not spec["feed_refused"]:
-        _say(step="failed", outcome="refused")
-        return
-
-    prompt = llm.tokenize(PROMPT.encode(), add_bos=True)
-    llm.eval(prompt)  # the backend reads the prompt first: the samples below are the grammar's
-    _say(step="begin", name="sample")
-    tokens = llm.generate(prompt, temp=0.0, grammar=LlamaGrammar.from_string(grammar))
-    times = []
-    started = time.thread_time()
-    for token in tokens:
-        times.append(time.thread_time() - started)
-        _say(step="token", seconds=times[-1])
-        if len(times) >= spec["tokens"] or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
-            break
+    _say(event="compiled", seconds=time.thread_time() - started)
+    random = np.random.default_rng(spec["seed"])
+    worst, worst_at = 0.0, ""
+    taken = 0
+    for step in range(spec["steps"]):
+        _say(event="begin", step=f"mask {step}")
         started = time.thread_time()
-    tokens.close()
-    _say(step="sample", seconds=max(times, default=0.0), tokens=len(times))
+        allowed = constraint.allowed()
+        if (seconds := time.thread_time() - started) > worst:
+            worst, worst_at = seconds, f"mask {step}"
+        if allowed is None:
+            failure = constraint.failure()
+            _say(event="refused", at=f"mask {step}", reason=failure.reason, message=failure.message)
+            break
+        choices = np.flatnonzero(allowed & ~ends)
+        if not len(choices):
+            break  # only an end may follow: the backend finishes the answer here
+        token = int(choices[random.integers(len(choices))])
+        _say(event="begin", step=f"take {step}")
+        started = time.thread_time()
+        failure = constraint.take(token)
+        if (seconds := time.thread_time() - started) > worst:
+            worst, worst_at = seconds, f"take {step}"
+        if failure is not None:
+            _say(event="refused", at=f"take {step}", reason=failure.reason, message=failure.message)
+            break
+        taken += 1
+        if constraint.complete:
+            break
+    _say(event="done", outcome="ok", tokens=taken, step_seconds=worst, step_at=worst_at)
 
 
-# Trials, seen from the parent --------------------------------------------------------------------
+# Trials, seen from the parent ---------------------------------------------------------------------
 
 
 @dataclass
@@ -312,15 +657,18 @@ class Trial:
     """What one child said, and how it ended."""
 
     value: int
-    outcome: str
+    outcome: str = "ok"
     step: str = ""
     detail: str = ""
-    accepts: bool | None = None
     reason: str = ""
-    size: int | None = None
-    shape: dict[str, Any] = field(default_factory=dict)
-    slowest: float = 0.0
-    vocabulary: int = 0
+    compile_seconds: float = 0.0
+    #: The slowest mask or take, and which it was.
+    step_seconds: float = 0.0
+    step_at: str = ""
+    tokens: int = 0
+    cpu: float = 0.0
+    peak_mib: int = 0
+    size: int = 0
 
     @property
     def harmful(self) -> bool:
@@ -340,86 +688,180 @@ class Settings:
     model: str
     timeout: float
     slow: float
-    tokens: int
+    slow_step: float
+    steps: int
     memory_mib: int
-    stack_kib: int
+    stack_mib: int
     precision: float
-    vocabulary: int = 49152  # until a trial has loaded the model
+    tools: bool
+    seed: int
 
 
-def trial(schema: dict[str, Any], value: int, settings: Settings, feed: bool = False) -> Trial:
-    """Run one schema in a child process and classify what happened."""
-    try:
-        text = json.dumps(schema)
-    except RecursionError:
-        return Trial(value, "error", "schema", "too deep for json.dumps")
-    spec = {
-        "schema": text,
-        "model": settings.model,
-        "tokens": settings.tokens,
-        "cpu_seconds": settings.timeout,
-        "memory_mib": settings.memory_mib,
-        "stack_kib": settings.stack_kib,
-        "feed_refused": feed,
-    }
-    with tempfile.TemporaryFile("w+") as spec_file:
-        json.dump(spec, spec_file)
-        spec_file.seek(0)
-        child = subprocess.Popen(
-            [sys.executable, __file__, "--trial"],
-            stdin=spec_file,
+class Worker:
+    """One warm worker process, and its pipes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker", "--model", settings.model],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,  # llama.cpp prints refused grammars in full
+            stderr=subprocess.DEVNULL,
             cwd=ROOT,
         )
+        ready = self.event()
+        if ready is None or ready["event"] != "ready":
+            raise RuntimeError("the worker failed to start (try a trial by hand)")
+        self.ready = ready
+
+    def send(self, spec: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write((json.dumps(spec) + "\n").encode())
+        self.process.stdin.flush()
+
+    def event(self) -> dict[str, Any] | None:
+        assert self.process.stdout is not None
+        while line := self.process.stdout.readline():
+            try:
+                return dict(json.loads(line))
+            except ValueError:
+                continue
+        return None
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+class Workers:
+    """A pool of warm workers, one per job: a trial borrows one, and replaces it if it died."""
+
+    def __init__(self, settings: Settings, jobs: int) -> None:
+        self.settings = settings
+        with ThreadPoolExecutor(jobs) as pool:
+            started = list(pool.map(lambda _: Worker(settings), range(jobs)))
+        self.ready = started[0].ready
+        self._idle: queue.Queue[Worker] = queue.Queue()
+        for worker in started:
+            self._idle.put(worker)
+        self._all = list(started)
+
+    def trial(self, schema: Any, value: int, name: str) -> Trial:
+        """Run one schema in a fresh child of a warm worker and classify what happened."""
+        settings = self.settings
         try:
-            out, _ = child.communicate(timeout=3 * settings.timeout + 30)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            child.kill()
-            out, _ = child.communicate()
-            timed_out = True
-    result = Trial(value=value, outcome="ok")
-    step = slowest_step = ""  # the step begun last, and the one that took longest
-    for line in out.decode(errors="replace").splitlines():
+            text = _as_sent(schema, settings.tools)
+        except ValueError as exc:
+            return Trial(value, "refused", "gateway", str(exc), reason="gateway")
+        spec = {
+            "schema": text,
+            "tools": settings.tools,
+            "steps": settings.steps,
+            "seed": zlib.crc32(f"{name}:{value}".encode()) ^ settings.seed,
+            "cpu_seconds": settings.timeout,
+            "wall_seconds": 3 * settings.timeout + 30,
+            "memory_mib": settings.memory_mib,
+            "stack_bytes": settings.stack_mib << 20,
+        }
+        worker = self._idle.get()
         try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        kind = event["step"]
+            worker.send(spec)
+            events = []
+            while (event := worker.event()) is not None:
+                events.append(event)
+                if event["event"] == "exit":
+                    break
+            else:
+                worker = self._replace(worker)
+                return Trial(value, "crash", detail="the worker died", size=len(text))
+        finally:
+            self._idle.put(worker)
+        return _classify(Trial(value, size=len(text)), events, settings)
+
+    def _replace(self, dead: Worker) -> Worker:
+        dead.process.kill()
+        dead.process.wait()
+        worker = Worker(self.settings)
+        self._all = [worker if w is dead else w for w in self._all]
+        return worker
+
+    def close(self) -> None:
+        for worker in self._all:
+            worker.close()
+
+
+def _as_sent(schema: Any, tools: bool) -> str:
+    """The schema's text as the gateway hands it to the backend. A response_format's schema goes
+    as the client wrote it (tried past what the gateway decodes: the backend must cope alone); a
+    tool's parameters only as the gateway's decoder (msgspec) reads them, an object."""
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    if not tools:
+        return text
+    import msgspec
+
+    try:
+        decoded = msgspec.json.decode(text)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ValueError(f"the gateway cannot read it: {exc}") from None
+    if not isinstance(decoded, dict):
+        raise ValueError("the gateway takes a tool's parameters only as an object")
+    try:
+        return json.dumps(decoded)
+    except RecursionError:
+        raise ValueError("the gateway cannot write it: too deep for json.dumps") from None
+
+
+def _classify(result: Trial, events: list[dict[str, Any]], settings: Settings) -> Trial:
+    step = ""
+    for event in events:
+        kind = event["event"]
         if kind == "begin":
-            step = event["name"]
-        elif kind == "loaded":
-            result.vocabulary = event["vocabulary"]
-        elif kind == "check":
-            result.accepts = event["accepts"]
-            result.reason = event.get("reason", "")
-        elif kind == "build":
-            result.size = event["size"]
-            result.shape = event["shape"]
-        if kind != "check" and event.get("seconds", 0.0) > result.slowest:
-            result.slowest, slowest_step = event["seconds"], step
-        if kind == "failed":
-            result.outcome = event["outcome"]
-            result.detail = event.get("detail", "")
-    if timed_out:
-        result.outcome = "slow"
-        result.detail = f"still running after {3 * settings.timeout + 30:.0f} s"
-    elif child.returncode == -signal.SIGXCPU:
-        result.outcome = "slow"
-        result.detail = f"over {settings.timeout:.0f} s of CPU"
-    elif child.returncode < 0:
-        result.outcome = "crash"
-        result.detail = signal.Signals(-child.returncode).name
-    elif child.returncode > 0:
-        result.outcome = "crash"
-        result.detail = f"exit {child.returncode}"
-    elif result.outcome == "ok" and result.slowest > settings.slow:
-        result.outcome = "slow"
-        result.detail = f"{result.slowest:.1f} s CPU"
-        step = slowest_step
-    result.step = step if result.outcome != "ok" else ""
+            step = event["step"]
+        elif kind == "compiled":
+            result.compile_seconds = event["seconds"]
+        elif kind == "refused":
+            result.outcome, result.step = "refused", event["at"]
+            result.compile_seconds = event.get("seconds", result.compile_seconds)
+            result.reason = event["reason"]
+            result.detail = event["message"]
+        elif kind == "done":
+            if event["outcome"] != "ok":
+                result.outcome, result.step, result.detail = event["outcome"], step, event["detail"]
+            result.tokens = event.get("tokens", 0)
+            result.step_seconds = event.get("step_seconds", 0.0)
+            result.step_at = event.get("step_at", "")
+        elif kind == "exit":
+            result.cpu, result.peak_mib = event["cpu"], event["peak_mib"]
+            _classify_exit(result, event, step, settings)
+    if result.outcome not in ("ok", "refused"):
+        return result
+    otherwise = f"({result.outcome} otherwise)"
+    if result.compile_seconds > settings.slow:
+        result.outcome, result.step = "slow", "compile"
+        result.detail = f"compile took {result.compile_seconds:.2f} s CPU {otherwise}"
+    elif result.step_seconds > settings.slow_step:
+        result.outcome, result.step = "slow", result.step_at
+        result.detail = f"a step took {_ms(result.step_seconds)} CPU {otherwise}"
     return result
+
+
+def _classify_exit(result: Trial, event: dict[str, Any], step: str, settings: Settings) -> None:
+    status, stderr = event["status"], event["stderr"].strip()
+    last = stderr.splitlines()[-1][:200] if stderr else ""
+    if event["killed"]:
+        result.outcome, result.step = "slow", step
+        result.detail = f"still running after {3 * settings.timeout + 30:.0f} s"
+    elif status == -signal.SIGXCPU:
+        result.outcome, result.step = "slow", step
+        result.detail = f"over {settings.timeout:.0f} s of CPU"
+    elif status < 0 and "memory allocation" in stderr:
+        said = next(line for line in stderr.splitlines() if "memory allocation" in line)
+        result.outcome, result.step, result.detail = "oom", step, said
+    elif status < 0:
+        result.outcome, result.step = "crash", step
+        result.detail = f"{signal.Signals(-status).name}: {last or 'nothing on stderr'}"
+    elif status > 0:
+        result.outcome, result.step, result.detail = "crash", step, f"exit {status}: {last}"
 
 
 # Bisection --------------------------------------------------------------------------------------
@@ -433,55 +875,51 @@ class Finding:
     largest_ok: Trial | None = None
     first_failure: Trial | None = None
     first_harmful: Trial | None = None
-    check_limit: str = "?"
     trials: list[Trial] = field(default_factory=list)
 
 
-def explore(shape: Shape, settings: Settings, log: Callable[[str], None]) -> Finding:
-    """Bisect a shape for its largest working value and its smallest failing, then harmful, one;
-    and for the largest value the backend's check allows."""
+def explore(
+    shape: Shape, workers: Workers, settings: Settings, log: Callable[[str], None]
+) -> Finding:
+    """Bisect a shape for its largest working value and its smallest failing, then harmful, one."""
     finding = Finding(shape)
-    _explore(finding, settings, log)
-    vocabulary = max((t.vocabulary for t in finding.trials), default=0) or settings.vocabulary
-    finding.check_limit = check_limit(shape, vocabulary)
-    log(f"{shape.name}: the check allows up to {finding.check_limit}")
-    return finding
-
-
-def _explore(finding: Finding, settings: Settings, log: Callable[[str], None]) -> None:
-    shape = finding.shape
     tried: dict[int, Trial] = {}
 
     def at(value: int) -> Trial:
         if value not in tried:
-            tried[value] = trial(shape.build(value), value, settings)
+            tried[value] = workers.trial(shape.build(value), value, shape.name)
             finding.trials.append(tried[value])
-            log(f"{shape.name} {value}: {tried[value].label()} {tried[value].detail}")
+            found = tried[value]
+            log(f"{shape.name} {value}: {found.label()} {_plain(found.detail, 100)}")
         return tried[value]
 
     if at(shape.low).failed:
         finding.first_failure = tried[shape.low]
         finding.first_harmful = tried[shape.low] if tried[shape.low].harmful else None
-        return
+        return finding
     if not at(shape.high).failed:
         finding.largest_ok = tried[shape.high]
-        return
-    good, bad = _bisect(shape.low, shape.high, lambda v: not at(v).failed, settings)
+        return finding
+    good, bad = _bisect(shape.low, shape.high, lambda v: not at(v).failed, settings.precision)
     finding.largest_ok, finding.first_failure = tried[good], tried[bad]
     if tried[bad].harmful:
         finding.first_harmful = tried[bad]
     elif tried[shape.high].harmful:
-        _, harmful = _bisect(bad, shape.high, lambda v: not at(v).harmful, settings)
+        _, harmful = _bisect(bad, shape.high, lambda v: not at(v).harmful, settings.precision)
         finding.first_harmful = tried[harmful]
+    # Any other harmful value seen on the way counts too, bisection or not.
+    if finding.first_harmful is None:
+        finding.first_harmful = min(
+            (t for t in finding.trials if t.harmful), key=lambda t: t.value, default=None
+        )
+    return finding
 
 
-def _bisect(
-    good: int, bad: int, works: Callable[[int], bool], settings: Settings
-) -> tuple[int, int]:
+def _bisect(good: int, bad: int, works: Callable[[int], bool], precision: float) -> tuple[int, int]:
     """Narrow [good, bad] until they are next to each other, or within the precision."""
-    while bad - good > max(1, int(good * settings.precision)):
+    while bad - good > max(1, int(good * precision)):
         # Geometric steps while the range spans orders of magnitude, halving after.
-        middle = int(math.sqrt(good * bad)) if bad > 4 * good else (good + bad) // 2
+        middle = math.isqrt(good * bad) if bad > 4 * good else (good + bad) // 2
         middle = min(max(middle, good + 1), bad - 1)
         if works(middle):
             good = middle
@@ -490,108 +928,120 @@ def _bisect(
     return good, bad
 
 
-def check_limit(shape: Shape, vocabulary: int) -> str:
-    """The largest value the backend's check lets through, bisected in a child process."""
-    command = [sys.executable, __file__, "--check-limit", shape.name]
-    command += ["--vocabulary", str(vocabulary)]
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=120, cwd=ROOT, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return "timed out"
-    return done.stdout.strip() or f"failed: {done.stderr.strip()[-200:]}"
-
-
-def run_check_limit(name: str, vocabulary: int) -> None:
-    """The child: bisect one shape against the check alone (no model: it must be cheap)."""
-    from backends.llama.grammar import grammar_for_schema
-    from backends.runtime.errors import BackendError
-
-    shape = next(s for s in SHAPES if s.name == name)
-
-    def accepts(value: int) -> bool:
-        try:
-            grammar_for_schema(json.dumps(shape.build(value)), vocabulary)
-        except (BackendError, RecursionError):  # RecursionError: json.dumps gave up
-            return False
-        return True
-
-    if not accepts(shape.low):
-        print(f"< {shape.low}")
-    elif accepts(shape.high):
-        print(f">= {shape.high}")
-    else:
-        exact = Settings("", 0, 0, 0, 0, 0, precision=0.0, vocabulary=vocabulary)
-        print(_bisect(shape.low, shape.high, accepts, exact)[0])
-
-
 # The report ------------------------------------------------------------------------------------
 
 
-def _cell(found: Trial | None) -> str:
-    if found is None:
-        return "-"
-    return f"{found.value} {found.label()}"
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def _grammar(found: Trial | None) -> str:
-    if found is None or found.size is None:
-        return "-"
-    size = f"{found.size} B"
-    if found.size >= 1e4:
-        size = f"{found.size / 1e6:.1f} MB" if found.size >= 1e6 else f"{found.size / 1e3:.0f} kB"
-    if "nesting" not in found.shape:
-        return size
-    return f"{size}, nesting {found.shape['nesting']}, {found.shape['positions']} open"
+def _size(size: int) -> str:
+    if size >= 1e6:
+        return f"{size / 1e6:.1f} MB"
+    return f"{size / 1e3:.0f} kB" if size >= 1e4 else f"{size} B"
 
 
-def report(findings: list[Finding], fixed: dict[str, Trial]) -> None:
-    header = (
-        "shape",
-        "largest ok",
-        "first failure",
-        "first crash/stall",
-        "its grammar",
-        "check allows up to",
-    )
+_PREFIXES = re.compile(
+    r"cannot constrain output to (this JSON schema|the tools' parameters): "
+    r"|at \d+\(\d+\): failed to compile JSON schema: "
+)
+
+
+def _plain(detail: str, width: int) -> str:
+    """A message on one line, without the backend's common prefixes, cut to `width`."""
+    return " ".join(_PREFIXES.sub("", detail).split())[:width]
+
+
+def _smallest(trials: list[Trial], outcomes: set[str]) -> Trial | None:
+    return min((t for t in trials if t.outcome in outcomes), key=lambda t: t.value, default=None)
+
+
+def _what(found: Trial) -> str:
+    """A trial in a line: where it ended and why, its schema's size, what it cost."""
+    cost = f"{_size(found.size)} schema, {found.cpu:.1f} s CPU, peak RSS {found.peak_mib} MiB"
+    return f"{found.label()}: {_plain(found.detail, 150)} [{cost}]"
+
+
+def report(findings: list[Finding], fixed: dict[str, Trial], settings: Settings) -> None:
+    header = ("shape", "largest ok", "schema", "compile", "step", "smallest refused", "harmful")
     rows = [header]
     for finding in findings:
+        ok = finding.largest_ok
+        oks = [t for t in finding.trials if t.outcome == "ok"]
+        refused = _smallest(finding.trials, {"refused"})
+        first_harm = _smallest(finding.trials, HARMFUL)
         rows.append(
             (
                 finding.shape.name,
-                str(finding.largest_ok.value) if finding.largest_ok else "-",
-                _cell(finding.first_failure),
-                _cell(finding.first_harmful),
-                _grammar(finding.first_harmful),
-                finding.check_limit,
+                str(ok.value) if ok else "-",
+                _size(ok.size) if ok else "-",
+                _ms(max(t.compile_seconds for t in oks)) if oks else "-",
+                _ms(max(t.step_seconds for t in oks)) if oks else "-",
+                f"{refused.value} @{refused.step}" if refused else "-",
+                f"{first_harm.value} {first_harm.label()}" if first_harm else "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    print()
+    print(
+        "\nlargest ok: the largest value that worked (bisected); compile: the slowest\n"
+        "Grammars.constraint (to the first mask) among the values that worked; step: the slowest\n"
+        "mask or take among them; harmful: the smallest harmful value seen. Times are CPU.\n"
+    )
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
     print()
     for finding in findings:
+        refused = _smallest(finding.trials, {"refused"})
+        harms = sorted((t for t in finding.trials if t.harmful), key=lambda t: t.value)
+        if not refused and not harms:
+            continue
         print(f"{finding.shape.name}: {finding.shape.what}")
-        for found in {
-            id(t): t for t in (finding.first_failure, finding.first_harmful) if t
-        }.values():
-            if found.detail:
-                print(f"    {found.value}: {found.label()}: {found.detail}")
+        if refused:
+            print(f"    refused at {refused.value}: {_plain(refused.detail, 160)}")
+        for found in {id(t): t for t in (harms[:1] + harms[-1:])}.values():
+            print(f"    {found.value}: {_what(found)}")
     print()
+    width = max((len(name) for name in fixed), default=0)
     for name, found in fixed.items():
-        verdict = f"check refuses: {found.reason}" if found.accepts is False else "CHECK ALLOWS"
-        print(f"{name}: {found.label()} {found.detail} ({verdict})")
+        timing = f"compile {_ms(found.compile_seconds)}"
+        if found.outcome == "ok":
+            timing += f", step {_ms(found.step_seconds)}"
+        print(f"{name:{width}}  {found.label():16} {timing:28} {_plain(found.detail, 90)}")
     every = [t for f in findings for t in f.trials] + list(fixed.values())
-    misses = [t for t in every if t.accepts and t.harmful]
-    alarms = [t for t in every if t.accepts is False and t.outcome == "ok"]
+    counts = {o: sum(t.outcome == o for t in every) for o in ("ok", "refused", *sorted(HARMFUL))}
+    print()
+    print(f"{len(every)} trials: " + ", ".join(f"{n} {o}" for o, n in counts.items()))
+    named: list[tuple[str, Trial]] = [(f.shape.name, t) for f in findings for t in f.trials]
+    named += fixed.items()
+    worked = [(name, t) for name, t in named if t.outcome == "ok"]
+    if worked:
+        name, slowest = max(worked, key=lambda pair: pair[1].compile_seconds)
+        step_name, step = max(worked, key=lambda pair: pair[1].step_seconds)
+        print(
+            f"the schemas that worked: compile at most {_ms(slowest.compile_seconds)} "
+            f"({name} {slowest.value}), a step at most {_ms(step.step_seconds)} "
+            f"({step_name} {step.value}); the largest peak RSS of any trial "
+            f"{max(t.peak_mib for t in every)} MiB"
+        )
+    late = [t for t in every if t.outcome == "refused" and t.step not in ("compile", "gateway")]
+    if late:
+        print(f"{len(late)} refused after compiling: at a token, not a 400 before the first")
+    harmful = [(name, t) for name, t in named if t.harmful]
+    if not harmful:
+        print(
+            f"VERDICT: no harmful schema got through: every costly one was refused (no compile "
+            f"over {settings.slow} s, no step over {_ms(settings.slow_step)}, no crash, no oom, "
+            f"no 500)"
+        )
+        return
+    shapes = sorted({name for name, _ in harmful}, key=[n for n, _ in named].index)
     print(
-        f"\n{len(every)} trials. The check let through {len(misses)} harmful schemas, "
-        f"and refused {len(alarms)} that llama.cpp coped with."
+        f"VERDICT: the backend's path let {len(harmful)} harmful schemas through, "
+        f"in {len(shapes)} shape{'s' if len(shapes) > 1 else ''}:"
     )
-    for found in misses:
-        print(f"    MISS: {found.value} {found.label()} {found.detail}")
+    for shape in shapes:
+        ones = sorted((t for name, t in harmful if name == shape), key=lambda t: t.value)
+        print(f"    {shape}: {len(ones)}, from {ones[0].value}: {_what(ones[0])}")
 
 
 def main() -> None:
@@ -600,39 +1050,49 @@ def main() -> None:
     parser.add_argument("--shapes", help=f"comma-separated, of: {', '.join(names)}")
     parser.add_argument("--jobs", type=int, default=2, help="trials at once")
     parser.add_argument("--timeout", type=float, default=10.0, help="CPU seconds per trial")
-    parser.add_argument("--slow", type=float, default=2.0, help="CPU seconds a step may take")
-    parser.add_argument("--tokens", type=int, default=3, help="tokens to sample per trial")
-    parser.add_argument("--memory", type=int, default=4096, help="MiB a trial may map")
-    parser.add_argument("--stack-kib", type=int, default=0, help="engine thread stack (0: OS)")
+    parser.add_argument("--slow", type=float, default=0.5, help="CPU seconds a compile may take")
+    parser.add_argument(
+        "--slow-step", type=float, default=0.05, help="CPU seconds a mask or take may take"
+    )
+    parser.add_argument("--steps", type=int, default=32, help="tokens to take per trial")
+    parser.add_argument(
+        "--memory", type=int, default=2048, help="MiB of address space a trial may map"
+    )
+    parser.add_argument(
+        "--stack-mib", type=int, default=0, help="the trial thread's stack (0: the engine's)"
+    )
     parser.add_argument("--precision", type=float, default=0.05, help="relative, when bisecting")
-    parser.add_argument("--model", default=str(MODEL), help="GGUF file")
+    parser.add_argument("--seed", type=int, default=0, help="for the tokens picked")
+    parser.add_argument("--tools", action="store_true", help="as a forced tool call's parameters")
+    parser.add_argument("--model", default=str(MODEL), help="GGUF file (its vocabulary)")
     parser.add_argument("--no-fixed", action="store_true", help="skip the fixed cases")
     parser.add_argument("--list", action="store_true", help="list the shapes and stop")
-    parser.add_argument("--trial", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--check-limit", help=argparse.SUPPRESS)
-    parser.add_argument("--vocabulary", type=int, default=49152, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.trial:
-        run_trial(json.load(sys.stdin))
-        return
-    if args.check_limit:
-        run_check_limit(args.check_limit, args.vocabulary)
+    if args.worker:
+        run_worker(args.model)
         return
     if args.list:
         for shape in SHAPES:
-            print(f"{shape.name:24} {f'{shape.low}..{shape.high}':12} {shape.what}")
+            print(f"{shape.name:24} {f'{shape.low}..{shape.high}':24} {shape.what}")
+        print(f"and {len(FIXED)} fixed cases: {', '.join(FIXED)}")
         return
     if not Path(args.model).is_file():
         sys.exit(f"no model at {args.model}: run the real-model tests once, or pass --model")
-    chosen = [s for s in SHAPES if not args.shapes or s.name in args.shapes.split(",")]
+    chosen = names if not args.shapes else args.shapes.split(",")
+    if unknown := set(chosen) - set(names):
+        sys.exit(f"no such shape: {', '.join(sorted(unknown))} (see --list)")
     settings = Settings(
         model=args.model,
         timeout=args.timeout,
         slow=args.slow,
-        tokens=args.tokens,
+        slow_step=args.slow_step,
+        steps=args.steps,
         memory_mib=args.memory,
-        stack_kib=args.stack_kib,
+        stack_mib=args.stack_mib or _engine_stack_mib(),
         precision=args.precision,
+        tools=args.tools,
+        seed=args.seed,
     )
     started = time.monotonic()
     lock = threading.Lock()
@@ -641,17 +1101,47 @@ def main() -> None:
         with lock:
             print(f"[{time.monotonic() - started:6.1f}s] {line}", file=sys.stderr, flush=True)
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        fixed_runs = {}
-        if not args.no_fixed:
-            fixed_runs = {
-                name: pool.submit(trial, schema, 0, settings, True)
-                for name, schema in FIXED.items()
-            }
-        findings = list(pool.map(lambda shape: explore(shape, settings, log), chosen))
-        fixed = {name: run.result() for name, run in fixed_runs.items()}
-    report(findings, fixed)
-    print(f"({time.monotonic() - started:.0f} s, {os.cpu_count()} cores)")
+    workers = Workers(settings, args.jobs)
+    _parameters(settings, args, workers.ready)
+    try:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            fixed_runs = {}
+            if not args.no_fixed:
+                fixed_runs = {
+                    name: pool.submit(workers.trial, schema, 0, name)
+                    for name, schema in FIXED.items()
+                }
+            shapes = [s for s in SHAPES if s.name in chosen]
+            findings = list(pool.map(lambda s: explore(s, workers, settings, log), shapes))
+            fixed = {name: run.result() for name, run in fixed_runs.items()}
+    finally:
+        workers.close()
+    report(findings, fixed, settings)
+    print(f"({time.monotonic() - started:.0f} s, {args.jobs} jobs, {os.cpu_count()} cores)")
+
+
+def _engine_stack_mib() -> int:
+    from backends.runtime.server import ENGINE_STACK_BYTES
+
+    return ENGINE_STACK_BYTES >> 20
+
+
+def _parameters(settings: Settings, args: argparse.Namespace, ready: dict[str, Any]) -> None:
+    print(
+        f"llguidance {ready['llguidance']}, llama-cpp-python {ready['llama_cpp']}; "
+        f"{Path(settings.model).name}: {ready['vocabulary']} tokens ({ready['ends']} end tokens)"
+    )
+    limits = ", ".join(f"{name} {value}" for name, value in ready["limits"].items())
+    print(f"LLParserLimits as constrain.py makes them: {limits}")
+    path = "a forced tool call's parameters" if settings.tools else "response_format json_schema"
+    print(
+        f"path: {path}; {settings.steps} steps; slow: compile over {settings.slow} s or a step "
+        f"over {_ms(settings.slow_step)} (CPU); timeout {settings.timeout} s CPU; memory "
+        f"{settings.memory_mib} MiB of address space (a warm worker maps "
+        f"{ready['address_mib']}); stack {settings.stack_mib} MiB; precision "
+        f"{settings.precision}; seed {settings.seed}; {args.jobs} jobs"
+    )
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

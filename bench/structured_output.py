@@ -2,22 +2,23 @@
 
 SmolLM2-135M-Instruct, greedy, a chat prompt that asks for JSON. In one run, in turns:
 
-llama (the Q4_1 GGUF, llama-cpp-python, one sequence in this process):
+llama, one sequence on the Q4_1 GGUF in this process, through the backends' sampler chain:
     free      no constraint (the same number of tokens as the constrained runs made)
-    gbnf      the llama backend's path: backends/llama/grammar.py's checks and llama-cpp-python's
-              json_schema_to_gbnf, then llama.cpp's grammar sampler in the sampler chain
-    llg       llguidance: a mask per token from a matcher over llama.cpp's vocabulary, written
-              into the logits before the same (greedy) chain samples
-transformers (the backend's own code in this process: TransformersBackend.generate_stream):
-    the tiny random Llama of the tests, and SmolLM2 made a Transformers model from its GGUF
-    (float32), each free and constrained by a JSON schema; then 4 constrained requests at once,
-    in one batch (a mask per row) and one after another.
+    gbnf      the reference: llama-cpp-python's json_schema_to_gbnf, then llama.cpp's grammar
+              sampler in the sampler chain (the llama backend's path until llguidance replaced it)
+    llg       the backends' path (backends/runtime/constrain.py): llguidance's mask over
+              llama.cpp's vocabulary written into the logits before the same chain samples
+the backends themselves in this process (LlamaBackend and TransformersBackend.generate_stream):
+    llama on the same GGUF; on transformers the tiny random Llama of the tests and SmolLM2 made a
+    Transformers model from its GGUF (float32); each free and constrained by a JSON schema, then
+    4 constrained requests at once (in one batch: a mask per sequence) and one after another.
 
-Printed: schema compile times (GBNF: schema to grammar, its checks, llama.cpp's parse; llg: schema
-to grammar, matcher, first mask), llguidance's one-time tokenizer set-up, and tokens/s of each
-mode with its ratio to the free run, by wall time and by this process's CPU time; medians of
---rounds. One thread by default: on a machine others share, llama.cpp's 2 threads wait on each
-other (spinning) whenever one of them loses its core, and the figures swing tenfold.
+Printed: schema compile times (GBNF: schema to grammar and llama.cpp's parse, in a child process,
+since llama.cpp crashes on some grammars; llguidance: the backends' Grammars.constraint, from
+schema to first mask), llguidance's one-time tokenizer set-up, and tokens/s of each mode with its
+ratio to the free run, by wall time and by this process's CPU time; medians of --rounds. One
+thread by default: on a machine others share, llama.cpp's 2 threads wait on each other
+(spinning) whenever one of them loses its core, and the figures swing tenfold.
 
     .venv/bin/python bench/structured_output.py [--rounds 3] [--threads 1] [--tokens 200]
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -80,7 +82,6 @@ SCHEMAS = {
 }
 #: The schema the tokens/s runs follow.
 RUN_SCHEMA = SCHEMAS["people (3 objects)"]
-WHITESPACE: Any = {"whitespace_pattern": r"(?:[ ]|\n[ \t]{0,20})?"}  # as backends/transformers
 
 
 @dataclass
@@ -139,22 +140,26 @@ class LlamaEngine:
         )
         self.prompt = self.model.tokenize(chat.encode(), add_bos=False, special=True)
 
-    def llguidance_tokenizer(self) -> Any:
-        from llguidance.llamacpp import lltokenizer_from_vocab
+    def grammars(self) -> Any:
+        """The backends' constraint compiler over this model's vocabulary."""
+        from backends.llama.backend import _llguidance_tokenizer
+        from backends.runtime.constrain import Grammars
 
-        return lltokenizer_from_vocab(self.model.vocab)
+        return Grammars(partial(_llguidance_tokenizer, self.model), self.vocabulary)
 
     def gbnf(self, schema: Any) -> Any:
-        """The llama backend's grammar sampler for a schema (checks included)."""
-        from llama_cpp.llama_grammar import JSON_GBNF
+        """llama.cpp's grammar sampler for a schema, from llama-cpp-python's converter."""
+        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-        from backends.llama.grammar import grammar_for_schema, llama_grammar
-
-        if schema == {"type": "object"}:
-            return llama_grammar(self.model.vocab, JSON_GBNF)
-        return llama_grammar(
-            self.model.vocab, grammar_for_schema(json.dumps(schema), self.vocabulary)
+        text = (
+            JSON_GBNF if schema == {"type": "object"} else json_schema_to_gbnf(json.dumps(schema))
         )
+        sampler = self.lib.llama_sampler_init_grammar(
+            self.model.vocab, text.encode("utf-8"), b"root"
+        )
+        if not sampler:
+            raise ValueError("llama.cpp refused the grammar")
+        return sampler
 
     def _decode(self, tokens: list[int], start: int) -> None:
         batch = self.batch
@@ -164,33 +169,35 @@ class LlamaEngine:
         batch.n_tokens = len(tokens)
         assert self.lib.llama_decode(self.ctx.ctx, batch) == 0
 
-    def run(self, most: int, grammar: Any = None, matcher: Any = None) -> tuple[int, str]:
+    def run(self, most: int, grammar: Any = None, constraint: Any = None) -> tuple[int, str]:
         """The prompt read, then up to `most` tokens: how many were made, and their text."""
         from backends.llama.batch import SamplerChain, Sampling
 
         settings = Sampling(0.0, 40, 0.95, 0.05, 1.0, 0.0, 0.0, 0)
-        chain = SamplerChain(settings, self.vocabulary, grammar)
-        bits = np.zeros((self.vocabulary + 31) // 32, dtype=np.int32)
+        chain = SamplerChain(settings, self.vocabulary)
+        if grammar is not None:  # before the chain's greedy pick, as llama-cpp-python put it
+            self.lib.llama_sampler_chain_add(chain.chain, grammar)
+            greedy = self.lib.llama_sampler_chain_remove(chain.chain, 0)
+            self.lib.llama_sampler_chain_add(chain.chain, greedy)
         self.lib.llama_memory_clear(self.ctx.memory, True)
         self._decode(self.prompt, 0)
         position, made = len(self.prompt), list[int]()
         try:
             while len(made) < most:
-                if matcher is not None:
-                    matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
-                    allowed = np.unpackbits(bits.view(np.uint8), bitorder="little")
+                if constraint is not None:
                     logits = np.ctypeslib.as_array(
                         self.lib.llama_get_logits_ith(self.ctx.ctx, -1), shape=(self.vocabulary,)
                     )
-                    np.putmask(logits, allowed[: self.vocabulary] == 0, -np.inf)
+                    assert constraint.forbid(logits), constraint.failure()
                 token = chain.sample(self.ctx.ctx, -1)
                 ends = self.lib.llama_vocab_is_eog(self.model.vocab, token)
-                if ends and (grammar is not None or matcher is not None):
+                if ends and (grammar is not None or constraint is not None):
                     break  # the constrained answer is whole (a free run goes on to `most`)
                 made.append(token)
-                if matcher is not None:
-                    assert matcher.consume_token(token), matcher.get_error()
-                    if matcher.is_stopped():
+                if constraint is not None:
+                    failure = constraint.take(token)
+                    assert failure is None, failure
+                    if constraint.complete:
                         break
                 self._decode([token], position)
                 position += 1
@@ -200,48 +207,83 @@ class LlamaEngine:
         return len(made), text.decode("utf-8", "replace")
 
 
-def llama_figures(path: Path, rounds: int, threads: int, tokens: int) -> list[str]:
-    import llguidance
+def schema_request(schema: Any, most: int = 8) -> Any:
+    """A chat request for SYSTEM and ASK; its output held to `schema` (None: free)."""
+    from protos.hearth.backend.v1 import backend_pb2 as pb
 
+    chat = pb.ChatInput(
+        messages=[
+            pb.ChatMessage(role="system", content=SYSTEM),
+            pb.ChatMessage(role="user", content=ASK),
+        ]
+    )
+    request = pb.GenerateRequest(
+        chat=chat, sampling=pb.SamplingParams(max_tokens=most, temperature=0.0)
+    )
+    if schema is not None:
+        request.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+        request.response_format.json_schema = json.dumps(schema)
+    return request
+
+
+def _gbnf_compile(engine: LlamaEngine, schema: Any, rounds: int, answer: Any) -> None:
+    """In a child: the median time to make llama.cpp's grammar sampler for `schema`."""
+    try:
+        times = [timed(lambda: engine.lib.llama_sampler_free(engine.gbnf(schema)))]
+        times += [
+            timed(lambda: engine.lib.llama_sampler_free(engine.gbnf(schema)))
+            for _ in range(rounds - 1)
+        ]
+        answer.put(median_ms(times))
+    except Exception as exc:
+        answer.put(f"refused: {str(exc)[:60]}")
+
+
+def gbnf_compile_cell(engine: LlamaEngine, schema: Any, rounds: int) -> str:
+    context = multiprocessing.get_context("fork")
+    answer = context.SimpleQueue()
+    child = context.Process(target=_gbnf_compile, args=(engine, schema, rounds, answer))
+    child.start()
+    child.join(120)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        return "over 120 s"
+    if child.exitcode:
+        return f"crashed (exit {child.exitcode})"
+    return str(answer.get())
+
+
+def llama_figures(path: Path, rounds: int, threads: int, tokens: int) -> list[str]:
     engine = LlamaEngine(path, threads)
     lines = ["## llama.cpp (SmolLM2 Q4_1 GGUF, llama-cpp-python), one sequence, greedy", ""]
-    setups = [timed(engine.llguidance_tokenizer) for _ in range(rounds)]
-    tokenizer = engine.llguidance_tokenizer()
+    setups = [timed(engine.grammars()._llguidance_tokenizer) for _ in range(rounds)]
+    grammars = engine.grammars()
     lines.append(
         f"llguidance's tokenizer from llama.cpp's vocabulary ({engine.vocabulary} tokens), "
         f"once per model: {median_ms(setups)}"
     )
     lines += ["", "| schema | GBNF compile | llguidance compile |", "| --- | --- | --- |"]
-
-    def llg(schema: Any) -> Any:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=WHITESPACE)
-        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-        bits = np.zeros((engine.vocabulary + 31) // 32, dtype=np.int32)
-        matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
-        assert not matcher.is_error(), matcher.get_error()
-        return matcher
-
-    def gbnf(schema: Any) -> None:
-        engine.lib.llama_sampler_free(engine.gbnf(schema))
-
     for name, schema in SCHEMAS.items():
-        try:
-            gbnf_cell = median_ms([timed(partial(gbnf, schema)) for _ in range(rounds)])
-        except Exception as exc:  # the backend's 400
-            gbnf_cell = f"refused: {str(exc)[:60]}"
-        ours_cell = median_ms([timed(partial(llg, schema)) for _ in range(rounds)])
+        gbnf_cell = gbnf_compile_cell(engine, schema, rounds)
+        request = schema_request(schema)
+        ours_cell = median_ms(
+            [timed(partial(grammars.constraint, request, None)) for _ in range(rounds)]
+        )
         lines.append(f"| {name} | {gbnf_cell} | {ours_cell} |")
 
     results: dict[str, list[Run]] = {"free": [], "gbnf": [], "llg": []}
     texts: dict[str, str] = {}
     engine.run(8)  # warm
+    constrained = schema_request(RUN_SCHEMA)
     for index in range(rounds):
         order = ("gbnf", "llg", "free") if index % 2 == 0 else ("free", "llg", "gbnf")
         for mode in order:
             if mode == "gbnf":
                 run, text = measure(partial(engine.run, tokens, grammar=engine.gbnf(RUN_SCHEMA)))
             elif mode == "llg":
-                run, text = measure(partial(engine.run, tokens, matcher=llg(RUN_SCHEMA)))
+                constraint = grammars.constraint(constrained, None)
+                run, text = measure(partial(engine.run, tokens, constraint=constraint))
             else:  # as many tokens as the constrained answers
                 most = max([r.tokens for r in results["gbnf"] + results["llg"]] or [tokens])
                 run, text = measure(partial(engine.run, most))
@@ -305,34 +347,19 @@ def tiny_model(scratch: Path) -> Path:
     return write_tiny_transformers_llama(scratch / "tiny-hf")
 
 
-class TransformersRunner:
-    """The transformers backend in this process."""
+class BackendRunner:
+    """A backend (llama or transformers) in this process, with 4 sequences."""
 
-    def __init__(self, path: Path, threads: int) -> None:
-        from backends.transformers.backend import TransformersBackend
+    def __init__(self, backend: Any, path: Path, threads: int) -> None:
         from protos.hearth.backend.v1 import backend_pb2 as pb
 
-        self.pb = pb
-        self.backend = TransformersBackend()
+        self.backend = backend
         self.backend.load(
             pb.LoadRequest(model_path=str(path), model_name=path.name, threads=threads, parallel=4)
         )
 
     def request(self, most: int, schema: Any = None) -> Any:
-        pb = self.pb
-        chat = pb.ChatInput(
-            messages=[
-                pb.ChatMessage(role="system", content=SYSTEM),
-                pb.ChatMessage(role="user", content=ASK),
-            ]
-        )
-        request = pb.GenerateRequest(
-            chat=chat, sampling=pb.SamplingParams(max_tokens=most, temperature=0.0)
-        )
-        if schema is not None:
-            request.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
-            request.response_format.json_schema = json.dumps(schema)
-        return request
+        return schema_request(schema, most)
 
     def run(self, request: Any) -> tuple[int, str]:
         text, made = [], 0
@@ -351,25 +378,25 @@ class TransformersRunner:
         return timed(lambda: grammars.constraint(self.request(8, schema), None))
 
 
-def together(runner: TransformersRunner, requests: list[Any]) -> tuple[int, str]:
+def together(runner: BackendRunner, requests: list[Any]) -> tuple[int, str]:
     with ThreadPoolExecutor(len(requests)) as pool:
         runs = list(pool.map(runner.run, requests))
     return sum(made for made, _ in runs), runs[0][1]
 
 
-def one_by_one(runner: TransformersRunner, requests: list[Any]) -> tuple[int, str]:
+def one_by_one(runner: BackendRunner, requests: list[Any]) -> tuple[int, str]:
     runs = [runner.run(request) for request in requests]
     return sum(made for made, _ in runs), runs[0][1]
 
 
-def transformers_figures(
-    label: str, path: Path, rounds: int, threads: int, tokens: int
+def backend_figures(
+    label: str, backend: Any, path: Path, rounds: int, threads: int, tokens: int
 ) -> list[str]:
-    runner = TransformersRunner(path, threads)
+    runner = BackendRunner(backend, path, threads)
     grammars = runner.backend.grammars
     assert grammars is not None
     setup = timed(grammars._llguidance_tokenizer)  # the first constrained request pays it
-    lines = [f"## transformers: {label}", ""]
+    lines = [f"## {label}", ""]
     lines.append(
         f"llguidance's tokenizer, once per model: {setup * 1000:.0f} ms; compile "
         + ", ".join(
@@ -421,38 +448,37 @@ def main() -> None:
 
     print(f"llguidance {llguidance.get_version().splitlines()[0]}; {args.threads} threads\n")
     if "llama" not in skip:
+        from backends.llama.backend import LlamaBackend
+
         entry = installed(MODEL, args.models_dir)
-        print(
-            "\n".join(
-                llama_figures(
-                    args.models_dir / entry.model_path, args.rounds, args.threads, args.tokens
-                )
-            )
+        path = args.models_dir / entry.model_path
+        print("\n".join(llama_figures(path, args.rounds, args.threads, args.tokens)))
+        print()
+        label = "the llama backend: SmolLM2-135M-Instruct, Q4_1 GGUF"
+        figures = backend_figures(
+            label, LlamaBackend(), path, args.rounds, args.threads, args.tokens
         )
+        print("\n".join(figures))
         print()
     if "tiny" not in skip:
+        from backends.transformers.backend import TransformersBackend
+
         path = tiny_model(Path(tempfile.mkdtemp(prefix="hearth-bench-")))
-        print(
-            "\n".join(
-                transformers_figures(
-                    "tiny random Llama (400 tokens)", path, args.rounds, args.threads, args.tokens
-                )
-            )
+        label = "transformers: tiny random Llama (400 tokens)"
+        figures = backend_figures(
+            label, TransformersBackend(), path, args.rounds, args.threads, args.tokens
         )
+        print("\n".join(figures))
         print()
     if "smollm2" not in skip:
+        from backends.transformers.backend import TransformersBackend
+
         path = transformers_model(args.models_dir)
-        print(
-            "\n".join(
-                transformers_figures(
-                    "SmolLM2-135M-Instruct, float32 (49152 tokens)",
-                    path,
-                    args.rounds,
-                    args.threads,
-                    args.tokens,
-                )
-            )
+        label = "transformers: SmolLM2-135M-Instruct, float32 (49152 tokens)"
+        figures = backend_figures(
+            label, TransformersBackend(), path, args.rounds, args.threads, args.tokens
         )
+        print("\n".join(figures))
 
 
 if __name__ == "__main__":

@@ -212,6 +212,31 @@ class TestHearthChatOpenAI(ChatModelIntegrationTests):
     def test_structured_output_pydantic_2_v1(self, model: BaseChatModel) -> None:
         super().test_structured_output_pydantic_2_v1(model)
 
+    # The same joke, held to a schema by response_format (LangChain's json_schema method). Under
+    # llama.cpp's GBNF sampler these passed by chance: its grammar made the model spell "setup"
+    # s-et-u-p, and from that context the model closed the string. With llguidance the key is
+    # one token, and from there greedy SmolLM2 never ranks the closing quote first.
+    _REPEATS = (
+        "Asked for a joke about cats as {setup, punchline}, SmolLM2-135M writes "
+        "'A cat is a cat, right? A cat is a cat, right? ...' inside setup until max_tokens, so "
+        "the JSON is never closed (OpenAI's SDK raises LengthFinishReasonError); "
+        "Qwen2.5-7B-Instruct writes a short joke"
+    )
+
+    @model_limit(_REPEATS)
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    def test_structured_output(self, model: BaseChatModel, schema_type: Any) -> None:
+        super().test_structured_output(model, schema_type)
+
+    @model_limit(_REPEATS)
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    async def test_structured_output_async(self, model: BaseChatModel, schema_type: Any) -> None:
+        await super().test_structured_output_async(model, schema_type)
+
+    @model_limit(_REPEATS)
+    def test_structured_output_optional_param(self, model: BaseChatModel) -> None:
+        super().test_structured_output_optional_param(model)
+
 
 class TestHearthOpenAIEmbeddings(EmbeddingsIntegrationTests):
     """`OpenAIEmbeddings` pointed at Hearth's `/v1/embeddings`."""

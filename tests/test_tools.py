@@ -276,7 +276,7 @@ def test_a_forced_call_from_a_tiny_random_model_is_valid(
         max_tokens=200,  # the tiny vocabulary spells much of it a character at a time
     )
     choice_ = answer.choices[0]
-    assert choice_.finish_reason == "tool_calls", choice_.message.content
+    assert choice_.finish_reason == "tool_calls", choice_.message
     assert choice_.message.tool_calls is not None
     (call,) = choice_.message.tool_calls
     assert call.function.name == "set_unit"

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import json
 import logging
 import math
 import os
 import random
-import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import grpc
@@ -33,8 +32,8 @@ from backends.llama.batch import (
     Scored,
     Sequence,
 )
-from backends.llama.grammar import grammar_for_schema, llama_grammar
 from backends.runtime import Backend, BackendError, Capability, invalid
+from backends.runtime.constrain import Grammars
 from backends.runtime.text import (
     StopText,
     no_chat_template,
@@ -97,12 +96,15 @@ def _unit(vector: list[float]) -> list[float]:
     return [v / norm for v in vector]
 
 
-#: What a forced tool call is wrapped in, by the model's tool-call format (GBNF).
-_FORCED_CALL = {
-    "hermes": ('"<tool_call>" ', ' "</tool_call>"'),
-    "llama3": ("", ""),
-    "mistral": ('"[TOOL_CALLS] [" ', ' "]"'),
-}
+def _llguidance_tokenizer(model: Any) -> Any:
+    """llguidance's view of a GGUF's vocabulary: each token's bytes (control tokens marked as
+    special), llama.cpp's tokenizer, and every end-of-generation token as an end."""
+    import llama_cpp
+    from llguidance.llamacpp import lltokenizer_from_vocab
+
+    vocab = model.vocab
+    ends = [t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+    return lltokenizer_from_vocab(vocab, eos_token=ends or None)
 
 
 def _unloaded() -> BackendError:
@@ -151,6 +153,8 @@ class LlamaBackend(Backend):
         self.llm: Any = None  # the embedding model's Llama
         self.model: Any = None  # llama_cpp._internals.LlamaModel, either way
         self.engine: BatchEngine | None = None
+        #: Structured output's constraints (llguidance, over llama.cpp's vocabulary).
+        self.grammars: Grammars | None = None
         self.formatter: Any = None
         self.embeddings = False
         self.context_size = 0  # per sequence
@@ -312,6 +316,7 @@ class LlamaBackend(Backend):
             compute=self.compute,
         )
         self.context_size = self.engine.context_per_slot
+        self.grammars = Grammars(partial(_llguidance_tokenizer, model), model.n_vocab())
 
     def _warm_up(self) -> None:
         """One decode, as llama.cpp's server does at start: the weights are paged in now (so
@@ -337,7 +342,7 @@ class LlamaBackend(Backend):
     def unload(self) -> None:
         """End the engine (its sequences fail as the model unloading), wait for the calls still
         using the model (a tokenization, a stream's last tokens), then free it."""
-        engine, self.engine = self.engine, None
+        engine, self.engine, self.grammars = self.engine, None, None
         with self.lock:
             llm, model = self.llm, self.model
             self.llm = self.model = None
@@ -420,30 +425,7 @@ class LlamaBackend(Backend):
                 )
         return self._tokenize(text, add_bos)
 
-    def _grammar(self, request: pb.GenerateRequest, plan: ToolPlan | None) -> Any:
-        """llama.cpp's grammar sampler for a forced tool call or the response format, checked
-        before llama.cpp sees it: a schema can make one that crashes it or stalls it (see
-        backends/llama/grammar.py)."""
-        from llama_cpp.llama_grammar import JSON_GBNF
-
-        if plan is not None and plan.forced is not None and plan.parser is not None:
-            try:
-                call = grammar_for_schema(json.dumps(plan.forced), self.model.n_vocab())
-            except BackendError as exc:  # the tools' schemas, not a response_format
-                raise BackendError(exc.code, exc.reason, exc.message, param="tools") from None
-            # The call's own rules, under a root that writes it in the model's format.
-            body = re.sub(r"^root ::=", "tool-call ::=", call, flags=re.MULTILINE)
-            before, after = _FORCED_CALL[plan.parser.family]
-            return llama_grammar(self.model.vocab, f"root ::= {before}tool-call{after}\n{body}")
-        kind = request.response_format.type
-        if kind == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
-            return llama_grammar(self.model.vocab, JSON_GBNF)
-        if kind == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
-            text = grammar_for_schema(request.response_format.json_schema, self.model.n_vocab())
-            return llama_grammar(self.model.vocab, text)
-        return None
-
-    def _sampler(self, request: pb.GenerateRequest, plan: ToolPlan | None) -> SamplerChain:
+    def _sampler(self, request: pb.GenerateRequest) -> SamplerChain:
         sampling = request.sampling
 
         def given(name: str, default: float) -> Any:
@@ -459,7 +441,7 @@ class LlamaBackend(Backend):
             frequency_penalty=sampling.frequency_penalty,
             seed=given("seed", random.getrandbits(31)),
         )
-        return SamplerChain(settings, self.model.n_vocab(), self._grammar(request, plan))
+        return SamplerChain(settings, self.model.n_vocab())
 
     def generate_stream(
         self, request: pb.GenerateRequest, cancelled: threading.Event
@@ -469,15 +451,15 @@ class LlamaBackend(Backend):
                 request,
                 self.tool_family,
                 lambda plan: self._generate(request, cancelled, plan),
-                constrained=True,  # a forced call is forced by a grammar
+                constrained=True,  # a forced call is forced by a grammar (constrain.py)
                 infill=True,
             )
 
     def _generate(
         self, request: pb.GenerateRequest, cancelled: threading.Event, plan: ToolPlan | None
     ) -> Iterator[pb.GenerateStreamResponse]:
-        engine, model = self.engine, self.model
-        if engine is None or model is None:
+        engine, model, grammars = self.engine, self.model, self.grammars
+        if engine is None or model is None or grammars is None:
             raise _unloaded()
         prompt = self._prompt_tokens(request, plan)
         if not prompt:
@@ -492,8 +474,10 @@ class LlamaBackend(Backend):
         special = plan is not None and plan.parser is not None
         logprobs = scored_alternatives(request)
         if budget > 0:
-            sequence = Sequence(prompt, budget, self._sampler(request, plan), cancelled)
+            constraint = grammars.constraint(request, plan)  # a bad schema: a 400 before a token
+            sequence = Sequence(prompt, budget, self._sampler(request), cancelled)
             sequence.logprobs = logprobs
+            sequence.constraint = constraint
             engine.submit(sequence)
             try:
                 while True:

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import grpc
 from google.protobuf import json_format
 
 from backends.runtime import Backend, BackendError, Capability, invalid
+from backends.runtime.constrain import Grammars
 from backends.runtime.files import require_safetensors
 from backends.runtime.text import (
     StopText,
@@ -36,7 +37,6 @@ from backends.runtime.text import (
 )
 from backends.runtime.tools import ToolPlan, family_of_template, generate_with_tools
 from backends.transformers.batch import Generation, GenerationBatcher, model_unloaded
-from backends.transformers.constrain import Grammars
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Reason
 
@@ -178,7 +178,10 @@ class TransformersBackend(Backend):
             # The first call resets a tokenizer.json's padding and truncation settings; after
             # it, the callers' threads (tokenizing prompts at once) only read them.
             self.tokenizer("")
-            self.grammars = Grammars(self.tokenizer, self._logits_width(), self._end_tokens())
+            # Masks cover the model's logits, or a tokenizer with more tokens (the extra ones
+            # are never allowed where the logits end).
+            width = max(self._logits_width(), len(self.tokenizer))
+            self.grammars = Grammars(self._llguidance_tokenizer(width), width)
             self.batcher = GenerationBatcher(
                 self.model,
                 self.compute,
@@ -337,6 +340,26 @@ class TransformersBackend(Backend):
         if head is not None and hasattr(head, "weight"):
             return int(head.weight.shape[0])
         return len(self.tokenizer)
+
+    def _llguidance_tokenizer(self, width: int) -> Callable[[], Any]:
+        """What makes llguidance's view of this model's tokenizer (see constrain.py)."""
+        tokenizer, ends = self.tokenizer, sorted(self._end_tokens())
+
+        def make() -> Any:
+            import llguidance.hf
+
+            try:
+                return llguidance.hf.from_tokenizer(
+                    tokenizer, n_vocab=width, eos_token=ends or None
+                )
+            except ValueError as exc:  # a slow (Python) tokenizer
+                raise invalid(
+                    Reason.UNSUPPORTED,
+                    f"constrained output needs the model's fast tokenizer (tokenizer.json): {exc}",
+                    param="response_format",
+                ) from None
+
+        return make
 
     def _end_tokens(self) -> set[int]:
         ends = self.model.generation_config.eos_token_id

@@ -12,9 +12,9 @@ its end-of-sequence token, at its own token budget, once its constraint is satis
 caller wants no more (a stop sequence appeared, it was cancelled, it left). Ended rows go on as
 padding nobody reads, and `generate` returns once every row has ended.
 
-A generation may carry a constraint (structured output, see constrain.py): a logits processor
-masks each constrained row's scores to the tokens its grammar allows, row by row, so that
-constrained and free generations share a batch.
+A generation may carry a constraint (structured output, see backends/runtime/constrain.py): a
+logits processor masks each constrained row's scores to the tokens its grammar allows, row by
+row, so that constrained and free generations share a batch.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from backends.runtime import BackendError
 from protos.hearth.backend.v1.contract import Reason
 
 if TYPE_CHECKING:
-    from backends.transformers.constrain import Constraint
+    from backends.runtime.constrain import Constraint
 
 log = logging.getLogger("hearth.backend.transformers")
 
@@ -246,7 +246,7 @@ class GenerationBatcher:
                 for row, generation in enumerate(batch):
                     if generation.constraint is None or generation.ended:
                         continue
-                    if not generation.constraint.forbid(scores[row]):
+                    if not _forbid(generation.constraint, scores[row]):
                         # Nothing may follow: the row ends, with the reason.
                         generation.end(generation.constraint.failure())
                 return scores
@@ -287,3 +287,22 @@ def model_unloaded() -> BackendError:
     return BackendError(
         grpc.StatusCode.FAILED_PRECONDITION, Reason.MODEL_NOT_LOADED, "the model was unloaded"
     )
+
+
+_NUMPY_FLOATS = frozenset({"torch.float32", "torch.float64", "torch.float16"})
+
+
+def _forbid(constraint: Constraint, scores: Any) -> bool:
+    """`Constraint.forbid` on one row of torch scores; False when no token may follow."""
+    import torch
+
+    if scores.device.type == "cpu" and str(scores.dtype) in _NUMPY_FLOATS:
+        # numpy's one thread: torch's own masked_fill_ on a CPU its threads share with other
+        # work waits for them, 10 ms a token and more.
+        return constraint.forbid(scores.numpy())
+    allowed = constraint.allowed()
+    if allowed is None:
+        return False
+    banned = torch.from_numpy(~allowed[: scores.shape[-1]]).to(scores.device)
+    scores.masked_fill_(banned, float("-inf"))
+    return True

@@ -1,24 +1,31 @@
-"""Structured output for Transformers models: a JSON schema (response_format) or a forced tool call
+"""Structured output on every text backend: a JSON schema (response_format) or a forced tool call
 written in the model's call format, enforced token by token with llguidance.
+
+A backend builds one `Grammars` per model, from a function that makes llguidance's view of the
+model's tokenizer (Hugging Face's tokenizer on transformers, llama.cpp's vocabulary on llama),
+and asks it for each request's `Constraint`; before each token it sets the logits of the tokens
+the constraint forbids to -inf, then samples as it would, and hands the token to `take`.
 
 llguidance compiles a schema in about a millisecond, computes each token's mask in tens of
 microseconds on a 49k vocabulary, and bounds the work of every step (`LLParserLimits`): a schema
-it cannot follow, or one too costly to follow, is refused with a message, never a crash or a
-stall. The forced call is a Lark grammar whose JSON part is the call's schema (`%json`), between
-the text the model's family writes around a call, as the llama backend's GBNF wrappers do.
+it cannot follow, or one too costly to follow, is refused with a message. What those limits do
+not bound (a deep chain of `$ref`s crashes it, some `multipleOf`s take minutes) is refused
+first by schema_cost.py. The forced call is a Lark grammar whose JSON part is the call's schema
+(`%json`), between the text the model's family writes around a call.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
-from backends.runtime import BackendError, invalid
+from backends.runtime import schema_cost
+from backends.runtime.errors import BackendError, invalid
 from backends.runtime.tools import ToolPlan
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Reason
@@ -26,11 +33,11 @@ from protos.hearth.backend.v1.contract import Reason
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
-#: Whitespace allowed between JSON tokens: none, a space, or a newline and an indent of up to
-#: 20, as llama.cpp's JSON grammars allow. Unbounded whitespace lets a model loop on blank lines.
-WHITESPACE = r"(?:[ ]|\n[ \t]{0,20})?"
+#: Whitespace allowed between JSON tokens: none or one space, as llama-cpp-python's JSON grammars
+#: allow. A small model given newlines and indents (llama.cpp's server allows 20) spends its
+#: budget on them: a tiny random one ran out of 200 tokens inside a forced call's arguments.
+WHITESPACE = r" ?"
 _JSON_OPTIONS: JsonCompileOptions = {"whitespace_pattern": WHITESPACE}
-_NUMPY_FLOATS = frozenset({"torch.float32", "torch.float64", "torch.float16"})
 
 #: What a forced tool call is wrapped in, by the model's tool-call format (Lark, around `call`).
 FORCED_CALL = {
@@ -50,21 +57,13 @@ class Constraint:
         self._bits = np.zeros((width + 31) // 32, dtype=np.int32)
         self._taken = 0
 
-    def forbid(self, scores: Any) -> bool:
-        """Set the scores (one row of logits) of the tokens that may not come next to -inf;
-        False, leaving them alone, when no token may (the grammar failed: see `failure`)."""
-        import torch
-
+    def forbid(self, logits: np.ndarray) -> bool:
+        """Set the logits (one row, written in place) of the tokens that may not come next to
+        -inf; False, leaving them alone, when no token may (the grammar failed: see `failure`)."""
         allowed = self.allowed()
         if allowed is None:
             return False
-        banned = ~allowed[: scores.shape[-1]]
-        if scores.device.type == "cpu" and str(scores.dtype) in _NUMPY_FLOATS:
-            # numpy's one thread: torch's own masked_fill_ on a CPU its threads share with
-            # other work waits for them, 10 ms a token and more.
-            np.putmask(scores.numpy(), banned, -np.inf)
-        else:
-            scores.masked_fill_(torch.from_numpy(banned).to(scores.device), float("-inf"))
+        np.putmask(logits, ~allowed[: logits.shape[-1]], -np.inf)
         return True
 
     def allowed(self) -> np.ndarray | None:
@@ -101,15 +100,13 @@ class Constraint:
 
 
 class Grammars:
-    """Compiles the constraints of one model's requests (llguidance's view of the tokenizer is
-    built on first use: about 0.3 s for a 49k vocabulary)."""
+    """Compiles the constraints of one model's requests. `tokenizer` makes llguidance's view of
+    the model's tokenizer, built on the first constrained request (0.2-0.3 s for a 49k
+    vocabulary) and kept; `width` is how many tokens a mask covers (the model's logits)."""
 
-    def __init__(self, tokenizer: Any, width: int, end_tokens: Iterable[int]) -> None:
-        self._tokenizer = tokenizer
-        # Tokens the mask covers: the model's logits, or a tokenizer with more (the extra
-        # ones are never allowed where the logits end).
-        self._width = max(width, len(tokenizer))
-        self._end_tokens = sorted(end_tokens)
+    def __init__(self, tokenizer: Callable[[], Any], width: int) -> None:
+        self._make_tokenizer = tokenizer
+        self._width = width
         self._lock = threading.Lock()
         self._compiled: Any = None
 
@@ -120,8 +117,13 @@ class Grammars:
 
         if plan is not None and plan.forced is not None and plan.parser is not None:
             before, after = FORCED_CALL[plan.parser.family]
-            call = {**plan.forced, "x-guidance": _JSON_OPTIONS}  # closed: tools.py
-            grammar = f"start: {before}call{after}\ncall: %json {json.dumps(call)}"
+            schema_cost.check(plan.forced, "tools")
+            try:
+                call = {**closed(plan.forced), "x-guidance": _JSON_OPTIONS}
+                text = json.dumps(call)
+            except RecursionError:
+                raise _bad_schema("it is nested too deeply", "tools") from None
+            grammar = f"start: {before}call{after}\ncall: %json {text}"
             return self._compile(grammar, param="tools")
         kind = request.response_format.type
         if kind == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
@@ -130,7 +132,9 @@ class Grammars:
             schema = _schema(request.response_format.json_schema)
         else:
             return None
+        schema_cost.check(schema, "response_format")
         try:
+            schema = closed(schema)
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
         except (ValueError, TypeError, RecursionError) as exc:
             raise _bad_schema(str(exc), "response_format") from None
@@ -158,24 +162,40 @@ class Grammars:
         return constraint
 
     def _llguidance_tokenizer(self) -> Any:
-        import llguidance.hf
-
         with self._lock:
             if self._compiled is None:
-                try:
-                    self._compiled = llguidance.hf.from_tokenizer(
-                        self._tokenizer,
-                        n_vocab=self._width,
-                        eos_token=self._end_tokens or None,
-                    )
-                except ValueError as exc:  # a slow (Python) tokenizer
-                    raise invalid(
-                        Reason.UNSUPPORTED,
-                        f"constrained output needs the model's fast tokenizer "
-                        f"(tokenizer.json): {exc}",
-                        param="response_format",
-                    ) from None
+                self._compiled = self._make_tokenizer()
             return self._compiled
+
+
+#: Keywords whose value is a schema, a list of schemas, or a name -> schema map.
+_ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains")
+_MANY = ("anyOf", "oneOf", "allOf", "prefixItems")
+_NAMED = ("properties", "patternProperties", "$defs", "definitions")
+
+
+def closed(schema: Any, *, part_of_all: bool = False) -> Any:
+    """`schema` with each object that lists `properties` and says nothing of other keys closed
+    to them (`additionalProperties: false`), as llama.cpp's JSON grammars read such an object:
+    held to JSON Schema's open default, a small model goes on writing keys nobody asked for. A
+    member of an `allOf` stays open (closed, each would refuse the others' keys)."""
+    if not isinstance(schema, dict):
+        return schema
+    result = dict(schema)
+    for key in _ONE:
+        if isinstance(result.get(key), dict):
+            result[key] = closed(result[key])
+    for key in _MANY:
+        if isinstance(result.get(key), list):
+            inner = key == "allOf"
+            result[key] = [closed(member, part_of_all=inner) for member in result[key]]
+    for key in _NAMED:
+        if isinstance(result.get(key), dict):
+            result[key] = {name: closed(value) for name, value in result[key].items()}
+    says_more = {"additionalProperties", "unevaluatedProperties", "patternProperties"}
+    if "properties" in result and not part_of_all and not says_more & result.keys():
+        result["additionalProperties"] = False
+    return result
 
 
 def _schema(text: str) -> Any:
