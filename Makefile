@@ -6,30 +6,38 @@ MODELS_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run test test-tools lint format protos models bench image-recipe clean
+.PHONY: run test test-tools lint format protos models bench image image-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# The CPU build of torch, pinned, before anything that pulls torch in (any other version means
-# a multi-GB CUDA download).
+# The backends to install: EXTRAS=llama is the slim mode (chat, completions and embeddings on
+# llama.cpp; no torch). torch, pinned, goes in first where a backend needs it: the CPU build from
+# PyTorch's CPU index on a machine without an NVIDIA GPU, TORCH_BUILD=cuda for PyPI's CUDA build
+# (docker/install-torch.sh says which it installs).
 TORCH ?= torch==2.13.0
 EXTRAS ?= llama,transformers,whisper,diffusers
+comma := ,
+EXTRA_LIST := $(subst $(comma), ,$(EXTRAS))
+NEEDS_TORCH := $(filter transformers diffusers all,$(EXTRA_LIST))
 
 # Reinstall when pyproject.toml changes. llama-cpp-python compiles once (4-5 min on 2 cores);
 # pip's wheel cache makes later installs fast.
 $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install '$(TORCH)'
+	$(if $(NEEDS_TORCH),docker/install-torch.sh $(BIN)/python '$(TORCH)')
 	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install '$(TORCH)'
+	$(if $(NEEDS_TORCH),docker/install-torch.sh $(BIN)/python '$(TORCH)')
 	$(BIN)/python -m pip install -e '.[$(EXTRAS),test]'
 	touch $@ $(VENV)/.installed-run
 
-DEFAULT_MODELS ?= smollm2-135m-instruct all-minilm-l6-v2 whisper-base
+# The chat model; the embedding and speech models where their backends are installed.
+DEFAULT_MODELS ?= smollm2-135m-instruct \
+  $(if $(filter transformers all,$(EXTRA_LIST)),all-minilm-l6-v2) \
+  $(if $(filter whisper all,$(EXTRA_LIST)),whisper-base)
 
 models: $(VENV)/.installed-run
 	$(BIN)/hearth models install --models-dir $(MODELS_DIR) $(DEFAULT_MODELS)
@@ -53,16 +61,17 @@ test-tools:
 
 test: lint test-tools
 	$(BIN)/python -m pytest
-	@if [ -n "$${CI:-}" ]; then $(MAKE) --no-print-directory image-recipe; \
-	 else echo "(the Docker image's install recipe runs in CI; locally: make image-recipe)"; fi
 
-# The Docker image's install steps on a clean venv, then a smoke run of what they installed.
-RECIPE_VENV ?= /tmp/hearth-image-venv
-image-recipe:
-	rm -rf $(RECIPE_VENV)
-	PIP_NO_CACHE=1 docker/install.sh $(RECIPE_VENV)
-	docker/smoke.sh $(RECIPE_VENV)
-	rm -rf $(RECIPE_VENV)
+# The Docker images (docker/Dockerfile): $(IMAGE):latest with every backend, $(IMAGE):llama the
+# slim one. `make image-test` builds both and runs each as a home server would
+# (docker/smoke-image.sh); .ci/run does both in CI.
+IMAGE ?= hearth
+image:
+	docker/build-images.sh $(IMAGE)
+
+image-test: image
+	docker/smoke-image.sh $(IMAGE):llama llama
+	docker/smoke-image.sh $(IMAGE):latest full
 
 format: $(VENV)/.installed-test
 	$(BIN)/ruff format .

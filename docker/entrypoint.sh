@@ -9,6 +9,15 @@
 # it is; later starts use it.
 set -eu
 models_dir=${HEARTH_MODELS_DIR:-/models}
+if ! [ -w "$models_dir" ] || ! [ -x "$models_dir" ]; then
+  cat >&2 <<EOF
+hearth: $models_dir is not writable by this container's user (uid $(id -u), gid $(id -g)).
+hearth: A folder bind-mounted there must belong to that user. On the host, run:
+hearth:   sudo chown -R $(id -u):$(id -g) /path/to/that/folder
+hearth: or use a named volume (docker volume create hearth-models), which Docker sets up itself.
+EOF
+  exit 78  # EX_CONFIG: a restart will not help until the folder is fixed
+fi
 if [ -z "${HEARTH_API_KEYS:-}${HEARTH_ADMIN_KEYS:-}${HEARTH_KEYS_FILE:-}" ] \
    && [ "${HEARTH_INSECURE:-0}" != "1" ] && [ "${HEARTH_INSECURE:-}" != "true" ]; then
   keys="$models_dir/.hearth/keys.yaml"
@@ -29,7 +38,13 @@ PY
   export HEARTH_KEYS_FILE="$keys"
 fi
 if [ -n "${HEARTH_DEFAULT_MODELS:-}" ]; then
+  # In the background, so that `docker stop` (SIGTERM, through tini) ends the install at once and
+  # the container exits 0; a file being downloaded is never left in place half-written.
   # shellcheck disable=SC2086
-  hearth models install --models-dir "$models_dir" $HEARTH_DEFAULT_MODELS
+  hearth models install --models-dir "$models_dir" $HEARTH_DEFAULT_MODELS &
+  install=$!
+  trap 'kill -TERM "$install" 2>/dev/null || true; wait "$install" || true; exit 0' TERM INT
+  wait "$install"
+  trap - TERM INT
 fi
 exec "$@"

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -181,6 +184,7 @@ def _megabytes(count: int | None) -> str:
 
 def models_install(args: argparse.Namespace) -> int:
     from gateway.gallery import InstallError, find_entry, install_entry
+    from gateway.gallery.errors import InstallCancelled
 
     settings = _settings(args)
     index = _gallery()
@@ -192,13 +196,21 @@ def models_install(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    # SIGTERM (`docker stop` during a container's first start) cancels the install between two
+    # chunks: its staging folder is removed, nothing is left half-written in the models dir.
+    cancelled = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: cancelled.set())
+    install = functools.partial(install_entry, cancelled=cancelled)
     for name in args.names:
         try:
             entry = find_entry(index, name)
             if sys.stdout.isatty():
-                _install_with_bars(entry, settings.models_dir, install_entry)
+                _install_with_bars(entry, settings.models_dir, install)
             else:
-                _install_with_lines(entry, settings.models_dir, install_entry)
+                _install_with_lines(entry, settings.models_dir, install)
+        except InstallCancelled:
+            print(f"stopped: {name} was not installed (nothing of it was kept)", file=sys.stderr)
+            return 128 + signal.SIGTERM
         except InstallError as exc:
             print(f"error: could not install {name}: {exc}", file=sys.stderr)
             return 1

@@ -202,7 +202,10 @@ def for_caller(error: OpenAIError, models_dir: Path, runtime_dir: Path) -> OpenA
         return error
     message = error.message.split(OUTPUT_HEADING, 1)[0]
     for path, placeholder in private_paths(models_dir, runtime_dir).items():
-        message = message.replace(path, placeholder)
+        # Only where the path stands whole: a models dir at /models is not the end of the
+        # route /v1/models, nor the start of /models2.
+        whole = rf"(?<![\w.~/-]){re.escape(path)}(?![\w.~-])"
+        message = re.sub(whole, placeholder.replace("\\", "\\\\"), message)
     if error.status >= 500:
         message = _ABSOLUTE_PATH.sub("<path>", message)
     if message == error.message:

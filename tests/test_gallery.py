@@ -7,6 +7,9 @@ import errno
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -456,3 +459,34 @@ def test_cli_install_failure_is_a_clear_nonzero_exit(tmp_path: Path, server: Fil
     unknown = hearth("models", "install", "nothing-like-it")
     assert unknown.returncode == 1
     assert "`hearth models available` lists them" in unknown.stderr
+
+
+def test_sigterm_stops_a_cli_install_and_leaves_nothing(tmp_path: Path, server: FileServer) -> None:
+    # `docker stop` during a container's first start sends SIGTERM to the install.
+    data = os.urandom(1 << 16) * 64  # 4 MiB, sent 64 KiB every 50 ms: about 3 s
+    server.files["/slow.gguf"] = Served(data, delay=0.05)
+    index = tmp_path / "index.yaml"
+    index.write_text(
+        ENTRY.format(
+            filename="t.gguf", model="t.gguf", sha256=sha(data), uri=f"{server.url}/slow.gguf"
+        )
+    )
+    models = tmp_path / "models"
+    install = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "models", "install", "--models-dir", str(models), "tiny"],
+        env={**os.environ, "HEARTH_GALLERY": str(index)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not any(models.glob(".hearth-install-*/files/*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(models.glob(".hearth-install-*/files/*")), "the download began"
+    began = time.monotonic()
+    install.send_signal(signal.SIGTERM)
+    _, stderr = install.communicate(timeout=20)
+    assert time.monotonic() - began < 2
+    assert install.returncode == 128 + signal.SIGTERM
+    assert "stopped: tiny was not installed" in stderr
+    assert list(models.iterdir()) == [], "no staging folder, no YAML, no partial file"

@@ -276,6 +276,21 @@ def test_redaction_hides_output_and_paths_from_all_but_admins(tmp_path: Path) ->
         identity.caller.reset(token)
 
 
+def test_a_models_dir_at_slash_models_leaves_route_names_whole() -> None:
+    # The Docker image keeps models at /models: the route /v1/models in a message must stay.
+    error = OpenAIError(
+        404, "no model 'x' in /models; GET /v1/models lists them (not /models2/x either)"
+    )
+    token = identity.caller.set(identity.ANONYMOUS)
+    try:
+        hidden = for_caller(error, Path("/models"), Path("/run/hearth"))
+    finally:
+        identity.caller.reset(token)
+    assert hidden.message == (
+        "no model 'x' in <models dir>; GET /v1/models lists them (not /models2/x either)"
+    )
+
+
 def test_keys_files_are_checked_and_keys_matched_by_digest(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.yaml"
     digest = hashlib.sha256(ADMIN_KEY.encode()).hexdigest()

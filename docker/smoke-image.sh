@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# Runs an image as a home server would and checks what its users rely on:
+#
+#   docker/smoke-image.sh IMAGE [full|llama]
+#
+# - first start installs the default models into a fresh volume, then /readyz answers through the
+#   published port (loopback only), and the HEALTHCHECK (on HEARTH_PORT, here not 8080, and deaf
+#   to proxy settings) says healthy;
+# - chat and embeddings answer (and, on the full image, a transcription);
+# - no process in the container runs as root; the bytecode is there (imports are not slowed);
+# - `docker stop` during a stream lets the stream finish and the container exit 0 within 5 s,
+#   and does the same during the first start's model install;
+# - a /models folder the container's user cannot write stops it with a message saying what to
+#   chown, not a traceback.
+#
+# Everything it makes (containers, volumes) is removed at the end. Prints the image's size, its
+# first start time and the stop times.
+set -euo pipefail
+image=${1:?usage: smoke-image.sh IMAGE [full|llama]}
+kind=${2:-full}
+run_id=hearth-smoke-$$
+key=smoke-$$-key
+port_inside=9090
+failures=0
+made_containers=()
+made_volumes=()
+scratch=$(mktemp -d /tmp/hearth-smoke-XXXXXX)
+
+cleanup() {
+  for c in "${made_containers[@]}"; do docker rm -f "$c" >/dev/null 2>&1 || true; done
+  for v in "${made_volumes[@]}"; do docker volume rm -f "$v" >/dev/null 2>&1 || true; done
+  rm -rf "$scratch"
+}
+trap cleanup EXIT
+
+ok() { echo "ok: $*"; }
+fail() { echo "FAIL: $*" >&2; failures=$((failures + 1)); }
+now() { date +%s.%N; }
+seconds_since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+start() {  # NAME VOLUME [docker run options...]: a detached container on a loopback port
+  local name=$1 volume=$2
+  shift 2
+  docker volume create "$volume" >/dev/null
+  made_volumes+=("$volume")
+  made_containers+=("$name")
+  docker run -d --name "$name" -v "$volume:/models" -p "127.0.0.1::$port_inside" \
+    -e HEARTH_PORT=$port_inside -e HEARTH_API_KEYS="$key" "$@" "$image" >/dev/null
+}
+
+url() { echo "http://$(docker port "$1" "$port_inside/tcp" | head -n 1)"; }
+
+api() {  # CONTAINER PATH [curl options...]
+  local name=$1 path=$2
+  shift 2
+  curl -sS --noproxy '*' --max-time 120 -H "Authorization: Bearer $key" "$@" "$(url "$name")$path"
+}
+
+stopped_within() {  # CONTAINER LIMIT WHAT: docker stop, timed; exit code 0
+  local name=$1 limit=$2 what=$3 began took code
+  began=$(now)
+  docker stop "$name" >/dev/null
+  took=$(seconds_since "$began")
+  code=$(docker inspect -f '{{.State.ExitCode}}' "$name")
+  if awk -v t="$took" -v l="$limit" 'BEGIN { exit !(t <= l) }' && [ "$code" = 0 ]; then
+    ok "docker stop $what: exit 0 after $took s"
+  else
+    fail "docker stop $what: exit $code after $took s (limit $limit s)"
+    docker logs --tail 20 "$name" >&2 || true
+  fi
+}
+
+echo "image $image ($kind): $(docker image inspect -f '{{.Size}}' "$image" \
+  | awk '{printf "%.2f GB", $1 / 1e9}')"
+
+# First start: the default models installed into a fresh volume, then ready. -------------------
+main=$run_id-main
+began=$(now)
+start "$main" "$run_id-models" --health-interval 2s --health-start-period 1s
+ready=
+for _ in $(seq 1 600); do
+  if curl -fsS --noproxy '*' --max-time 2 "$(url "$main")/readyz" >/dev/null 2>&1; then
+    ready=1
+    break
+  fi
+  if [ "$(docker inspect -f '{{.State.Running}}' "$main")" != true ]; then
+    break
+  fi
+  sleep 1
+done
+if [ -z "$ready" ]; then
+  docker logs --tail 40 "$main" >&2
+  fail "not ready after first start"
+  exit 1
+fi
+ok "first start (default models installed, then serving): $(seconds_since "$began") s"
+
+health=
+for _ in $(seq 1 30); do
+  health=$(docker inspect -f '{{.State.Health.Status}}' "$main")
+  [ "$health" = healthy ] && break
+  sleep 1
+done
+[ "$health" = healthy ] && ok "HEALTHCHECK healthy on HEARTH_PORT=$port_inside" \
+  || fail "HEALTHCHECK says $health"
+if docker exec -e HTTP_PROXY=http://127.0.0.1:9 -e http_proxy=http://127.0.0.1:9 "$main" \
+  python /usr/local/bin/hearth-healthcheck; then
+  ok "the healthcheck ignores proxy settings"
+else
+  fail "the healthcheck went through a proxy"
+fi
+
+# The API. -------------------------------------------------------------------------------------
+answer=$(api "$main" /v1/chat/completions -H 'content-type: application/json' \
+  -d '{"model": "smollm2-135m-instruct", "max_tokens": 8, "temperature": 0,
+       "messages": [{"role": "user", "content": "Say hello."}]}')
+if echo "$answer" | python3 -c 'import json, sys; assert json.load(sys.stdin)["choices"][0]["message"]["content"]'; then
+  ok "chat"
+else
+  fail "chat: $answer"
+fi
+if [ "$kind" = full ]; then
+  embedder=all-minilm-l6-v2 width=384  # Transformers, on torch
+else  # llama.cpp's embeddings, from the chat model's GGUF: a model YAML written into the volume
+  embedder=smollm2-embeddings width=576
+  docker exec "$main" sh -c 'printf "%s\n" "name: smollm2-embeddings" "backend: llama" "embeddings: true" \
+    "model: smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    > /models/smollm2-embeddings.yaml'
+fi
+answer=$(api "$main" /v1/embeddings -H 'content-type: application/json' \
+  -d "{\"model\": \"$embedder\", \"input\": \"a home server\"}")
+if echo "$answer" | python3 -c "import json, sys; assert len(json.load(sys.stdin)['data'][0]['embedding']) == $width"; then
+  ok "embeddings ($embedder)"
+else
+  fail "embeddings: $answer"
+fi
+if [ "$kind" = full ]; then
+  expect=text
+  if command -v espeak-ng >/dev/null; then
+    espeak-ng -w "$scratch/speech.wav" "The quick brown fox jumps over the lazy dog" 2>/dev/null
+    expect=fox
+  else  # one second of a tone: whisper answers with some text, or none
+    python3 -c 'import math, struct, sys, wave
+w = wave.open(sys.argv[1], "wb"); w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000)
+w.writeframes(b"".join(struct.pack("<h", int(8000 * math.sin(i / 8))) for i in range(16000)))' \
+      "$scratch/speech.wav"
+  fi
+  answer=$(api "$main" /v1/audio/transcriptions -F model=whisper-base -F "file=@$scratch/speech.wav")
+  if echo "$answer" | grep -qi "$expect"; then
+    ok "transcription: $answer"
+  else
+    fail "transcription: $answer"
+  fi
+fi
+
+# Who runs, and how fast it imports. -----------------------------------------------------------
+root_processes=$(docker top "$main" -eo uid,pid,comm | awk 'NR > 1 && $1 == 0')
+if [ -z "$root_processes" ]; then
+  ok "no process runs as root (uids: $(docker top "$main" -eo uid,pid | awk 'NR > 1 { print $1 }' | sort -u | tr '\n' ' '))"
+else
+  fail "processes running as root: $root_processes"
+fi
+modules="gateway.app, backends.llama.backend"
+[ "$kind" = full ] && modules="$modules, backends.transformers.backend, torch, transformers"
+imports=$(docker exec "$main" python -c "import time; t = time.perf_counter()
+import $modules
+print(f'{time.perf_counter() - t:.1f}')")
+ok "imports ($modules) in a running container: $imports s"
+if docker exec "$main" sh -c 'test -n "$(find /opt/hearth -name "*.pyc" -path "*gateway*" | head -n 1)"'; then
+  ok "bytecode compiled at build time"
+else
+  fail "no bytecode in the image"
+fi
+
+# docker stop during a stream: the stream finishes, the container exits 0 within 5 s. -----------
+api "$main" /v1/chat/completions -N -H 'content-type: application/json' \
+  -d '{"model": "smollm2-135m-instruct", "max_tokens": 48, "stream": true,
+       "messages": [{"role": "user", "content": "Tell me about the sea."}]}' \
+  > "$scratch/stream.txt" 2>&1 &
+client=$!
+for _ in $(seq 1 100); do
+  grep -q '^data: {' "$scratch/stream.txt" 2>/dev/null && break
+  sleep 0.1
+done
+stopped_within "$main" 5 "during a stream"
+wait "$client" || true
+if [ "$(grep -c '^data: ' "$scratch/stream.txt")" -gt 1 ] \
+   && tail -n 3 "$scratch/stream.txt" | grep -q '^data: \[DONE\]'; then
+  ok "the stream in flight finished ($(grep -c '^data: {' "$scratch/stream.txt") chunks, then [DONE])"
+else
+  fail "the stream was cut: $(tail -c 300 "$scratch/stream.txt")"
+fi
+
+# docker stop during the first start's install. --------------------------------------------------
+installing=$run_id-install
+start "$installing" "$run_id-install-models"
+for _ in $(seq 1 100); do
+  docker logs "$installing" 2>&1 | grep -qi 'install\|download\|smollm2' && break
+  sleep 0.1
+done
+stopped_within "$installing" 5 "during the first start's model install"
+
+# A /models the container's user cannot write. ------------------------------------------------
+unwritable=$(mktemp -d /tmp/hearth-smoke-root-XXXXXX)
+chmod 755 "$unwritable"
+made_containers+=("$run_id-unwritable")
+set +e
+message=$(timeout 120 docker run --rm --name "$run_id-unwritable" -v "$unwritable:/models" \
+  -e HEARTH_DEFAULT_MODELS= -e HEARTH_INSECURE=1 "$image" 2>&1)
+code=$?
+set -e
+rmdir "$unwritable"
+if [ "$code" = 78 ] && echo "$message" | grep -q 'chown'; then
+  ok "an unwritable /models: exit 78 and what to chown"
+else
+  fail "an unwritable /models: exit $code: $message"
+fi
+
+if [ "$failures" -gt 0 ]; then
+  echo "$image: $failures check(s) failed" >&2
+  exit 1
+fi
+echo "$image: every check passed"
