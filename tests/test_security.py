@@ -278,26 +278,19 @@ def test_redaction_hides_output_and_paths_from_all_but_admins(tmp_path: Path) ->
 
 def test_a_models_dir_at_slash_models_leaves_route_names_whole() -> None:
     # The Docker image keeps models at /models: the route /v1/models in a message must stay.
-    error = OpenAIError(
-        404, "no model 'x' in /models; GET /v1/models lists them (not /models2/x either)"
+    def hidden(status: int, message: str) -> str:
+        token = identity.caller.set(identity.ANONYMOUS)
+        try:
+            error = OpenAIError(status, message)
+            return for_caller(error, Path("/models"), Path("/run/hearth")).message
+        finally:
+            identity.caller.reset(token)
+
+    assert hidden(404, "no model 'x' in /models; GET /v1/models lists them (not /models2/x)") == (
+        "no model 'x' in <models dir>; GET /v1/models lists them (not /models2/x)"
     )
-    token = identity.caller.set(identity.ANONYMOUS)
-    try:
-        hidden = for_caller(error, Path("/models"), Path("/run/hearth"))
-    finally:
-        identity.caller.reset(token)
-    assert hidden.message == (
-        "no model 'x' in <models dir>; GET /v1/models lists them (not /models2/x either)"
-    )
-    error = OpenAIError(
-        500, "no model in /models. The backend at unix:///run/hearth/1.sock died (/models/x.gguf)."
-    )
-    token = identity.caller.set(identity.ANONYMOUS)
-    try:
-        hidden = for_caller(error, Path("/models"), Path("/run/hearth"))
-    finally:
-        identity.caller.reset(token)
-    assert hidden.message == (
+    died = "no model in /models. The backend at unix:///run/hearth/1.sock died (/models/x.gguf)."
+    assert hidden(500, died) == (
         "no model in <models dir>. The backend at unix://<runtime dir>/1.sock died "
         "(<models dir>/x.gguf)."
     )

@@ -168,30 +168,28 @@ class Grammars:
             return self._compiled
 
 
-#: Keywords whose value is a schema, a list of schemas, or a name -> schema map.
-_ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains")
-_MANY = ("anyOf", "oneOf", "allOf", "prefixItems")
-_NAMED = ("properties", "patternProperties", "$defs", "definitions")
-
-
 def closed(schema: Any, *, part_of_all: bool = False) -> Any:
     """`schema` with each object that lists `properties` and says nothing of other keys closed
     to them (`additionalProperties: false`), as llama.cpp's JSON grammars read such an object:
     held to JSON Schema's open default, a small model goes on writing keys nobody asked for. A
-    member of an `allOf` stays open (closed, each would refuse the others' keys)."""
+    member of an `allOf` (or of `dependentSchemas`) stays open (closed, each would refuse the
+    others' keys)."""
     if not isinstance(schema, dict):
         return schema
     result = dict(schema)
-    for key in _ONE:
+    for key in schema_cost.ONE:
         if isinstance(result.get(key), dict):
             result[key] = closed(result[key])
-    for key in _MANY:
+    for key in schema_cost.MANY:
         if isinstance(result.get(key), list):
             inner = key == "allOf"
             result[key] = [closed(member, part_of_all=inner) for member in result[key]]
-    for key in _NAMED:
+    for key in schema_cost.NAMED:
         if isinstance(result.get(key), dict):
-            result[key] = {name: closed(value) for name, value in result[key].items()}
+            applied = key == "dependentSchemas"  # applied beside this object, as allOf's are
+            result[key] = {
+                name: closed(value, part_of_all=applied) for name, value in result[key].items()
+            }
     says_more = {"additionalProperties", "unevaluatedProperties", "patternProperties"}
     if "properties" in result and not part_of_all and not says_more & result.keys():
         result["additionalProperties"] = False

@@ -43,10 +43,11 @@ MAX_MULTIPLE = 10_000
 #: The schema as JSON text.
 MAX_TEXT = 256 * 1024
 
-#: Keywords whose value is a schema, a list of schemas, or a name -> schema map.
-_ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames")
-_MANY = ("anyOf", "oneOf", "allOf", "prefixItems")
-_NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+#: Keywords whose value is a schema, a list of schemas, or a name -> schema map (closed() in
+#: constrain.py walks the same ones).
+ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames")
+MANY = ("anyOf", "oneOf", "allOf", "prefixItems")
+NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
 def check(schema: Any, param: str) -> None:
@@ -92,10 +93,10 @@ class _Walk:
             self.refuse(f"its schemas nest, through $ref, more than {MAX_DEPTH} levels deep")
         self.literals(node)
         children: list[Any] = []
-        for key in _ONE:
+        for key in ONE:
             if isinstance(node.get(key), dict):
                 children.append(node[key])
-        for key in _MANY:
+        for key in MANY:
             members = node.get(key)
             if isinstance(members, list):
                 children.extend(members)
@@ -103,7 +104,7 @@ class _Walk:
                     self.count_alternatives(len(members))
                 if key == "allOf":
                     self.intersected_patterns(members)
-        for key in _NAMED:
+        for key in NAMED:
             named = node.get(key)
             if isinstance(named, dict):
                 children.extend(named.values())
