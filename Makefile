@@ -58,14 +58,19 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# Speech for the whisper tests (espeak-ng speaks, sox converts). Where they cannot be installed
-# the tests that need them are skipped, and say why.
+# Speech for the whisper tests (espeak-ng speaks, sox converts) and Chromium for the web UI's
+# tests (driven by Playwright). Where they cannot be installed the tests that need them are
+# skipped, and say why.
+TEST_PACKAGES := espeak-ng sox libsox-fmt-all chromium fonts-dejavu-core
 test-tools:
-	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then \
+	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null \
+	    || ! command -v chromium >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && apt-get install -y -qq espeak-ng sox libsox-fmt-all >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PACKAGES) >/dev/null; \
 	  fi; \
-	fi; command -v espeak-ng >/dev/null || echo "note: no espeak-ng: speech tests will be skipped"
+	fi; \
+	command -v espeak-ng >/dev/null || echo "note: no espeak-ng: speech tests will be skipped"; \
+	command -v chromium >/dev/null || echo "note: no chromium: the web UI's tests will be skipped"
 
 test: lint test-tools
 	$(BIN)/python -m pytest

@@ -6,6 +6,7 @@
 # - first start installs the default models into a fresh volume, then /readyz answers through the
 #   published port (loopback only), and the HEALTHCHECK (on HEARTH_PORT, here not 8080, and deaf
 #   to proxy settings) says healthy;
+# - the web UI's page is served at /;
 # - chat and embeddings answer (and, on the full image, a transcription);
 # - no process in the container runs as root; the bytecode is there (imports are not slowed);
 # - `docker stop` during a stream lets the stream finish and the container exit 0 within 5 s,
@@ -108,6 +109,15 @@ if docker exec -e HTTP_PROXY=http://127.0.0.1:9 -e http_proxy=http://127.0.0.1:9
   ok "the healthcheck ignores proxy settings"
 else
   fail "the healthcheck went through a proxy"
+fi
+
+# The web UI: the page and its script come from the installed package. ------------------------
+page=$(curl -sS --noproxy '*' --max-time 10 -H 'Accept: text/html' "$(url "$main")/")
+script=$(curl -sS --noproxy '*' --max-time 10 -o /dev/null -w '%{http_code}' "$(url "$main")/ui/app.js")
+if echo "$page" | grep -q '/ui/app.js' && [ "$script" = 200 ]; then
+  ok "the web UI is served at /"
+else
+  fail "the web UI: / gave ${page:0:80}, /ui/app.js $script"
 fi
 
 # The API. -------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from gateway.routes.models import ModelsController
 from gateway.routes.ollama import OllamaController, on_ollama_paths
 from gateway.routes.responses import ResponsesController
 from gateway.routes.tokenize import TokenizeController
+from gateway.routes.ui import root, root_head, ui_file, ui_session
 from gateway.settings import Settings
 
 log = logging.getLogger("hearth")
@@ -122,6 +123,7 @@ def create_app(settings: Settings, ring: KeyRing | None = None) -> Litestar:
             OllamaController,
             ResponsesController,
             TokenizeController,
+            ui_session,
         ],
         opt={SCOPE: Scope.INFERENCE},
     )
@@ -129,9 +131,12 @@ def create_app(settings: Settings, ring: KeyRing | None = None) -> Litestar:
         path="/", route_handlers=[BackendsController, GalleryController], opt={SCOPE: Scope.ADMIN}
     )
     # Health for probes; image URLs are unguessable and short-lived, so that an <img> tag can
-    # fetch them without a key.
+    # fetch them without a key; the web UI's page and files, which ask for a key themselves
+    # (and `/` is where Ollama's clients look for a server, unauthenticated as on Ollama).
     open_ = Router(
-        path="/", route_handlers=[healthz, readyz, generated_image], opt={SCOPE: Scope.OPEN}
+        path="/",
+        route_handlers=[healthz, readyz, generated_image, root, root_head, ui_file],
+        opt={SCOPE: Scope.OPEN},
     )
     metrics = Router(path="/", route_handlers=[prometheus_metrics], opt={SCOPE: Scope.METRICS})
     return Litestar(

@@ -95,6 +95,17 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: The YAML file this came from (set by the loader, not the YAML).
     source: str = ""
 
+    def kind(self) -> Literal["chat", "embeddings", "transcription", "image"]:
+        """What the model is for, as model pickers group them: whisper models transcribe,
+        diffusers models draw, `embeddings: true` models embed, every other model chats."""
+        if self.embeddings:
+            return "embeddings"
+        if self.backend == "whisper":
+            return "transcription"
+        if self.backend == "diffusers":
+            return "image"
+        return "chat"
+
     def keep_alive_seconds(self) -> float | None:
         """Idle seconds before unloading (math.inf: never); None: the gateway's default."""
         return None if self.keep_alive is None else parse_keep_alive(self.keep_alive)

@@ -115,4 +115,9 @@ def serve(app: Any, settings: Settings) -> None:
         timeout_keep_alive=max(1, round(settings.idle_timeout)),
         timeout_graceful_shutdown=round(settings.shutdown_grace),
     )
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    log.info(
+        "serving the OpenAI API at http://%s:%d/v1 and the web UI at http://%s:%d/",
+        shown, settings.port, shown, settings.port,
+    )  # fmt: skip
     uvicorn.Server(config).run()

@@ -43,7 +43,9 @@ ROUTE_SCOPES = {
     "/v1/responses": Scope.INFERENCE,
     "/v1/tokenize": Scope.INFERENCE,
     "/v1/detokenize": Scope.INFERENCE,
-    "/": Scope.INFERENCE,
+    "/": Scope.OPEN,  # the web UI's page (it asks for a key), and Ollama's probe
+    "/ui/{name:str}": Scope.OPEN,
+    "/ui/session": Scope.INFERENCE,
     "/api/chat": Scope.INFERENCE,
     "/api/generate": Scope.INFERENCE,
     "/api/embed": Scope.INFERENCE,
@@ -171,6 +173,9 @@ def test_a_model_limited_key_sees_and_uses_only_its_models(keyed: Gateway) -> No
     with httpx.Client(base_url=keyed.url, timeout=30, headers={"x-api-key": LIMITED_KEY}) as http:
         listed = [m["id"] for m in http.get("/v1/models").json()["data"]]
         assert listed == ["echo"]
+        session = http.get("/ui/session").json()  # what the web UI's pickers offer
+        assert [m["id"] for m in session["models"]] == ["echo"]
+        assert session["admin"] is False
         messages = [{"role": "user", "content": "hello"}]
         ok = http.post("/v1/chat/completions", json={"model": "echo", "messages": messages})
         assert ok.status_code == 200
@@ -528,3 +533,50 @@ def test_unload_through_an_admin_key(keyed: Gateway) -> None:
         return "echo" not in {row["model"] for row in rows}
 
     assert wait_until(gone)
+
+
+def test_the_web_ui_is_served_to_browsers_and_ollama_clients_still_find_ollama(
+    keyed: Gateway,
+) -> None:
+    http = httpx.Client(base_url=keyed.url, timeout=30)
+    page = http.get("/", headers={"accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert page.status_code == 200, "the page itself needs no key: it asks for one"
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.headers["vary"] == "Accept"
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self';" in policy
+    assert "connect-src 'self';" in policy
+    assert "frame-ancestors 'none'" in policy
+    assert page.headers["x-frame-options"] == "DENY"
+    assert 'src="/ui/app.js"' in page.text
+    probe = http.get("/", headers={"accept": "*/*"})
+    assert probe.text == "Ollama is running"
+    assert probe.headers["content-type"] == "text/plain; charset=utf-8"
+    assert http.head("/").status_code == 200
+    script = http.get("/ui/app.js")
+    assert script.status_code == 200
+    assert script.headers["content-type"] == "text/javascript; charset=utf-8"
+    assert script.headers["content-security-policy"] == policy
+    again = http.get("/ui/app.js", headers={"if-none-match": script.headers["etag"]})
+    assert again.status_code == 304
+    assert again.content == b""
+    # Only the UI's own files: not the package's Python, not a path out of its folder.
+    for path in ("/ui/__init__.py", "/ui/..%2F__init__.py", "/ui/nothing.js", "/ui/static"):
+        missing = http.get(path)
+        assert missing.status_code == 404, path
+        assert missing.json()["error"]["message"]
+    assert http.get("/ui/session").status_code == 401
+    bearer = {"authorization": f"Bearer {INFERENCE_KEY}"}
+    session = http.get("/ui/session", headers=bearer).json()
+    assert session == {
+        "admin": False,
+        "keys": True,
+        "models": [
+            {"id": name, "kind": "chat", "backend": "echo", "description": None}
+            for name in ("cannot-start", "echo", "echo-private")
+        ],
+    }
+    admin = http.get("/ui/session", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert admin.json()["admin"] is True
+    metrics = http.get("/ui/session", headers={"authorization": f"Bearer {METRICS_KEY}"})
+    assert metrics.status_code == 403

@@ -6,6 +6,7 @@ from typing import Any
 
 from litestar import Controller, Request, Response, post
 from litestar.datastructures import UploadFile
+from litestar.di import NamedDependency
 
 from gateway.errors import OpenAIError, invalid_request
 from gateway.manager import BackendManager
@@ -15,7 +16,7 @@ from protos.hearth.backend.v1.contract import Capability
 
 
 async def _transcribe(
-    request: Request[Any, Any, Any], manager: BackendManager, *, translate: bool
+    request: Request[Any, Any, Any], manager: NamedDependency[BackendManager], *, translate: bool
 ) -> Response[Any]:
     form = await request.form()
     upload = form.get("file")
@@ -73,12 +74,12 @@ class AudioController(Controller):
 
     @post("/transcriptions", status_code=200)
     async def transcriptions(
-        self, request: Request[Any, Any, Any], manager: BackendManager
+        self, request: Request[Any, Any, Any], manager: NamedDependency[BackendManager]
     ) -> Response[Any]:
         return await _transcribe(request, manager, translate=False)
 
     @post("/translations", status_code=200)
     async def translations(
-        self, request: Request[Any, Any, Any], manager: BackendManager
+        self, request: Request[Any, Any, Any], manager: NamedDependency[BackendManager]
     ) -> Response[Any]:
         return await _transcribe(request, manager, translate=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, get, post
+from litestar.di import NamedDependency
 
 from gateway.errors import OpenAIError
 from gateway.manager import BackendManager
@@ -14,12 +15,12 @@ class BackendsController(Controller):
     path = "/backends"
 
     @get()
-    async def list_backends(self, manager: BackendManager) -> dict[str, Any]:
+    async def list_backends(self, manager: NamedDependency[BackendManager]) -> dict[str, Any]:
         return manager.view()
 
     # A path parameter, so that model names with a slash ("org/model") work too.
     @post("/{target:path}", status_code=200)
-    async def unload(self, target: str, manager: BackendManager) -> dict[str, Any]:
+    async def unload(self, target: str, manager: NamedDependency[BackendManager]) -> dict[str, Any]:
         """POST /backends/{model}/unload: unload a model now, or once the requests it is
         working on have ended."""
         name, slash, action = target.strip("/").rpartition("/")

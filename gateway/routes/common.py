@@ -13,6 +13,7 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 from litestar import Request
+from litestar.di import NamedDependency
 from litestar.response import ServerSentEvent
 
 from gateway.auth import check_model
@@ -66,7 +67,7 @@ def decode_body(body: bytes, kind: type[T]) -> T:
 
 
 async def resolve_model(
-    request: Request[Any, Any, Any], manager: BackendManager, name: str
+    request: Request[Any, Any, Any], manager: NamedDependency[BackendManager], name: str
 ) -> ModelConfig:
     """The catalog's model `name` (404 if it has none, or if the request's key may not use
     it), noted as the request's model."""
@@ -120,7 +121,7 @@ class OpenedStream:
 
 async def stream_text(
     life: RequestLife,
-    manager: BackendManager,
+    manager: NamedDependency[BackendManager],
     config: ModelConfig,
     requests: list[pb.GenerateRequest],
     chunks: ChunkBuilder,
@@ -186,7 +187,7 @@ async def stream_text(
 
 async def open_stream(
     life: RequestLife,
-    manager: BackendManager,
+    manager: NamedDependency[BackendManager],
     config: ModelConfig,
     request: pb.GenerateRequest,
     keep_alive: float | None,
@@ -272,7 +273,7 @@ async def _merged(
 
 
 async def generate_all(
-    manager: BackendManager,
+    manager: NamedDependency[BackendManager],
     config: ModelConfig,
     requests: list[pb.GenerateRequest],
     keep_alive: float | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, post
+from litestar.di import NamedDependency
 
 from gateway import limits
 from gateway.manager import BackendManager
@@ -19,7 +20,7 @@ class EmbeddingsController(Controller):
 
     @post(status_code=200)
     async def create(
-        self, request: Request[Any, Any, Any], manager: BackendManager
+        self, request: Request[Any, Any, Any], manager: NamedDependency[BackendManager]
     ) -> CreateEmbeddingResponse:
         body = decode_body(await request.body(), EmbeddingRequest)
         limits.check_embeddings(body, manager.settings)

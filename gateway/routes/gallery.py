@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, Request, delete, get, post
+from litestar.di import NamedDependency
 from litestar.response import Response
 
 from gateway.config import ConfigError
@@ -30,7 +31,7 @@ class ApplyRequest(msgspec.Struct):
     id: str
 
 
-async def _index(installer: Installer) -> GalleryIndex:
+async def _index(installer: NamedDependency[Installer]) -> GalleryIndex:
     try:
         return await installer.load_index()
     except ConfigError as exc:
@@ -43,7 +44,9 @@ class GalleryController(Controller):
     path = "/models"
 
     @get("/available")
-    async def available(self, installer: Installer, manager: BackendManager) -> dict[str, Any]:
+    async def available(
+        self, installer: NamedDependency[Installer], manager: NamedDependency[BackendManager]
+    ) -> dict[str, Any]:
         """The gallery, and whether each model is installed and fits this machine's memory;
         `errors` says which entries of the index were left out, and why."""
         index = await _index(installer)
@@ -73,7 +76,9 @@ class GalleryController(Controller):
         }
 
     @post("/apply", status_code=200)
-    async def apply(self, request: Request[Any, Any, Any], installer: Installer) -> dict[str, Any]:
+    async def apply(
+        self, request: Request[Any, Any, Any], installer: NamedDependency[Installer]
+    ) -> dict[str, Any]:
         body = decode_body(await request.body(), ApplyRequest)
         name = body.id.removeprefix("gallery@")
         index = await _index(installer)
@@ -103,14 +108,14 @@ class GalleryController(Controller):
         return job.view()
 
     @get("/jobs/{job_id:str}")
-    async def job(self, job_id: str, installer: Installer) -> dict[str, Any]:
+    async def job(self, job_id: str, installer: NamedDependency[Installer]) -> dict[str, Any]:
         job = installer.jobs.get(job_id)
         if job is None:
             raise OpenAIError(404, f"no install job '{job_id}'", code="job_not_found")
         return job.view()
 
     @delete("/jobs/{job_id:str}", status_code=200)
-    async def cancel(self, job_id: str, installer: Installer) -> dict[str, Any]:
+    async def cancel(self, job_id: str, installer: NamedDependency[Installer]) -> dict[str, Any]:
         job = installer.jobs.get(job_id)
         if job is None:
             raise OpenAIError(404, f"no install job '{job_id}'", code="job_not_found")
@@ -119,7 +124,10 @@ class GalleryController(Controller):
 
     @delete("/{name:str}", status_code=200)
     async def remove(
-        self, name: str, installer: Installer, manager: BackendManager
+        self,
+        name: str,
+        installer: NamedDependency[Installer],
+        manager: NamedDependency[BackendManager],
     ) -> Response[dict[str, Any]]:
         """Delete a model's YAML and the files its install wrote (what was kept, and why, is
         in `kept`); 409 if that could delete what is not the model's."""

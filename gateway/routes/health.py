@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import get
+from litestar.di import NamedDependency
 from litestar.response import Response
 
 from gateway import identity
@@ -17,7 +18,7 @@ async def healthz() -> dict[str, str]:
 
 
 @get("/readyz")
-async def readyz(manager: BackendManager) -> Response[dict[str, Any]]:
+async def readyz(manager: NamedDependency[BackendManager]) -> Response[dict[str, Any]]:
     ready = manager.ready
     body: dict[str, Any] = {"status": "ready" if ready else "not ready"}
     if identity.caller.get().admin:  # the rest names files and models: not for anyone

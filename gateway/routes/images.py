@@ -6,6 +6,7 @@ import base64
 from typing import Any
 
 from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
 
 from gateway import limits
 from gateway.errors import OpenAIError, invalid_request
@@ -24,8 +25,8 @@ class ImagesController(Controller):
     async def generations(
         self,
         request: Request[Any, Any, Any],
-        manager: BackendManager,
-        generated: GeneratedImages,
+        manager: NamedDependency[BackendManager],
+        generated: NamedDependency[GeneratedImages],
     ) -> ImagesResponse:
         body = decode_body(await request.body(), ImageGenerationRequest)
         name = body.model or await _only_image_model(manager)
@@ -46,7 +47,7 @@ class ImagesController(Controller):
         return ImagesResponse(created=now(), data=images)
 
 
-async def _only_image_model(manager: BackendManager) -> str:
+async def _only_image_model(manager: NamedDependency[BackendManager]) -> str:
     """The model of a request that names none (OpenAI's default is its own): the catalog's one
     image model; with none or several, the client must say."""
     catalog = await manager.registry.current()
@@ -58,7 +59,9 @@ async def _only_image_model(manager: BackendManager) -> str:
 
 
 @get("/generated/{name:str}", media_type="image/png")
-async def generated_image(name: str, generated: GeneratedImages) -> Response[bytes]:
+async def generated_image(
+    name: str, generated: NamedDependency[GeneratedImages]
+) -> Response[bytes]:
     data = await generated.read(name)
     if data is None:
         raise OpenAIError(404, "no such image (they expire)", code="image_not_found")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from litestar import Response, get
+from litestar.di import NamedDependency
 
 from gateway.manager import BackendManager
 from gateway.metrics import CONTENT_TYPE
 
 
 @get("/metrics")
-async def prometheus_metrics(manager: BackendManager) -> Response[bytes]:
+async def prometheus_metrics(manager: NamedDependency[BackendManager]) -> Response[bytes]:
     """The metrics in Prometheus' text format (read on the event loop: the collectors read the
     manager's state)."""
     # As a header: given as media_type, Litestar would add a second charset to it.

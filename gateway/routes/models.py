@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from litestar import Controller, Request, get
+from litestar.di import NamedDependency
 
 from gateway import identity
 from gateway.config import ModelConfig
@@ -26,7 +27,7 @@ class ModelsController(Controller):
     path = "/v1/models"
 
     @get()
-    async def list_models(self, manager: BackendManager) -> ModelList:
+    async def list_models(self, manager: NamedDependency[BackendManager]) -> ModelList:
         caller = identity.caller.get()
         models = (await manager.registry.current()).models.values()
         allowed = [c for c in models if caller.may_use(c.name)]  # a limited key sees its own
@@ -34,6 +35,9 @@ class ModelsController(Controller):
 
     @get("/{model_id:path}")
     async def retrieve(
-        self, request: Request[Any, Any, Any], model_id: str, manager: BackendManager
+        self,
+        request: Request[Any, Any, Any],
+        model_id: str,
+        manager: NamedDependency[BackendManager],
     ) -> Model:
         return _model(await resolve_model(request, manager, model_id.lstrip("/")))

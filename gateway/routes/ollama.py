@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from litestar import Controller, HttpMethod, MediaType, Request, Response, get, head, post, route
+from litestar import Controller, HttpMethod, Request, Response, get, head, post, route
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
@@ -111,7 +111,7 @@ def ollama_name(name: str, names: Collection[str] = ()) -> str:
 
 
 async def _resolve(
-    request: Request[Any, Any, Any], manager: BackendManager, name: str
+    request: Request[Any, Any, Any], manager: NamedDependency[BackendManager], name: str
 ) -> ModelConfig:
     """The catalog's model for an Ollama name: `x:latest` is `x` (and `x` is `x:latest`)."""
     candidates = [name]
@@ -129,7 +129,7 @@ async def _resolve(
 
 
 async def _load(
-    manager: BackendManager,
+    manager: NamedDependency[BackendManager],
     config: ModelConfig,
     capability: Capability,
     keep_alive: float | None,
@@ -146,7 +146,7 @@ async def _load(
 
 async def _answer(
     request: Request[Any, Any, Any],
-    manager: BackendManager,
+    manager: NamedDependency[BackendManager],
     config: ModelConfig,
     generate: pb.GenerateRequest,
     keep_alive: float | None,
@@ -252,15 +252,6 @@ class OllamaController(Controller):
         HTTPException: _http_exception,
         Exception: _unexpected,
     }
-
-    @get("/", media_type=MediaType.TEXT)
-    async def running(self) -> str:
-        """What Ollama answers at its root: clients probe it to find a server."""
-        return "Ollama is running"
-
-    @head("/", media_type=MediaType.TEXT)
-    async def running_head(self) -> None:
-        return None
 
     @route(
         ["/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"],
@@ -462,7 +453,7 @@ class OllamaController(Controller):
 
 async def _embed(
     request: Request[Any, Any, Any],
-    manager: BackendManager,
+    manager: NamedDependency[BackendManager],
     config: ModelConfig,
     inputs: list[str],
     keep_alive: float | None,

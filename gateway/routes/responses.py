@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, Response, post
+from litestar.di import NamedDependency
 
 from gateway import limits
 from gateway.errors import OpenAIError
@@ -27,7 +28,7 @@ class ResponsesController(Controller):
 
     @post(status_code=200)
     async def create(
-        self, request: Request[Any, Any, Any], manager: BackendManager
+        self, request: Request[Any, Any, Any], manager: NamedDependency[BackendManager]
     ) -> Response[Any]:
         # Annotated as Response so that a stream keeps its own text/event-stream media type.
         body = decode_body(await request.body(), ResponseCreateRequest)

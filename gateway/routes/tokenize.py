@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, post
+from litestar.di import NamedDependency
 
 from gateway import limits
 from gateway.manager import BackendManager
@@ -24,7 +25,7 @@ class TokenizeController(Controller):
 
     @post("/tokenize", status_code=200)
     async def tokenize(
-        self, request: Request[Any, Any, Any], manager: BackendManager
+        self, request: Request[Any, Any, Any], manager: NamedDependency[BackendManager]
     ) -> TokenizeResponse:
         body = decode_body(await request.body(), TokenizeRequest)
         limits.check_tokenize(body, manager.settings)
@@ -35,7 +36,7 @@ class TokenizeController(Controller):
 
     @post("/detokenize", status_code=200)
     async def detokenize(
-        self, request: Request[Any, Any, Any], manager: BackendManager
+        self, request: Request[Any, Any, Any], manager: NamedDependency[BackendManager]
     ) -> DetokenizeResponse:
         body = decode_body(await request.body(), DetokenizeRequest)
         limits.check_detokenize(body, manager.settings)
