@@ -6,7 +6,7 @@ MODELS_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run test test-tools lint format protos models bench image image-test clean
+.PHONY: run run-tools test test-tools lint format protos models bench image image-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(BIN)/python:
 # PyTorch's CPU index on a machine without an NVIDIA GPU, TORCH_BUILD=cuda for PyPI's CUDA build
 # (docker/install-torch.sh says which it installs).
 TORCH ?= torch==2.13.0
-EXTRAS ?= llama,transformers,whisper,diffusers
+EXTRAS ?= llama,transformers,whisper,diffusers,tts
 comma := ,
 EXTRA_LIST := $(subst $(comma), ,$(EXTRAS))
 NEEDS_TORCH := $(filter transformers diffusers all,$(EXTRA_LIST))
@@ -42,15 +42,26 @@ $(VENV)/.installed-test: pyproject.toml $(CHOICE) | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[$(EXTRAS),test]'
 	touch $@ $(VENV)/.installed-run
 
-# The chat model; the embedding and speech models where their backends are installed.
+# The chat model; the embedding, transcription and voice models where their backends are
+# installed.
 DEFAULT_MODELS ?= smollm2-135m-instruct \
   $(if $(filter transformers all,$(EXTRA_LIST)),all-minilm-l6-v2) \
-  $(if $(filter whisper all,$(EXTRA_LIST)),whisper-base)
+  $(if $(filter whisper all,$(EXTRA_LIST)),whisper-base) \
+  $(if $(filter tts all,$(EXTRA_LIST)),joe-us-piper)
 
 models: $(VENV)/.installed-run
 	$(BIN)/hearth models install --models-dir $(MODELS_DIR) $(DEFAULT_MODELS)
 
-run: $(VENV)/.installed-run models
+# Piper voices (EXTRAS with tts) read their phonemes from the espeak-ng program: installed with
+# apt where it can be, else the voice refuses to load and says so.
+run-tools:
+	@if [ -n "$(filter tts all,$(EXTRA_LIST))" ] && ! command -v espeak-ng >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; \
+	  else echo "note: no espeak-ng: install it (apt-get install espeak-ng) for text to speech"; fi; \
+	fi
+
+run: $(VENV)/.installed-run models run-tools
 	$(BIN)/hearth run --host $(HOST) --port $(PORT) --models-dir $(MODELS_DIR)
 
 lint: $(VENV)/.installed-test

@@ -30,7 +30,9 @@ from gateway.routes.images import ImagesController, generated_image
 from gateway.routes.metrics import prometheus_metrics
 from gateway.routes.models import ModelsController
 from gateway.routes.ollama import OllamaController, on_ollama_paths
+from gateway.routes.rerank import RerankController
 from gateway.routes.responses import ResponsesController
+from gateway.routes.speech import SpeechController
 from gateway.routes.tokenize import TokenizeController
 from gateway.routes.ui import root, root_head, ui_file, ui_session
 from gateway.settings import Settings
@@ -121,7 +123,9 @@ def create_app(settings: Settings, ring: KeyRing | None = None) -> Litestar:
             ImagesController,
             ModelsController,
             OllamaController,
+            RerankController,
             ResponsesController,
+            SpeechController,
             TokenizeController,
             ui_session,
         ],

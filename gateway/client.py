@@ -82,6 +82,8 @@ class BackendClient:
         self._embeddings = pb_grpc.EmbeddingsStub(channel)
         self._transcription = pb_grpc.TranscriptionStub(channel)
         self._images = pb_grpc.ImagesStub(channel)
+        self._speech = pb_grpc.SpeechStub(channel)
+        self._rerank = pb_grpc.RerankStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         #: The backend marks each call it begins (STARTED_KEY); learned from its Load.
         self.marks_starts = False
@@ -174,12 +176,26 @@ class BackendClient:
     async def generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
         return await self._call(self._text.Generate, request)
 
-    async def generate_stream(
+    def generate_stream(
         self, request: pb.GenerateRequest
     ) -> AsyncGenerator[pb.GenerateStreamResponse]:
         """The backend's pieces as they come; leaving early cancels the backend's work."""
+        return self._stream(self._text.GenerateStream, request)
+
+    def synthesize(self, request: pb.SynthesizeRequest) -> AsyncGenerator[pb.SynthesizeResponse]:
+        """The encoded audio in pieces as the backend makes them; leaving early stops it."""
+        return self._stream(self._speech.Synthesize, request)
+
+    async def list_voices(self) -> pb.ListVoicesResponse:
+        return await self._call(self._speech.ListVoices, pb.ListVoicesRequest())
+
+    async def rerank(self, request: pb.RerankRequest) -> pb.RerankResponse:
+        return await self._call(self._rerank.Rerank, request)
+
+    async def _stream(self, method: Any, request: Any) -> AsyncGenerator[Any]:
+        """A server-streaming call's messages as they come; leaving early cancels it."""
         try:
-            call = self._text.GenerateStream(request, timeout=self.timeout, metadata=self._metadata)
+            call = method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.aio.UsageError:
             raise BackendGone(self.model, "it has stopped", reached=False) from None
         try:

@@ -23,7 +23,7 @@ from protos.hearth.backend.v1.contract import is_loopback_address
 
 log = logging.getLogger("hearth.config")
 
-BUILTIN_BACKENDS = frozenset({"llama", "transformers", "whisper", "diffusers", "echo"})
+BUILTIN_BACKENDS = frozenset({"llama", "transformers", "whisper", "diffusers", "piper", "echo"})
 BACKENDS_FILE_NAMES = frozenset({"backends.yaml", "backends.yml"})
 
 _Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
@@ -52,6 +52,15 @@ class Parameters(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True)
     stop: list[str] | None = None
 
 
+#: The built-in backends that serve cross-encoders (`rerank: true`).
+_RERANKING_BACKENDS = frozenset({"transformers", "llama", "echo"})
+_KINDS: dict[str, Literal["transcription", "image", "speech"]] = {
+    "whisper": "transcription",
+    "diffusers": "image",
+    "piper": "speech",
+}
+
+
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One model: what clients call it, which backend serves it, and how."""
 
@@ -65,8 +74,11 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batch_size: _Positive | None = None
     mmap: bool | None = None
     seed: _Seed | None = None
-    #: The model serves embeddings (and not text generation).
+    #: The model serves embeddings (and not text generation); a Transformers one reranks too
+    #: (/v1/rerank, by cosine similarity).
     embeddings: bool = False
+    #: The model is a reranker: a cross-encoder scoring query-document pairs (/v1/rerank).
+    rerank: bool = False
     #: A Jinja chat template that replaces the model's own.
     chat_template: str | None = None
     #: Prepended as a system message when a chat has none.
@@ -95,16 +107,26 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: The YAML file this came from (set by the loader, not the YAML).
     source: str = ""
 
-    def kind(self) -> Literal["chat", "embeddings", "transcription", "image"]:
+    def __post_init__(self) -> None:
+        if self.embeddings and self.rerank:
+            raise ValueError(
+                "rerank: true (a cross-encoder) and embeddings: true (an embedding model, which "
+                "reranks too) cannot both be set"
+            )
+        if self.rerank and self.backend in BUILTIN_BACKENDS - _RERANKING_BACKENDS:
+            raise ValueError(
+                f"rerank: true is for transformers and llama models, not {self.backend} ones"
+            )
+
+    def kind(self) -> Literal["chat", "embeddings", "rerank", "transcription", "image", "speech"]:
         """What the model is for, as model pickers group them: whisper models transcribe,
-        diffusers models draw, `embeddings: true` models embed, every other model chats."""
+        diffusers models draw, piper models speak, `embeddings: true` models embed, `rerank:
+        true` models rank, every other model chats."""
         if self.embeddings:
             return "embeddings"
-        if self.backend == "whisper":
-            return "transcription"
-        if self.backend == "diffusers":
-            return "image"
-        return "chat"
+        if self.rerank:
+            return "rerank"
+        return _KINDS.get(self.backend, "chat")
 
     def keep_alive_seconds(self) -> float | None:
         """Idle seconds before unloading (math.inf: never); None: the gateway's default."""

@@ -50,6 +50,7 @@ def test_a_good_file_decodes_with_defaults(tmp_path: Path) -> None:
         ("name: m\nbackend: llama\nparameters: {temperature: 7}\n", "parameters.temperature", "<="),
         ("name: m\nbackend: llama\nparameters: {colour: red}\n", "parameters.colour", "unknown"),
         ("name: m\nbackend: llama\nkeep_alive: soon\n", "keep_alive", "not a keep_alive"),
+        ("name: m\nbackend: transformers\nembeddings: true\nrerank: true\n", "rerank", "both"),
     ],
 )
 def test_errors_name_the_file_and_the_field(

@@ -41,9 +41,16 @@ def test_every_entry_of_the_real_gallery_decodes() -> None:
     index = load_gallery(DEFAULT_INDEX)
     assert index.errors == []
     names = {entry.name for entry in index.entries}
-    assert {"smollm2-135m-instruct", "all-minilm-l6-v2", "whisper-base", "whisper-tiny-en"} <= names
+    defaults = {"smollm2-135m-instruct", "all-minilm-l6-v2", "whisper-base", "joe-us-piper"}
+    assert defaults | {"whisper-tiny-en"} <= names
     for entry in index.entries:
-        assert entry.model_config().backend in {"llama", "transformers", "whisper", "diffusers"}
+        assert entry.model_config().backend in {
+            "llama",
+            "transformers",
+            "whisper",
+            "diffusers",
+            "piper",
+        }
         uris = [p.uri for f in entry.files for p in f.sources()]
         if entry.verified:  # what our machines could fetch: wheels on PyPI
             assert all(u.startswith("pypi://") for u in uris), entry.name

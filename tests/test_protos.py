@@ -36,5 +36,7 @@ def test_every_generated_module_imports() -> None:
             modules.append(importlib.import_module(base + suffix))
     backend_pb2 = modules[0]
     services = backend_pb2.DESCRIPTOR.services_by_name
-    assert set(services) == {"Lifecycle", "Text", "Embeddings", "Transcription", "Images"}
+    assert set(services) == {
+        "Lifecycle", "Text", "Embeddings", "Transcription", "Images", "Speech", "Rerank"
+    }  # fmt: skip
     assert backend_pb2.DESCRIPTOR.package == "hearth.backend.v1"

@@ -34,6 +34,11 @@ WRONG_KEY = "wrong-key-0123456789abcd"
 ROUTE_SCOPES = {
     "/v1/audio/transcriptions": Scope.INFERENCE,
     "/v1/audio/translations": Scope.INFERENCE,
+    "/v1/audio/speech": Scope.INFERENCE,
+    "/v1/audio/voices": Scope.INFERENCE,
+    "/v1/rerank": Scope.INFERENCE,
+    "/rerank": Scope.INFERENCE,
+    "/v2/rerank": Scope.INFERENCE,
     "/v1/chat/completions": Scope.INFERENCE,
     "/v1/completions": Scope.INFERENCE,
     "/v1/embeddings": Scope.INFERENCE,

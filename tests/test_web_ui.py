@@ -1,6 +1,6 @@
 """The web UI in a real browser: Debian's Chromium, driven by Playwright, against a real
 `hearth run` with the echo backend and real models (SmolLM2, whisper-base, a tiny Stable
-Diffusion, a gallery served over HTTP).
+Diffusion, a Piper voice where espeak-ng is installed, a gallery served over HTTP).
 
 Screenshots of every page go to test-artifacts/ui/ (gitignored): look at them.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Gateway, link_tree, wait_until, write_model
+from tests.conftest import CACHE, ROOT, Gateway, link_tree, wait_until, write_model
 from tests.fileserver import FileServer, Served
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra")
@@ -110,6 +110,12 @@ def ui_models(
     link_tree(tiny_sd, directory / "tiny-sd")
     sd = "backend: diffusers\nmodel: tiny-sd\noptions: {steps: 2, max_size: 256}"
     write_model(directory, "tiny-sd", sd)
+    if shutil.which("espeak-ng") is not None:  # the Piper backend needs it
+        from gateway.gallery import install_named
+
+        install_named(["joe-us-piper"], CACHE)
+        link_tree(CACHE / "joe-us-piper", directory / "joe-us-piper")
+        shutil.copy(CACHE / "joe-us-piper.yaml", directory)
     server, data = gallery_server
     index = directory.parent / "gallery.yaml"
     index.write_text(
@@ -295,7 +301,7 @@ def test_speech_from_a_file_and_from_the_microphone(
 ) -> None:
     page, problems = open_page(browser, ui_gateway, "speech")
     speech = page.locator("section#speech")
-    speech.get_by_label("Model").select_option("whisper-base")
+    speech.get_by_label("Model", exact=True).select_option("whisper-base")
     speech.get_by_label("Audio file").set_input_files(str(fox_wav))
     speech.get_by_role("button", name="Transcribe").click()
     transcript = page.locator("output#transcript")
@@ -307,6 +313,57 @@ def test_speech_from_a_file_and_from_the_microphone(
     speech.get_by_role("button", name="Stop recording").click()
     expect(transcript).not_to_contain_text("brown fox", ignore_case=True, timeout=5_000)
     expect(transcript).to_contain_text("fox", ignore_case=True, timeout=60_000)
+    assert problems.messages == []
+    page.context.close()
+
+
+def is_mp3(data: bytes) -> bool:
+    """An ID3 tag, or an MPEG audio frame's sync word."""
+    return data[:3] == b"ID3" or (data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
+
+
+def test_text_is_read_aloud_and_can_be_downloaded(browser: Browser, ui_gateway: Gateway) -> None:
+    if not (ui_gateway.models_dir / "joe-us-piper.yaml").exists():
+        pytest.skip("espeak-ng is not installed and `make test` could not install it (apt-get)")
+    page, problems = open_page(browser, ui_gateway, "speech")
+    card = page.locator("section#speech form#tts")
+    expect(card.get_by_role("heading", name="Read aloud")).to_be_visible()
+    card.get_by_label("Voice model").select_option("joe-us-piper")
+    voice = card.get_by_label("Voice", exact=True)
+    # Listing the voices starts the voice model.
+    expect(voice.locator("option[value='joe']")).to_have_count(1, timeout=60_000)
+    expect(voice).to_have_value("joe")
+    assert "default" in voice.locator("option[value='joe']").inner_text()
+    text = card.get_by_label("Text to speak")
+    text.fill(f"{FOX}.")
+    speed = card.get_by_label("Speed")
+    # Out of range: said before anything is sent (the field does not clamp what is typed).
+    speed.fill("9")
+    card.get_by_role("button", name="Speak").click()
+    expect(card.get_by_role("alert")).to_contain_text("0.25 to 4")
+    speed.fill("1")
+    card.get_by_role("button", name="Speak").click()
+    audio = card.get_by_label("Spoken audio")
+    expect(audio).to_have_attribute("src", re.compile(r"^blob:"), timeout=60_000)
+    expect(card.get_by_role("alert")).to_be_hidden()
+    # The duration is NaN (or Infinity) until the metadata is read; playing is not needed.
+    duration = None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        duration = audio.evaluate("el => Number.isFinite(el.duration) ? el.duration : null")
+        if duration is not None:
+            break
+        time.sleep(0.1)
+    assert duration is not None, "the audio's length was never known"
+    assert 1.5 < duration < 6, f"the sentence takes about three seconds, not {duration}"
+    with page.expect_download() as started:
+        card.get_by_role("link", name="Download audio").click()
+    assert started.value.suggested_filename == "hearth-speech.mp3"
+    assert is_mp3(Path(started.value.path()).read_bytes())
+    shoot(page, "speech-read-aloud")
+    page.set_viewport_size(PHONE)  # the player and the link fit a phone too
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    shoot(page, "phone-speech-read-aloud")
     assert problems.messages == []
     page.context.close()
 

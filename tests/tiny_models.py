@@ -177,6 +177,81 @@ def write_tiny_llama_gguf(path: Path, *, seed: int = 0, infill: bool = False) ->
     return path
 
 
+#: The tiny reranker's positions: a pair longer than this is cut to fit.
+TINY_RERANKER_POSITIONS = 128
+
+
+def write_tiny_reranker_gguf(path: Path, *, seed: int = 0) -> Path:
+    """A BERT cross-encoder GGUF as llama.cpp's converter writes one: 32-wide, 2 blocks, a
+    WordPiece (`bert`) vocabulary of [PAD] [UNK] [CLS] [SEP] [MASK], letters and words, and a
+    one-label classification head (`cls`, `cls.output`). No pooling type in its metadata, as a
+    converted bge-reranker has none: llama.cpp reranks with pooling RANK asked for at load."""
+    from gguf import GGUFWriter, TokenType
+
+    controls = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    # The converter's "phantom space": a word-initial piece starts with U+2581, a
+    # continuation ("##s") has none.
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces = [f"\u2581{w}" for w in dict.fromkeys(_WORDS)] + [f"\u2581{c}" for c in letters]
+    pieces += [*letters, "\u2581.", "\u2581,", "\u2581?"]
+    tokens = controls + list(dict.fromkeys(pieces))  # "a" is a word and a letter
+    types = [int(TokenType.CONTROL)] * len(controls)
+    types += [int(TokenType.NORMAL)] * (len(tokens) - len(controls))
+    vocab, embed, blocks, heads, ff = len(tokens), 32, 2, 4, 64
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int, scale: float = 0.2) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    def norm(prefix: str) -> None:
+        writer.add_tensor(f"{prefix}.weight", np.ones(embed, dtype=np.float32))
+        writer.add_tensor(f"{prefix}.bias", np.zeros(embed, dtype=np.float32))
+
+    writer = GGUFWriter(str(path), "bert")
+    writer.add_name("tiny-random-reranker")
+    writer.add_context_length(TINY_RERANKER_POSITIONS)
+    writer.add_embedding_length(embed)
+    writer.add_block_count(blocks)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_layer_norm_eps(1e-12)
+    writer.add_causal_attention(False)
+    writer.add_classifier_output_labels(["LABEL_0"])
+    writer.add_file_type(0)
+    writer.add_tokenizer_model("bert")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_type_count(2)
+    writer.add_pad_token_id(0)
+    writer.add_unk_token_id(1)
+    writer.add_bos_token_id(2)  # [CLS]
+    writer.add_sep_token_id(3)
+    writer.add_mask_token_id(4)
+
+    writer.add_tensor("token_embd.weight", weight(vocab, embed, scale=1.0))
+    writer.add_tensor("token_types.weight", weight(2, embed))
+    writer.add_tensor("position_embd.weight", weight(TINY_RERANKER_POSITIONS, embed))
+    norm("token_embd_norm")
+    for block in range(blocks):
+        prefix = f"blk.{block}"
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            writer.add_tensor(f"{prefix}.{name}.weight", weight(embed, embed))
+            writer.add_tensor(f"{prefix}.{name}.bias", weight(embed))
+        norm(f"{prefix}.attn_output_norm")
+        writer.add_tensor(f"{prefix}.ffn_up.weight", weight(ff, embed))
+        writer.add_tensor(f"{prefix}.ffn_up.bias", weight(ff))
+        writer.add_tensor(f"{prefix}.ffn_down.weight", weight(embed, ff))
+        writer.add_tensor(f"{prefix}.ffn_down.bias", weight(embed))
+        norm(f"{prefix}.layer_output_norm")
+    # The head: dense + tanh on [CLS], then one logit (numpy shapes are (out, in)).
+    writer.add_tensor("cls.weight", weight(embed, embed, scale=0.5))
+    writer.add_tensor("cls.bias", weight(embed))
+    writer.add_tensor("cls.output.weight", weight(1, embed, scale=1.0))
+    writer.add_tensor("cls.output.bias", np.zeros(1, dtype=np.float32))
+    _finish(writer)
+    return path
+
+
 def write_tiny_transformers_llama(directory: Path, *, seed: int = 0) -> Path:
     """A Hugging Face Llama directory (safetensors): 64-wide, 2 layers, a byte-level BPE
     tokenizer trained here, and a chat template. End-of-sequence is never the likeliest token.
@@ -229,6 +304,70 @@ def write_tiny_transformers_llama(directory: Path, *, seed: int = 0) -> Path:
         # Never prefer </s>, a control token or a lone byte: greedy output is whole words.
         model.lm_head.weight[: len(specials) + 256] = 0.0
     model.save_pretrained(directory)
+    return directory
+
+
+def write_tiny_cross_encoder(directory: Path, *, seed: int = 0) -> Path:
+    """A Hugging Face BERT cross-encoder directory (BertForSequenceClassification, one label,
+    safetensors): 32-wide, 2 layers, 128 positions, a WordPiece tokenizer trained here. Its
+    scores are random but fixed by `seed`.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    import torch
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=300, special_tokens=specials, show_progress=False
+    )
+    corpus = [" ".join(_WORDS[i : i + 12]) for i in range(0, len(_WORDS), 3)] * 4
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    # [CLS] query [SEP] document [SEP], with token types 0 then 1: BERT's pair layout.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    fast = BertTokenizer(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+        model_max_length=128,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(directory)
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=fast.pad_token_id,
+    )
+    config.num_labels = 1  # one relevance logit
+    BertForSequenceClassification(config).save_pretrained(directory)
     return directory
 
 

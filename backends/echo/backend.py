@@ -5,11 +5,13 @@ It is the gateway's test double and the smallest complete example of a backend: 
 make it misbehave on purpose:
 
 - `load_delay_ms`: sleep this long in Load.
-- `latency_ms`: sleep this long before each word (and each embedding input).
+- `latency_ms`: sleep this long before each word (and each embedding input, and each document
+  to rerank).
 - `fail_code` (a gRPC status name such as `INVALID_ARGUMENT`), `fail_reason`, `fail_message`:
-  fail every generation with that status...
-- `fail_after_words`: ...after this many words have been streamed (0: before any).
-- `exit_after_words`: end the whole process abruptly after this many words.
+  fail every generation (and rerank) with that status...
+- `fail_after_words`: ...after this many words have been streamed (0: before any); a rerank
+  counts documents instead of words.
+- `exit_after_words`: end the whole process abruptly after this many words (or documents).
 - `exit_on_load`: end the whole process abruptly while loading (a backend that cannot start).
 - `dimensions`: embedding size (default 16).
 - `hold_mb`: keep this many MB of memory resident while loaded (a model bigger than it says).
@@ -43,6 +45,7 @@ from protos.hearth.backend.v1.contract import Reason
 
 log = logging.getLogger("hearth.backend.echo")
 _PIECE = re.compile(r"\s*\S+")
+_WORD = re.compile(r"\w+")
 #: Pieces remembered for detokenize.
 _VOCABULARY_MAX = 100_000
 
@@ -57,7 +60,7 @@ def _piece_id(piece: str) -> int:
 
 
 class EchoBackend(Backend):
-    """Deterministic text and embeddings, with switches to fail on purpose."""
+    """Deterministic text, embeddings and reranking, with switches to fail on purpose."""
 
     name = "echo"
     scores_tokens = True  # every word with log-probability 0
@@ -207,6 +210,23 @@ class EchoBackend(Backend):
                 raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
             vectors.append(pb.Embedding(values=_hash_vector(key, dimensions)))
         return pb.EmbedResponse(embeddings=vectors, prompt_tokens=sum(counts), input_tokens=counts)
+
+    def rerank(self, request: pb.RerankRequest, cancelled: threading.Event) -> pb.RerankResponse:
+        """Each document's score: the fraction of the query's distinct words (lowercased) that
+        it contains; usage counts the words of the query and of every document."""
+        wanted = set(_WORD.findall(request.query.lower()))
+        latency = float(self.options.get("latency_ms", 0)) / 1000
+        scores: list[float] = []
+        for index, document in enumerate(request.documents):
+            self._misbehave(index)
+            if cancelled.wait(latency) if latency else cancelled.is_set():
+                log.info("rerank cancelled after %d of %d documents", index, len(request.documents))
+                raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
+            found = wanted & set(_WORD.findall(document.lower()))
+            scores.append(len(found) / len(wanted) if wanted else 0.0)
+        self._misbehave(len(scores))
+        words = len(pieces(request.query)) + sum(len(pieces(d)) for d in request.documents)
+        return pb.RerankResponse(scores=scores, prompt_tokens=words)
 
 
 def _hash_vector(key: bytes, dimensions: int) -> list[float]:

@@ -4,7 +4,9 @@ Text generation runs on our own batch engine (batch.py) over llama-cpp-python's 
 concurrent requests share one context and one decode per token (continuous batching), every token
 can notice a cancelled call, usage counts are exact, and stop sequences never leak into the text,
 streamed or not. Embedding models are served by llama-cpp-python's `Llama.embed`, with concurrent
-calls merged by the runtime (see backends/runtime/batching.py).
+calls merged by the runtime (see backends/runtime/batching.py). Rerankers (`rerank: true`, a
+cross-encoder GGUF with a classification head) score (query, document) pairs as llama.cpp's
+server does for /rerank: pooling RANK, one sequence per pair, several pairs per decode.
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ DEFAULT_MIN_P = 0.05
 
 
 _POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
+_POOLING_RANK = 4  # llama_cpp.LLAMA_POOLING_TYPE_RANK: the classification head on the pooled state
+#: Architectures whose rank head llama.cpp ends with a softmax (Qwen3-Reranker's yes/no): its
+#: first output is already the probability of "yes".
+_SOFTMAX_HEADS = frozenset({"qwen3", "qwen3vl"})
 
 
 def _pooling(name: object, embeddings: bool) -> int:
@@ -89,6 +95,73 @@ def _open(llama: Any, settings: dict[str, Any]) -> Any:
             "invalid_model_file",
             f"llama.cpp cannot load {os.path.basename(settings['model_path'])}: {exc}",
         ) from None
+
+
+#: GGUF value types: the fixed sizes; 8 is a string, 9 an array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+#: A reranker's context when its YAML sets none: the longest query + document pair it reads.
+RERANK_CONTEXT_SIZE = 512
+
+
+def gguf_tensor_names(path: str) -> list[str]:
+    """The tensor names of a GGUF file, read from its header (the metadata is skipped over,
+    the tensors are not read). ValueError: not a GGUF file this reader knows."""
+    with open(path, "rb") as file:
+
+        def number(size: int) -> int:
+            data = file.read(size)
+            if len(data) != size:
+                raise ValueError("the GGUF header ends early")
+            return int.from_bytes(data, "little")
+
+        def skip_string() -> None:
+            file.seek(number(8), os.SEEK_CUR)
+
+        def skip_value(kind: int) -> None:
+            if kind == _GGUF_STRING:
+                skip_string()
+            elif kind == _GGUF_ARRAY:
+                item, count = number(4), number(8)
+                if item in _GGUF_SIZES:
+                    file.seek(_GGUF_SIZES[item] * count, os.SEEK_CUR)
+                else:
+                    for _ in range(count):
+                        skip_value(item)
+            elif kind in _GGUF_SIZES:
+                file.seek(_GGUF_SIZES[kind], os.SEEK_CUR)
+            else:
+                raise ValueError(f"unknown GGUF value type {kind}")
+
+        if file.read(4) != b"GGUF" or number(4) not in (2, 3):
+            raise ValueError("not a GGUF v2 or v3 file")
+        tensors, values = number(8), number(8)
+        for _ in range(values):
+            skip_string()  # the key
+            skip_value(number(4))
+        names = []
+        for _ in range(tensors):
+            length = number(8)
+            names.append(file.read(length).decode("utf-8", "replace"))
+            file.seek(8 * number(4) + 4 + 8, os.SEEK_CUR)  # dims, type, offset
+        return names
+
+
+def _has_classifier(path: str) -> bool:
+    """Whether the GGUF holds a classification head (`cls` or `cls.output`). Without one,
+    llama.cpp's RANK pooling gives a value of the hidden state as the "score", and says
+    nothing."""
+    try:
+        names = set(gguf_tensor_names(path))
+    except (OSError, ValueError):
+        return True  # llama.cpp's own load says what is wrong with the file
+    return bool(names & {"cls.weight", "cls.output.weight"})
+
+
+def _sigmoid(logit: float) -> float:
+    return 0.5 * (1.0 + math.tanh(0.5 * logit))  # no overflow for any logit
 
 
 def _unit(vector: list[float]) -> list[float]:
@@ -157,6 +230,13 @@ class LlamaBackend(Backend):
         self.grammars: Grammars | None = None
         self.formatter: Any = None
         self.embeddings = False
+        #: A cross-encoder (`rerank: true`): it serves only reranking.
+        self.cross_encoder = False
+        #: Its pair's logits to a relevance in [0, 1] (see _load_reranker).
+        self.relevance: Any = None
+        #: The most tokens of one (query, document) pair, and whether a longer one is cut.
+        self.pair_limit = 0
+        self.truncate = True
         self.context_size = 0  # per sequence
         self.lock = threading.Lock()
         self.in_use = _InUse()
@@ -175,6 +255,12 @@ class LlamaBackend(Backend):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model file not found: {path}")
         options = json_format.MessageToDict(request.options)
+        if request.rerank and request.embeddings:
+            raise invalid(
+                "invalid_option",
+                "set rerank: true for a reranker GGUF or embeddings: true for an embedding "
+                "model, not both",
+            )
         threads = request.threads or max(1, (os.cpu_count() or 2) // 2)
         settings = {
             "model_path": path,
@@ -184,12 +270,23 @@ class LlamaBackend(Backend):
             "n_batch": request.batch_size or 512,
             "use_mmap": request.mmap if request.HasField("mmap") else True,
             "seed": request.seed if request.HasField("seed") else random.getrandbits(31),
-            "embedding": request.embeddings,
+            "embedding": request.embeddings or request.rerank,
             "n_gpu_layers": int(options.get("gpu_layers", 0)),
             "pooling_type": _pooling(options.get("pooling"), request.embeddings),
             "verbose": False,
         }
-        parallel = 1 if request.embeddings else request.parallel or DEFAULT_PARALLEL
+        if request.rerank:
+            # A pair is read in one physical batch (non-causal attention needs all of it at
+            # once): context_size bounds a pair (512 unless the YAML says: what rerankers are
+            # trained on), and the batch is as large unless batch_size says otherwise.
+            settings["n_ctx"] = request.context_size or RERANK_CONTEXT_SIZE
+            settings["n_batch"] = request.batch_size or settings["n_ctx"]
+            settings["pooling_type"] = _POOLING_RANK
+            settings["n_ubatch"] = settings["n_batch"]
+            self.truncate = bool(options.get("truncate", True))
+        parallel = (
+            1 if request.embeddings or request.rerank else request.parallel or DEFAULT_PARALLEL
+        )
         if parallel > MAX_PARALLEL:
             raise invalid("invalid_option", f"parallel must be at most {MAX_PARALLEL}")
         self.unload()  # a model loaded before: its engine, context and weights go first
@@ -208,12 +305,14 @@ class LlamaBackend(Backend):
         import jinja2
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        if request.embeddings:
+        if request.rerank:
+            self._load_reranker(settings)
+        elif request.embeddings:
             self._load_embeddings(settings)
         else:
             self._load_text(settings, parallel)
         threads = settings["n_threads"]
-        self.embeddings = request.embeddings
+        self.embeddings, self.cross_encoder = request.embeddings, request.rerank
         self.threads.loaded = threads
         metadata = self.model.metadata()
         template = request.chat_template or metadata.get("tokenizer.chat_template", "")
@@ -261,6 +360,41 @@ class LlamaBackend(Backend):
         self.llm = llm
         self.model = llm._model
         self.context_size = llm.n_ctx()
+
+    def _load_reranker(self, settings: dict[str, Any]) -> None:
+        import llama_cpp
+        from llama_cpp import Llama
+
+        name = os.path.basename(settings["model_path"])
+        if not _has_classifier(settings["model_path"]):
+            raise invalid(
+                "invalid_model",
+                f"{name} is not a reranker: it has no classification head (cls, cls.output). "
+                "A chat or embedding GGUF cannot rerank; use a cross-encoder converted by "
+                "llama.cpp (bge-reranker, jina-reranker, Qwen3-Reranker, ...)",
+            )
+        llm = _open(Llama, settings)
+        self.llm = llm  # freed by unload if what follows refuses it
+        self.model = llm._model
+        labels = llama_cpp.llama_model_n_cls_out(self.model.model)
+        architecture = self.model.metadata().get("general.architecture", "")
+        if architecture in _SOFTMAX_HEADS:
+            self.relevance = lambda logits: logits[0]
+        elif labels == 1:
+            self.relevance = lambda logits: _sigmoid(logits[0])
+        elif labels == 2:  # (irrelevant, relevant), as the transformers backend reads it
+            self.relevance = lambda logits: _sigmoid(logits[1] - logits[0])
+        else:
+            raise invalid(
+                "invalid_model",
+                f"{name} classifies into {labels} labels; a reranker has 1 (a relevance logit) "
+                "or 2 (irrelevant, relevant)",
+            )
+        self.context_size = llm.n_ctx()
+        # Positions past the trained ones do not exist in a BERT (its position embeddings).
+        self.pair_limit = min(
+            int(llm.context_params.n_ubatch), self.context_size, self.model.n_ctx_train()
+        )
 
     def _load_text(self, settings: dict[str, Any], parallel: int) -> None:
         """The model, and a context of `parallel` sequences each with the whole context size
@@ -322,6 +456,9 @@ class LlamaBackend(Backend):
         """One decode, as llama.cpp's server does at start: the weights are paged in now (so
         the first request is not slower, and the memory measured after load is what serving
         takes), not on the first request."""
+        if self.cross_encoder:
+            self._scores([self._pair_tokens("warm up", "warm up")])
+            return
         if self.engine is None:
             self.llm.embed("warm up")
             return
@@ -356,6 +493,8 @@ class LlamaBackend(Backend):
                 model.close()
 
     def capabilities(self) -> frozenset[Capability]:
+        if self.cross_encoder:
+            return frozenset({Capability.RERANK})
         return frozenset({Capability.EMBEDDINGS if self.embeddings else Capability.TEXT})
 
     # Text -------------------------------------------------------------------------------------
@@ -608,3 +747,119 @@ class LlamaBackend(Backend):
             count += used
         vectors = [pb.Embedding(values=_unit(row)) for row in rows]
         return pb.EmbedResponse(embeddings=vectors, prompt_tokens=count, input_tokens=counts)
+
+    # Rerank -----------------------------------------------------------------------------------
+
+    def rerank(self, request: pb.RerankRequest, cancelled: threading.Event) -> pb.RerankResponse:
+        """Each document's relevance to the query in [0, 1]: the model's classification head on
+        the pair, its logit through a sigmoid (see _load_reranker)."""
+        if not request.documents:
+            return pb.RerankResponse()
+        with self.lock:
+            return self.compute.submit(self._rerank, request, cancelled).result()
+
+    def _rerank(self, request: pb.RerankRequest, cancelled: threading.Event) -> pb.RerankResponse:
+        if self.llm is None or not self.cross_encoder:
+            raise _unloaded()
+        limit = self.pair_limit
+        pairs = [self._pair_tokens(request.query, document) for document in request.documents]
+        fixed = len(self._pair_tokens(request.query, ""))  # all but the document
+        if fixed >= limit:
+            raise invalid(
+                Reason.INPUT_TOO_LONG,
+                f"the query is {fixed} tokens with the pair's own; this model reads at most "
+                f"{limit} for the query and a document together",
+                param="query",
+            )
+        too_long = [i for i, pair in enumerate(pairs) if len(pair) > limit]
+        if too_long:
+            first = too_long[0]
+            if not self.truncate:
+                raise invalid(
+                    Reason.INPUT_TOO_LONG,
+                    f"documents[{first}] with the query is {len(pairs[first])} tokens; this "
+                    f"model reads at most {limit} (the model YAML sets truncate: false)",
+                    param="documents",
+                )
+            log.info(
+                "truncating %d document(s) to fit %d tokens with the query (the longest pair "
+                "had %d)",
+                len(too_long),
+                limit,
+                max(len(pairs[i]) for i in too_long),
+            )
+            for i in too_long:
+                room = limit - fixed
+                pairs[i] = self._pair_tokens(request.query, request.documents[i], room)
+                while len(pairs[i]) > limit and room > 0:
+                    # A template's text is read whole: the cut may join tokens differently.
+                    room = max(0, room - (len(pairs[i]) - limit))
+                    pairs[i] = self._pair_tokens(request.query, request.documents[i], room)
+        # As many pairs per decode as one physical batch and the context's sequences hold:
+        # llama.cpp reads a non-causal batch whole, and aborts on a longer one.
+        room = int(self.llm.context_params.n_ubatch)
+        most = int(self.llm.context_params.n_seq_max)
+        batches: list[list[list[int]]] = [[]]
+        for pair in pairs:
+            batch = batches[-1]
+            if batch and (sum(map(len, batch)) + len(pair) > room or len(batch) >= most):
+                batches.append(batch := [])
+            batch.append(pair)
+        scores: list[float] = []
+        for batch in batches:
+            if cancelled.is_set():
+                raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
+            self.follow_threads()
+            scores.extend(self._scores(batch))
+        return pb.RerankResponse(scores=scores, prompt_tokens=sum(map(len, pairs)))
+
+    def _pair_tokens(self, query: str, document: str, room: int | None = None) -> list[int]:
+        """A (query, document) pair as llama.cpp's server writes it for /rerank
+        (format_prompt_rerank in tools/server/server-common.cpp): the GGUF's "rerank" template
+        with {query} and {document} filled in, or else [BOS] query [EOS] [SEP] document [EOS],
+        each special token where the vocabulary adds it (EOS falling back to SEP). With `room`,
+        the document keeps only its first `room` tokens."""
+        import llama_cpp
+
+        model = self.model
+        vocab = model.vocab
+
+        def text(value: str, special: bool = False) -> list[int]:
+            return list(model.tokenize(value.encode("utf-8"), add_bos=False, special=special))
+
+        doc = text(document)
+        if room is not None and len(doc) > room:
+            doc = doc[:room]
+            document = model.detokenize(doc).decode("utf-8", errors="ignore")
+        template = llama_cpp.llama_model_chat_template(model.model, b"rerank")
+        if template is not None:
+            # As the server does: filled in, then read whole, its control tokens included.
+            prompt = template.decode("utf-8").replace("{query}", query)
+            return text(prompt.replace("{document}", document), special=True)
+        eos = llama_cpp.llama_vocab_eos(vocab)
+        if eos < 0:
+            eos = llama_cpp.llama_vocab_sep(vocab)
+        add_eos = [eos] if llama_cpp.llama_vocab_get_add_eos(vocab) else []
+        bos = [model.token_bos()] if llama_cpp.llama_vocab_get_add_bos(vocab) else []
+        sep = [llama_cpp.llama_vocab_sep(vocab)] if llama_cpp.llama_vocab_get_add_sep(vocab) else []
+        return [*bos, *text(query), *add_eos, *sep, *doc, *add_eos]
+
+    def _scores(self, pairs: list[list[int]]) -> list[float]:
+        """One decode of `pairs`, a sequence each; each one's relevance from its rank output
+        (n_cls_out floats: Llama.embed would read n_embd)."""
+        import llama_cpp
+
+        llm = self.llm
+        batch = llm._batch
+        batch.reset()
+        for seq_id, tokens in enumerate(pairs):
+            batch.add_sequence(tokens, seq_id, True)
+        llm._ctx.kv_cache_clear()  # the last batch's sequences (rerankers with a cache)
+        llm._ctx.decode(batch)
+        labels = llama_cpp.llama_model_n_cls_out(self.model.model)
+        scores = []
+        for seq_id in range(len(pairs)):
+            row = llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, seq_id)
+            scores.append(float(self.relevance(row[:labels])))
+        batch.reset()
+        return scores

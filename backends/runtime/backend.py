@@ -20,6 +20,8 @@ _CAPABILITY_METHODS = {
     Capability.EMBEDDINGS: "embed",
     Capability.TRANSCRIPTION: "transcribe",
     Capability.IMAGES: "generate_image",
+    Capability.SPEECH: "synthesize",
+    Capability.RERANK: "rerank",
 }
 
 
@@ -189,3 +191,16 @@ class Backend:
         self, request: pb.GenerateImageRequest, cancelled: threading.Event
     ) -> pb.GenerateImageResponse:
         raise _unimplemented("image generation")
+
+    def synthesize(
+        self, request: pb.SynthesizeRequest, cancelled: threading.Event
+    ) -> Iterator[pb.SynthesizeResponse]:
+        """Yield the encoded audio in pieces as it is made (a backend that speaks overrides
+        this and `list_voices`)."""
+        raise _unimplemented("speech")
+
+    def list_voices(self, request: pb.ListVoicesRequest) -> pb.ListVoicesResponse:
+        raise _unimplemented("speech")
+
+    def rerank(self, request: pb.RerankRequest, cancelled: threading.Event) -> pb.RerankResponse:
+        raise _unimplemented("reranking")

@@ -194,9 +194,9 @@ class _Runtime:
             return await self.run(self.backend.embed, merged, cancelled)
 
         self.embed_batcher = EmbedBatcher(run, most, window_ms / 1000)
-        # Text is still served one call at a time: more calls at once only where all it
-        # serves is embeddings.
-        return CONCURRENT_CALLS if self.serving == {Capability.EMBEDDINGS} else 0
+        # More calls at once only for embedding models (which rerank too): text is served
+        # one call at a time here (a text backend batches its own way).
+        return CONCURRENT_CALLS if self.serving <= {Capability.EMBEDDINGS, Capability.RERANK} else 0
 
     async def stream(
         self,
@@ -423,6 +423,33 @@ class _Images(pb_grpc.ImagesServicer):
         return await self.rt.call(context, Capability.IMAGES, backend.generate_image, request)
 
 
+class _Speech(pb_grpc.SpeechServicer):
+    def __init__(self, runtime: _Runtime) -> None:
+        self.rt = runtime
+
+    async def Synthesize(
+        self, request: pb.SynthesizeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SynthesizeResponse]:
+        stream = self.rt.stream(context, Capability.SPEECH, self.rt.backend.synthesize, request)
+        async for item in stream:
+            yield item
+
+    async def ListVoices(
+        self, request: pb.ListVoicesRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        voices = self.rt.backend.list_voices
+        return await self.rt.call(context, Capability.SPEECH, lambda r, _: voices(r), request)
+
+
+class _Rerank(pb_grpc.RerankServicer):
+    def __init__(self, runtime: _Runtime) -> None:
+        self.rt = runtime
+
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> Any:
+        backend = self.rt.backend
+        return await self.rt.call(context, Capability.RERANK, backend.rerank, request)
+
+
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -515,6 +542,8 @@ async def serve(
     pb_grpc.add_EmbeddingsServicer_to_server(_Embeddings(runtime), server)
     pb_grpc.add_TranscriptionServicer_to_server(_Transcription(runtime), server)
     pb_grpc.add_ImagesServicer_to_server(_Images(runtime), server)
+    pb_grpc.add_SpeechServicer_to_server(_Speech(runtime), server)
+    pb_grpc.add_RerankServicer_to_server(_Rerank(runtime), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if tls is not None:
         chain, key = tls

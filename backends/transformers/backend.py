@@ -1,4 +1,5 @@
-"""Hugging Face Transformers: causal LMs (chat, completion, streaming) and sentence embeddings.
+"""Hugging Face Transformers: causal LMs (chat, completion, streaming), sentence embeddings,
+and reranking (cross-encoders, and embedding models by cosine similarity: see rerank.py).
 
 Only safetensors weights are loaded (pickle weights can run code), `trust_remote_code` stays off
 unless the model YAML turns it on, and nothing is fetched from a hub: the model is a local
@@ -10,6 +11,8 @@ sequences, and its row of the batch ends within one token once it is cancelled o
 
 Structured output (response_format json_object and json_schema, and forced tool calls in the
 model's call format) masks a row's scores to what its grammar allows (constrain.py, llguidance).
+
+Embeddings and reranking run one forward pass per chunk of inputs, on the same compute thread.
 """
 
 from __future__ import annotations
@@ -23,10 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
 
-from backends.runtime import Backend, BackendError, Capability, invalid
+from backends.runtime import Backend, Capability, invalid
 from backends.runtime.constrain import Grammars
 from backends.runtime.files import require_safetensors
 from backends.runtime.text import (
@@ -37,6 +39,13 @@ from backends.runtime.text import (
 )
 from backends.runtime.tools import ToolPlan, family_of_template, generate_with_tools
 from backends.transformers.batch import Generation, GenerationBatcher, model_unloaded
+from backends.transformers.rerank import (
+    cancelled_error,
+    cosine_scores,
+    cross_encoder_scores,
+    load_cross_encoder,
+    pair_limit,
+)
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Reason
 
@@ -95,7 +104,8 @@ class _IncrementalText:
 
 
 class TransformersBackend(Backend):
-    """One model directory: a causal LM, or (with `embeddings: true`) a sentence encoder."""
+    """One model directory: a causal LM, a sentence encoder (`embeddings: true`; it reranks
+    too), or a cross-encoder (`rerank: true`)."""
 
     name = "transformers"
     adjustable_threads = True  # torch.set_num_threads between tokens and forward passes
@@ -108,6 +118,7 @@ class TransformersBackend(Backend):
         self.model: Any = None
         self.tokenizer: Any = None
         self.embeddings = False
+        self.cross_encoder = False
         self.chat_template: str | None = None
         self.pooling = "mean"
         self.normalize = True
@@ -159,18 +170,36 @@ class TransformersBackend(Backend):
         if request.HasField("seed"):
             torch.manual_seed(request.seed)
         common = {"local_files_only": True, "trust_remote_code": trust}
+        cross_encoder = request.rerank  # the model YAML's `rerank: true`
+        if cross_encoder and request.embeddings:
+            raise invalid(
+                "invalid_option",
+                "set rerank: true for a cross-encoder or embeddings: true for an embedding "
+                "model (which reranks too), not both",
+            )
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, **common)
-        self.embeddings = request.embeddings
-        loader = transformers.AutoModel if self.embeddings else transformers.AutoModelForCausalLM
-        try:
-            model = loader.from_pretrained(path, dtype=dtype, use_safetensors=True, **common)
-        except (OSError, ValueError) as exc:
-            raise invalid("invalid_model", f"transformers cannot load {path.name}: {exc}") from None
+        self.embeddings, self.cross_encoder = request.embeddings, cross_encoder
+        if cross_encoder:
+            model = load_cross_encoder(path, dtype, common)
+        else:
+            loader = (
+                transformers.AutoModel if self.embeddings else transformers.AutoModelForCausalLM
+            )
+            try:
+                model = loader.from_pretrained(path, dtype=dtype, use_safetensors=True, **common)
+            except (OSError, ValueError) as exc:
+                raise invalid(
+                    "invalid_model", f"transformers cannot load {path.name}: {exc}"
+                ) from None
         self.model = model.eval()
         parallel = request.parallel or _DEFAULT_PARALLEL
         positions = getattr(model.config, "max_position_embeddings", None) or 2048
         if self.embeddings:
             self._configure_embeddings(path, options, positions)
+        elif cross_encoder:
+            self.max_length = pair_limit(self.tokenizer, positions, options)
+            self.truncate = bool(options.get("truncate", True))
+            self.tokenizer("")  # as below: settle a tokenizer.json's settings on this thread
         else:
             self.context = request.context_size or positions
             self.chat_template = request.chat_template or self.tokenizer.chat_template
@@ -199,7 +228,7 @@ class TransformersBackend(Backend):
             torch.get_num_threads(),
             "" if self.batcher is None else f", batches of up to {self.batcher.parallel}",
         )
-        if self.embeddings:
+        if self.embeddings or cross_encoder:
             return pb.LoadResponse(context_size=self.max_length)
         # As many calls at once as a batch holds (0: the gateway's one at a time).
         concurrent = parallel if parallel > 1 else 0
@@ -247,7 +276,11 @@ class TransformersBackend(Backend):
         self.compute.submit(lambda: None).result()
 
     def capabilities(self) -> frozenset[Capability]:
-        return frozenset({Capability.EMBEDDINGS if self.embeddings else Capability.TEXT})
+        if self.cross_encoder:
+            return frozenset({Capability.RERANK})
+        if self.embeddings:
+            return frozenset({Capability.EMBEDDINGS, Capability.RERANK})
+        return frozenset({Capability.TEXT})
 
     # Text -------------------------------------------------------------------------------------
 
@@ -425,26 +458,47 @@ class TransformersBackend(Backend):
                 f"this model makes {size}-dimensional embeddings",
                 param="dimensions",
             )
+        pooled, counts = self._encode(
+            texts, cancelled, lambda i: (f"input[{i}]", "input"), request.max_input_tokens
+        )
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        vectors = [pb.Embedding(values=row) for row in pooled.float().tolist()]
+        return pb.EmbedResponse(embeddings=vectors, prompt_tokens=sum(counts), input_tokens=counts)
+
+    def _encode(
+        self,
+        texts: list[str],
+        cancelled: threading.Event,
+        where: Callable[[int], tuple[str, str]],
+        most: int = 0,
+    ) -> tuple[Any, list[int]]:
+        """The pooled vectors of `texts` (one row each, not normalised) and their token counts.
+
+        `where(i)` names text i and its request field in errors; `most` (0: none) is the
+        request's bound on tokens per text, which holds whether or not the YAML truncates.
+        """
+        import torch
+
         lengths = [len(ids) for ids in self.tokenizer(texts).input_ids]
-        # The request's bound holds whether or not the model YAML truncates: past it, nothing.
-        most = request.max_input_tokens
         over = next((i for i, n in enumerate(lengths) if most and n > most), None)
         if over is not None:
+            name, param = where(over)
             raise invalid(
                 Reason.INPUT_TOO_LONG,
-                f"input[{over}] is {lengths[over]} tokens; this server embeds at most {most} "
-                "in one input",
-                param="input",
+                f"{name} is {lengths[over]} tokens; this server embeds at most {most} in one input",
+                param=param,
             )
         too_long = [i for i, n in enumerate(lengths) if n > self.max_length]
         if too_long:
             first = too_long[0]
             if not self.truncate:
+                name, param = where(first)
                 raise invalid(
                     Reason.INPUT_TOO_LONG,
-                    f"input[{first}] is {lengths[first]} tokens; this model reads at most "
+                    f"{name} is {lengths[first]} tokens; this model reads at most "
                     f"{self.max_length} (the model YAML sets truncate: false)",
-                    param="input",
+                    param=param,
                 )
             log.info(
                 "truncating %d input(s) to %d tokens (the longest had %d)",
@@ -452,12 +506,12 @@ class TransformersBackend(Backend):
                 self.max_length,
                 max(lengths),
             )
-        vectors: list[pb.Embedding] = []
+        rows: list[Any] = []
         counts: list[int] = []
         with torch.inference_mode():
             for start in range(0, len(texts), _EMBED_CHUNK):
                 if cancelled.is_set():
-                    raise BackendError(grpc.StatusCode.CANCELLED, Reason.CANCELLED, "cancelled")
+                    raise cancelled_error()
                 self.follow_threads()
                 batch = self.tokenizer(
                     texts[start : start + _EMBED_CHUNK],
@@ -469,11 +523,9 @@ class TransformersBackend(Backend):
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 counts.extend(batch["attention_mask"].sum(dim=1).tolist())
-                pooled = self._pool(hidden, mask)
-                if self.normalize:
-                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                vectors.extend(pb.Embedding(values=row) for row in pooled.float().tolist())
-        return pb.EmbedResponse(embeddings=vectors, prompt_tokens=sum(counts), input_tokens=counts)
+                rows.append(self._pool(hidden, mask))
+        pooled = torch.cat(rows) if rows else torch.empty(0, int(self.model.config.hidden_size))
+        return pooled, counts
 
     def _pool(self, hidden: Any, mask: Any) -> Any:
         if self.pooling == "cls":
@@ -481,3 +533,38 @@ class TransformersBackend(Backend):
         if self.pooling == "max":
             return hidden.masked_fill(mask == 0, float("-inf")).max(dim=1).values
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+    # Rerank -----------------------------------------------------------------------------------
+
+    def rerank(self, request: pb.RerankRequest, cancelled: threading.Event) -> pb.RerankResponse:
+        """Each document's relevance to the query in [0, 1]: a cross-encoder's sigmoid of its
+        logit, or for an embedding model (cos + 1) / 2 of the query's and the document's
+        vectors, pooled as /v1/embeddings pools them (see rerank.py)."""
+        if not request.documents:
+            return pb.RerankResponse()
+        # On the compute thread, tokenizing included, as embed does.
+        return self.compute.submit(self._rerank, request, cancelled).result()
+
+    def _rerank(self, request: pb.RerankRequest, cancelled: threading.Event) -> pb.RerankResponse:
+        documents = list(request.documents)
+        if self.cross_encoder:
+            scores, read = cross_encoder_scores(
+                self.model,
+                self.tokenizer,
+                request.query,
+                documents,
+                max_length=self.max_length,
+                truncate=self.truncate,
+                cancelled=cancelled,
+                between_batches=self.follow_threads,
+            )
+            return pb.RerankResponse(scores=scores, prompt_tokens=read)
+
+        def where(index: int) -> tuple[str, str]:
+            return (
+                ("the query", "query") if index == 0 else (f"documents[{index - 1}]", "documents")
+            )
+
+        pooled, counts = self._encode([request.query, *documents], cancelled, where)
+        scores = cosine_scores(pooled[0], pooled[1:])
+        return pb.RerankResponse(scores=scores, prompt_tokens=sum(counts))

@@ -41,6 +41,7 @@ RUNTIME_BYTES = {
     "transformers": 330 * MIB,
     "whisper": 185 * MIB,  # with PyAV's decoders and the buffers of a warm-up transcription
     "diffusers": 450 * MIB,
+    "piper": 90 * MIB,  # onnxruntime, numpy and PyAV
 }
 #: A custom backend we know nothing about, until it has been measured once.
 UNKNOWN_BYTES = 256 * MIB
@@ -56,6 +57,15 @@ _CT2_FACTOR = {
     "default": 2.0,
 }
 _WHISPER_CACHE_PER_BEAM = 0.06
+# onnxruntime holds a Piper voice's weights at about 1.7 times its .onnx file (with the buffers
+# of the warm-up), and its buffers grow with the audio of one model call, which the backend
+# bounds by phoneme ids (300 at speed 1, fewer when slower): about 15 s for the text that makes
+# the most audio per id. Measured on en_US-joe-medium (63 MB of .onnx, 187 MiB loaded), peaks
+# of 4,100 characters: 228 MiB for one short sentence, 291 MiB for prose, 353 MiB for
+# "77, 77, ..." (350 MiB at speed 0.25), 373 MiB for "no, no, ...", 533 MiB for "s: s: ..."
+# (15 s calls; 504 MiB at speed 0.25). 6.5 is 584 MiB in all, a tenth over the worst.
+_PIPER_WEIGHTS_FACTOR = 1.7
+_PIPER_SPEAKING_FACTOR = 6.5
 # llama.cpp reserves compute buffers for its largest graph (a full batch of prompt tokens, with
 # every logit) but touches them only as far as requests use them: measured after load and after
 # a long prompt, a quarter covers what is touched.
@@ -127,6 +137,8 @@ def estimate_before_download(backend: str, config: dict[str, Any], file_bytes: i
     if backend == "whisper":
         weights = int(file_bytes * _CT2_FACTOR.get(str(options.get("compute_type")), 0.55))
     parts = {"runtime": runtime, "weights": weights}
+    if backend == "piper":
+        parts = {"runtime": runtime, **_piper_parts(file_bytes)}
     if backend == "llama":
         # Without the header, the KV cache and buffers are guessed as a tenth of the weights.
         parts["buffers"] = weights // 10
@@ -203,11 +215,24 @@ def _diffusers(config: ModelConfig, path: Path) -> dict[str, int]:
     return {"weights": weights, "activations": weights // 5}
 
 
+def _piper(config: ModelConfig, path: Path) -> dict[str, int]:
+    return _piper_parts(folder_bytes(path, (".onnx",)))
+
+
+def _piper_parts(onnx_bytes: int) -> dict[str, int]:
+    """Every voice of the model is loaded; each one spoken with keeps buffers of its own."""
+    return {
+        "weights": int(onnx_bytes * _PIPER_WEIGHTS_FACTOR),
+        "speaking": int(onnx_bytes * _PIPER_SPEAKING_FACTOR),
+    }
+
+
 _ENGINE_PARTS = {
     "llama": _llama,
     "transformers": _transformers,
     "whisper": _whisper,
     "diffusers": _diffusers,
+    "piper": _piper,
 }
 
 

@@ -43,6 +43,7 @@ from gateway.manager.supervisor import Supervisor
 from gateway.metrics import BackendSample, Metrics
 from gateway.settings import Settings
 from gateway.units import format_size
+from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Capability, Reason
 
 log = logging.getLogger("hearth.manager")
@@ -65,6 +66,8 @@ _CAPABILITY_WORDS = {
     Capability.EMBEDDINGS: "embeddings",
     Capability.TRANSCRIPTION: "audio transcription",
     Capability.IMAGES: "image generation",
+    Capability.SPEECH: "speech (text to speech)",
+    Capability.RERANK: "reranking",
 }
 
 
@@ -124,6 +127,8 @@ class BackendManager:
         #: Models asked to unload while they were starting: unloaded once their requests end.
         self._unload_when_started: set[str] = set()
         self._failures: dict[str, _Failure] = {}
+        #: A speech model's voices, as its backend instance (the key's) last listed them.
+        self._voices: dict[str, tuple[BackendInstance, pb.ListVoicesResponse]] = {}
         self._closing = False
         self.metrics = Metrics()
         self.metrics.watch_backends(self._samples)
@@ -169,6 +174,20 @@ class BackendManager:
 
     def loaded(self) -> dict[str, BackendInstance]:
         return {name: i for name, i in self._instances.items() if i.alive}
+
+    async def voices(self, config: ModelConfig) -> pb.ListVoicesResponse:
+        """A speech model's voices: asked of its backend once per backend instance (loading
+        it if need be), then answered from memory, without waiting for a slot while it
+        speaks."""
+        instance = self.loaded().get(config.name)
+        known = self._voices.get(config.name)
+        if instance is not None and known is not None and known[0] is instance:
+            return known[1]
+        answer = await self.call(config, Capability.SPEECH, lambda client: client.list_voices())
+        instance = self.loaded().get(config.name)
+        if instance is not None:
+            self._voices[config.name] = (instance, answer)
+        return answer
 
     async def acquire(
         self, config: ModelConfig, capability: Capability, keep_alive: float | None = None

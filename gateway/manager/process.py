@@ -163,6 +163,7 @@ def load_request_for(config: ModelConfig, models_dir: Path, threads: int = 0) ->
         batch_size=config.batch_size or 0,
         chat_template=config.chat_template or "",
         embeddings=config.embeddings,
+        rerank=config.rerank,
         options=options,
         parallel=config.parallel or 0,
         tool_parser=config.tool_parser or "",

@@ -7,7 +7,7 @@ import functools
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -18,7 +18,12 @@ from litestar.response import ServerSentEvent
 
 from gateway.auth import check_model
 from gateway.client import BackendClient
-from gateway.config import ModelConfig, parse_keep_alive, validation_error_field
+from gateway.config import (
+    BUILTIN_BACKENDS,
+    ModelConfig,
+    parse_keep_alive,
+    validation_error_field,
+)
 from gateway.errors import OpenAIError, for_caller, invalid_request
 from gateway.lifetime import RequestLife, life_of
 from gateway.manager import BackendManager
@@ -75,6 +80,18 @@ async def resolve_model(
     check_model(config.name)
     life_of(request).model = config.name
     return config
+
+
+def require_kind(config: ModelConfig, kinds: Collection[str], what: str) -> None:
+    """A 400, before anything loads, when a built-in backend's model is of none of `kinds`
+    (echo serves everything; a custom backend says what it serves only once loaded)."""
+    builtin = config.backend in BUILTIN_BACKENDS and config.backend != "echo"
+    if builtin and config.kind() not in kinds:
+        raise invalid_request(
+            f"the model '{config.name}' is a {config.kind()} model: it does not do {what}",
+            param="model",
+            code="model_not_supported",
+        )
 
 
 def keep_alive_of(value: str | int | float | None) -> float | None:

@@ -45,8 +45,9 @@ from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Capability
 
 NDJSON = "application/x-ndjson"
-#: Backends whose models Ollama's API cannot use (speech, images): left out of its listings.
-_NOT_OLLAMA = frozenset({"whisper", "diffusers"})
+#: The kinds of model Ollama's API can use (not speech, images or rerankers): the others are
+#: left out of its listings.
+_OLLAMA_KINDS = frozenset({"chat", "embeddings"})
 #: Where a model never unloads, /api/ps says it expires this far ahead (as Ollama says a date
 #: centuries away).
 _FOREVER_SECONDS = 100 * 365 * 86400.0
@@ -237,7 +238,7 @@ def _parameters(config: ModelConfig) -> str:
 def _capabilities(config: ModelConfig) -> list[str]:
     if config.embeddings:
         return ["embedding"]
-    if config.backend in _NOT_OLLAMA:
+    if config.kind() not in _OLLAMA_KINDS:
         return []
     # Every chat model takes tools: a template without them gets them described (hermes).
     return ["completion", "tools"]
@@ -283,7 +284,7 @@ class OllamaController(Controller):
         caller = identity.caller.get()
         models = (await manager.registry.current()).models.values()
         listed = sorted(
-            (c for c in models if c.backend not in _NOT_OLLAMA and caller.may_use(c.name)),
+            (c for c in models if c.kind() in _OLLAMA_KINDS and caller.may_use(c.name)),
             key=lambda c: c.name,
         )
         models_dir = manager.settings.models_dir
@@ -310,7 +311,7 @@ class OllamaController(Controller):
         loaded = [
             instance
             for name, instance in sorted(manager.loaded().items())
-            if instance.config.backend not in _NOT_OLLAMA and caller.may_use(name)
+            if instance.config.kind() in _OLLAMA_KINDS and caller.may_use(name)
         ]
         models_dir = manager.settings.models_dir
         facts = await asyncio.to_thread(lambda: [model_facts(i.config, models_dir) for i in loaded])

@@ -5,7 +5,7 @@ import { clearChat, setupChat, stopChat, updateChatModels } from "./chat.js";
 import { el, showMessage } from "./dom.js";
 import { clearImages, setupImages, updateImageModels } from "./images.js";
 import { createModelsArea } from "./models.js";
-import { clearSpeech, setupSpeech, updateSpeechModels } from "./speech.js";
+import { clearSpeech, setupSpeech, showSpeech, updateSpeechModels } from "./speech.js";
 
 const AREAS = ["chat", "speech", "images", "models"];
 
@@ -109,6 +109,7 @@ function route(moveFocus = true) {
   }
   if (area === "models") modelsArea.show();
   else modelsArea?.hide();
+  if (area === "speech") showSpeech(); // lists the voices (starts the voice model) once there
   const title = document.getElementById(area).querySelector("h2");
   document.title = `${title.textContent} · Hearth`;
   if (moveFocus) title.focus();

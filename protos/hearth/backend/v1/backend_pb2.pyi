@@ -35,6 +35,16 @@ class TranscriptionTask(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSCRIPTION_TASK_UNSPECIFIED: _ClassVar[TranscriptionTask]
     TRANSCRIPTION_TASK_TRANSCRIBE: _ClassVar[TranscriptionTask]
     TRANSCRIPTION_TASK_TRANSLATE: _ClassVar[TranscriptionTask]
+
+class AudioFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AUDIO_FORMAT_UNSPECIFIED: _ClassVar[AudioFormat]
+    AUDIO_FORMAT_WAV: _ClassVar[AudioFormat]
+    AUDIO_FORMAT_MP3: _ClassVar[AudioFormat]
+    AUDIO_FORMAT_FLAC: _ClassVar[AudioFormat]
+    AUDIO_FORMAT_OPUS: _ClassVar[AudioFormat]
+    AUDIO_FORMAT_PCM: _ClassVar[AudioFormat]
+    AUDIO_FORMAT_AAC: _ClassVar[AudioFormat]
 MODEL_STATE_UNSPECIFIED: ModelState
 MODEL_STATE_UNLOADED: ModelState
 MODEL_STATE_LOADING: ModelState
@@ -51,9 +61,16 @@ FINISH_REASON_TOOL_CALLS: FinishReason
 TRANSCRIPTION_TASK_UNSPECIFIED: TranscriptionTask
 TRANSCRIPTION_TASK_TRANSCRIBE: TranscriptionTask
 TRANSCRIPTION_TASK_TRANSLATE: TranscriptionTask
+AUDIO_FORMAT_UNSPECIFIED: AudioFormat
+AUDIO_FORMAT_WAV: AudioFormat
+AUDIO_FORMAT_MP3: AudioFormat
+AUDIO_FORMAT_FLAC: AudioFormat
+AUDIO_FORMAT_OPUS: AudioFormat
+AUDIO_FORMAT_PCM: AudioFormat
+AUDIO_FORMAT_AAC: AudioFormat
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_name", "model_path", "context_size", "threads", "batch_size", "mmap", "seed", "chat_template", "embeddings", "options", "parallel", "tool_parser")
+    __slots__ = ("model_name", "model_path", "context_size", "threads", "batch_size", "mmap", "seed", "chat_template", "embeddings", "options", "parallel", "tool_parser", "rerank")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +83,7 @@ class LoadRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     PARALLEL_FIELD_NUMBER: _ClassVar[int]
     TOOL_PARSER_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_path: str
     context_size: int
@@ -78,7 +96,8 @@ class LoadRequest(_message.Message):
     options: _struct_pb2.Struct
     parallel: int
     tool_parser: str
-    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., context_size: _Optional[int] = ..., threads: _Optional[int] = ..., batch_size: _Optional[int] = ..., mmap: _Optional[bool] = ..., seed: _Optional[int] = ..., chat_template: _Optional[str] = ..., embeddings: _Optional[bool] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., parallel: _Optional[int] = ..., tool_parser: _Optional[str] = ...) -> None: ...
+    rerank: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., context_size: _Optional[int] = ..., threads: _Optional[int] = ..., batch_size: _Optional[int] = ..., mmap: _Optional[bool] = ..., seed: _Optional[int] = ..., chat_template: _Optional[str] = ..., embeddings: _Optional[bool] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., parallel: _Optional[int] = ..., tool_parser: _Optional[str] = ..., rerank: _Optional[bool] = ...) -> None: ...
 
 class LoadResponse(_message.Message):
     __slots__ = ("context_size", "threads", "adjustable_threads", "concurrent_calls")
@@ -475,3 +494,61 @@ class GenerateImageResponse(_message.Message):
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[GeneratedImage]
     def __init__(self, images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ...) -> None: ...
+
+class SynthesizeRequest(_message.Message):
+    __slots__ = ("input", "voice", "format", "speed")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    VOICE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SPEED_FIELD_NUMBER: _ClassVar[int]
+    input: str
+    voice: str
+    format: AudioFormat
+    speed: float
+    def __init__(self, input: _Optional[str] = ..., voice: _Optional[str] = ..., format: _Optional[_Union[AudioFormat, str]] = ..., speed: _Optional[float] = ...) -> None: ...
+
+class SynthesizeResponse(_message.Message):
+    __slots__ = ("audio", "sample_rate", "characters")
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    audio: bytes
+    sample_rate: int
+    characters: int
+    def __init__(self, audio: _Optional[bytes] = ..., sample_rate: _Optional[int] = ..., characters: _Optional[int] = ...) -> None: ...
+
+class ListVoicesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Voice(_message.Message):
+    __slots__ = ("name", "language")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    language: str
+    def __init__(self, name: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
+
+class ListVoicesResponse(_message.Message):
+    __slots__ = ("voices", "default_voice")
+    VOICES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VOICE_FIELD_NUMBER: _ClassVar[int]
+    voices: _containers.RepeatedCompositeFieldContainer[Voice]
+    default_voice: str
+    def __init__(self, voices: _Optional[_Iterable[_Union[Voice, _Mapping]]] = ..., default_voice: _Optional[str] = ...) -> None: ...
+
+class RerankRequest(_message.Message):
+    __slots__ = ("query", "documents")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    documents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RerankResponse(_message.Message):
+    __slots__ = ("scores", "prompt_tokens")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    prompt_tokens: int
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...

@@ -708,3 +708,218 @@ class Images:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SpeechStub:
+    """---------------------------------------------------------------------------------------------
+    Speech (text to speech)
+    ---------------------------------------------------------------------------------------------
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Synthesize = channel.unary_stream(
+                '/hearth.backend.v1.Speech/Synthesize',
+                request_serializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.SynthesizeRequest.SerializeToString,
+                response_deserializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.SynthesizeResponse.FromString,
+                _registered_method=True)
+        self.ListVoices = channel.unary_unary(
+                '/hearth.backend.v1.Speech/ListVoices',
+                request_serializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.ListVoicesRequest.SerializeToString,
+                response_deserializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.ListVoicesResponse.FromString,
+                _registered_method=True)
+
+
+class SpeechServicer:
+    """---------------------------------------------------------------------------------------------
+    Speech (text to speech)
+    ---------------------------------------------------------------------------------------------
+
+    """
+
+    def Synthesize(self, request, context):
+        """The text read aloud, in pieces of the encoded stream as they are made: a client hears the
+        first sentence while the rest is still being spoken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVoices(self, request, context):
+        """The voices the loaded model speaks with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SpeechServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Synthesize': grpc.unary_stream_rpc_method_handler(
+                    servicer.Synthesize,
+                    request_deserializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.SynthesizeRequest.FromString,
+                    response_serializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.SynthesizeResponse.SerializeToString,
+            ),
+            'ListVoices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVoices,
+                    request_deserializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.ListVoicesRequest.FromString,
+                    response_serializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.ListVoicesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'hearth.backend.v1.Speech', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('hearth.backend.v1.Speech', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Speech:
+    """---------------------------------------------------------------------------------------------
+    Speech (text to speech)
+    ---------------------------------------------------------------------------------------------
+
+    """
+
+    @staticmethod
+    def Synthesize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hearth.backend.v1.Speech/Synthesize',
+            protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.SynthesizeRequest.SerializeToString,
+            protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.SynthesizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVoices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hearth.backend.v1.Speech/ListVoices',
+            protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.ListVoicesRequest.SerializeToString,
+            protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.ListVoicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class RerankStub:
+    """---------------------------------------------------------------------------------------------
+    Rerank
+    ---------------------------------------------------------------------------------------------
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Rerank = channel.unary_unary(
+                '/hearth.backend.v1.Rerank/Rerank',
+                request_serializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.RerankRequest.SerializeToString,
+                response_deserializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.RerankResponse.FromString,
+                _registered_method=True)
+
+
+class RerankServicer:
+    """---------------------------------------------------------------------------------------------
+    Rerank
+    ---------------------------------------------------------------------------------------------
+
+    """
+
+    def Rerank(self, request, context):
+        """How relevant each document is to the query: higher is more relevant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RerankServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.RerankRequest.FromString,
+                    response_serializer=protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.RerankResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'hearth.backend.v1.Rerank', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('hearth.backend.v1.Rerank', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Rerank:
+    """---------------------------------------------------------------------------------------------
+    Rerank
+    ---------------------------------------------------------------------------------------------
+
+    """
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hearth.backend.v1.Rerank/Rerank',
+            protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.RerankRequest.SerializeToString,
+            protos_dot_hearth_dot_backend_dot_v1_dot_backend__pb2.RerankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -37,6 +37,8 @@ class Capability(enum.Enum):
     EMBEDDINGS = "hearth.backend.v1.Embeddings"
     TRANSCRIPTION = "hearth.backend.v1.Transcription"
     IMAGES = "hearth.backend.v1.Images"
+    SPEECH = "hearth.backend.v1.Speech"
+    RERANK = "hearth.backend.v1.Rerank"
 
 
 class Reason(enum.StrEnum):
@@ -59,6 +61,8 @@ class Reason(enum.StrEnum):
     AUDIO_TOO_LONG = "audio_too_long"
     #: An embedding input has more tokens than the request's max_input_tokens.
     INPUT_TOO_LONG = "input_too_long"
+    #: A speech request names a voice the model does not have.
+    VOICE_NOT_FOUND = "voice_not_found"
     #: A response_format / tool schema would make a grammar too large for the engine.
     SCHEMA_TOO_COMPLEX = "schema_too_complex"
 

@@ -1,0 +1,4 @@
+from backends.piper.backend import PiperBackend
+from backends.runtime import run
+
+run(PiperBackend())
