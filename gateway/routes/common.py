@@ -7,7 +7,14 @@ import functools
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -16,6 +23,7 @@ from litestar import Request
 from litestar.di import NamedDependency
 from litestar.response import ServerSentEvent
 
+from gateway import identity
 from gateway.auth import check_model
 from gateway.client import BackendClient
 from gateway.config import (
@@ -80,6 +88,29 @@ async def resolve_model(
     check_model(config.name)
     life_of(request).model = config.name
     return config
+
+
+async def models_of(manager: BackendManager, kind: str) -> list[str]:
+    """The catalog's models of `kind` (ModelConfig.kind) that the request's key may use."""
+    catalog = await manager.registry.current()
+    caller = identity.caller.get()
+    return sorted(
+        name for name, c in catalog.models.items() if c.kind() == kind and caller.may_use(name)
+    )
+
+
+async def only_model(manager: BackendManager, kinds: Sequence[str], what: str) -> str:
+    """The model of a request that names none: the one model of the first of `kinds` the
+    key has any of; with several, or none, the client must say (`what`: "an image model")."""
+    for kind in kinds:
+        names = await models_of(manager, kind)
+        if len(names) == 1:
+            return names[0]
+        if names:
+            raise invalid_request(
+                f"model is required here: name one of {', '.join(names)}", param="model"
+            )
+    raise invalid_request(f"model is required here: name {what} (none is installed)", param="model")
 
 
 def require_kind(config: ModelConfig, kinds: Collection[str], what: str) -> None:

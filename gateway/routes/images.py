@@ -9,10 +9,10 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 
 from gateway import limits
-from gateway.errors import OpenAIError, invalid_request
+from gateway.errors import OpenAIError
 from gateway.generated import GeneratedImages
 from gateway.manager import BackendManager
-from gateway.routes.common import decode_body, keep_alive_of, now, resolve_model
+from gateway.routes.common import decode_body, keep_alive_of, now, only_model, resolve_model
 from gateway.schemas.images import Image, ImageGenerationRequest, ImagesResponse
 from gateway.translate.images import generate_image_request
 from protos.hearth.backend.v1.contract import Capability
@@ -29,7 +29,8 @@ class ImagesController(Controller):
         generated: NamedDependency[GeneratedImages],
     ) -> ImagesResponse:
         body = decode_body(await request.body(), ImageGenerationRequest)
-        name = body.model or await _only_image_model(manager)
+        # OpenAI's default is its own model: here, the models dir's one image model.
+        name = body.model or await only_model(manager, ["image"], "an image model")
         config = await resolve_model(request, manager, name)
         limits.check_images(body, config, manager.settings)
         keep_alive = keep_alive_of(body.keep_alive)
@@ -45,17 +46,6 @@ class ImagesController(Controller):
                 name = await generated.store(image.png)
                 images.append(Image(url=f"{str(request.base_url).rstrip('/')}/generated/{name}"))
         return ImagesResponse(created=now(), data=images)
-
-
-async def _only_image_model(manager: NamedDependency[BackendManager]) -> str:
-    """The model of a request that names none (OpenAI's default is its own): the catalog's one
-    image model; with none or several, the client must say."""
-    catalog = await manager.registry.current()
-    names = sorted(n for n, c in catalog.models.items() if c.backend == "diffusers")
-    if len(names) != 1:
-        which = f"one of {', '.join(names)}" if names else "an image model (none is installed)"
-        raise invalid_request(f"model is required here: name {which}", param="model")
-    return names[0]
 
 
 @get("/generated/{name:str}", media_type="image/png")

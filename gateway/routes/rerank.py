@@ -13,6 +13,7 @@ from gateway.routes.common import (
     decode_body,
     keep_alive_of,
     new_id,
+    only_model,
     require_kind,
     resolve_model,
 )
@@ -44,7 +45,12 @@ class RerankController(Controller):
         documents = body.texts()
         if not documents:
             raise invalid_request("documents is empty: give at least one", param="documents")
-        config = await resolve_model(request, manager, body.model or await _only_reranker(manager))
+        # llama.cpp's server is called without one: the models dir's one reranker, else its one
+        # embedding model.
+        name = body.model or await only_model(
+            manager, ["rerank", "embeddings"], "a reranker or an embedding model"
+        )
+        config = await resolve_model(request, manager, name)
         require_kind(config, {"rerank", "embeddings"}, "reranking")
         call = pb.RerankRequest(query=body.query, documents=documents)
         answer = await manager.call(
@@ -74,20 +80,3 @@ class RerankController(Controller):
         ]
         usage = RerankUsage(prompt_tokens=answer.prompt_tokens, total_tokens=answer.prompt_tokens)
         return RerankResponse(id=new_id("rerank"), model=config.name, results=results, usage=usage)
-
-
-async def _only_reranker(manager: BackendManager) -> str:
-    """The model of a request that names none (llama.cpp's server serves one): the models
-    dir's one reranker, else its one embedding model."""
-    catalog = await manager.registry.current()
-    for kind in ("rerank", "embeddings"):
-        names = sorted(n for n, c in catalog.models.items() if c.kind() == kind)
-        if len(names) == 1:
-            return names[0]
-        if names:
-            raise invalid_request(
-                f"model is required here: name one of {', '.join(names)}", param="model"
-            )
-    raise invalid_request(
-        "model is required here: no reranker or embedding model is installed", param="model"
-    )

@@ -11,13 +11,18 @@ from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
 from litestar.response import Stream
 
-from gateway import identity
 from gateway.client import BackendClient
 from gateway.config import ModelConfig
 from gateway.errors import OpenAIError, invalid_request, model_not_found
 from gateway.lifetime import life_of
 from gateway.manager import BackendManager
-from gateway.routes.common import decode_body, keep_alive_of, require_kind, resolve_model
+from gateway.routes.common import (
+    decode_body,
+    keep_alive_of,
+    models_of,
+    require_kind,
+    resolve_model,
+)
 from gateway.schemas.speech import SpeechRequest, VoiceInfo, VoiceList
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Capability
@@ -129,13 +134,8 @@ class SpeechController(Controller):
         if model:
             configs = [await _speech_model(request, manager, model)]
         else:
-            catalog = await manager.registry.current()
-            caller = identity.caller.get()
-            configs = [
-                c
-                for name, c in sorted(catalog.models.items())
-                if c.kind() == "speech" and caller.may_use(name)
-            ]
+            names = await models_of(manager, "speech")
+            configs = [await resolve_model(request, manager, name) for name in names]
         data = []
         for config in configs:
             answer = await manager.voices(config)
@@ -161,8 +161,7 @@ async def _speech_model(
     except OpenAIError as exc:
         if exc.status != 404 or name not in _OPENAI_MODELS:
             raise
-        catalog = await manager.registry.current()
-        speaking = [n for n, c in catalog.models.items() if c.kind() == "speech"]
+        speaking = await models_of(manager, "speech")
         if len(speaking) != 1:
             raise model_not_found(name) from None
         config = await resolve_model(request, manager, speaking[0])
