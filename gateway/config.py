@@ -52,6 +52,25 @@ class Parameters(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True)
     stop: list[str] | None = None
 
 
+class LoraAdapter(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A LoRA adapter applied on top of the model: a GGUF LoRA file (llama) or a PEFT adapter
+    folder with safetensors weights (transformers)."""
+
+    #: Relative to the models dir.
+    path: str
+    #: How strongly it applies: 1.0 as trained, 0 not at all, negative to push away from it.
+    scale: Annotated[float, msgspec.Meta(ge=-100, le=100)] = 1.0
+
+
+#: The built-in backends that apply LoRA adapters (`lora`), and serve a base's variants
+#: (`base`) from the base's own process.
+LORA_BACKENDS = frozenset({"llama", "transformers", "echo"})
+#: What a variant (`base:`) may set itself; every other setting is its base's, since the
+#: variant runs in the base's process.
+_VARIANT_FIELDS = frozenset(
+    {"name", "base", "lora", "description", "system_prompt", "parameters", "source"}
+)
+
 #: The built-in backends that serve cross-encoders (`rerank: true`).
 _RERANKING_BACKENDS = frozenset({"transformers", "llama", "echo"})
 _KINDS: dict[str, Literal["transcription", "image", "speech"]] = {
@@ -65,7 +84,14 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One model: what clients call it, which backend serves it, and how."""
 
     name: _Name
-    backend: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]*$")]
+    #: Which backend serves it; a variant (`base:`) takes its base's.
+    backend: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]*$")] = ""
+    #: This model is a variant of another model of the models dir: the base's weights with
+    #: this file's `lora` adapters (and its own system prompt and parameters), served by the
+    #: base's process, so variants share the base's memory.
+    base: _Name | None = None
+    #: LoRA adapters applied in order (a variant's after its base's).
+    lora: list[LoraAdapter] = msgspec.field(default_factory=list)
     #: The model file or directory, relative to the models dir.
     model: str | None = None
     description: str | None = None
@@ -106,8 +132,16 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     options: dict[str, Any] = msgspec.field(default_factory=dict)
     #: The YAML file this came from (set by the loader, not the YAML).
     source: str = ""
+    #: The absolute paths of `lora`'s adapters, with a base's first (set by the loader).
+    lora_paths: list[str] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not self.backend and self.base is None:
+            raise ValueError("backend: is required (or base: for a variant of another model)")
+        if self.lora and self.backend and self.backend in BUILTIN_BACKENDS - LORA_BACKENDS:
+            raise ValueError(
+                f"lora: adapters are for llama and transformers models, not {self.backend} ones"
+            )
         if self.embeddings and self.rerank:
             raise ValueError(
                 "rerank: true (a cross-encoder) and embeddings: true (an embedding model, which "
@@ -321,7 +355,74 @@ def load_model_file(path: Path, models_dir: Path) -> ModelConfig:
             resolve_model_path(models_dir, config.model)
         except ValueError as exc:
             raise ConfigError(f"{path}: model: {exc}") from None
-    return msgspec.structs.replace(config, source=str(path))
+    if config.base is not None:
+        given = {f for f in config.__struct_fields__ if f in data} - _VARIANT_FIELDS
+        if given:
+            raise ConfigError(
+                f"{path}: {sorted(given)[0]}: a variant (base: {config.base}) runs in its base's "
+                f"process and takes its settings; set {', '.join(sorted(given))} in the base's "
+                "YAML, or drop base: to give this model a process of its own"
+            )
+    lora_paths = [
+        _adapter_path(models_dir, a, f"{path}: lora[{i}]") for i, a in enumerate(config.lora)
+    ]
+    return msgspec.structs.replace(config, source=str(path), lora_paths=lora_paths)
+
+
+def _adapter_path(models_dir: Path, adapter: LoraAdapter, where: str) -> str:
+    """An adapter's absolute path: inside the models dir, present, and safetensors where it
+    is a PEFT folder (no pickled weights)."""
+    try:
+        target = resolve_model_path(models_dir, adapter.path)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.path: {exc}") from None
+    if not target.exists():
+        raise ConfigError(f"{where}.path: {adapter.path} does not exist in {models_dir}")
+    if target.is_dir() and not (target / "adapter_model.safetensors").is_file():
+        raise ConfigError(
+            f"{where}.path: {adapter.path} is a folder without adapter_model.safetensors (a PEFT "
+            "adapter's weights; pickled adapter_model.bin files are not loaded)"
+        )
+    return str(target)
+
+
+def _resolve_variants(catalog: Catalog) -> None:
+    """Give each variant (`base:`) its base's settings, the base's adapters before its own,
+    and the base's system prompt and parameters where it sets none; a variant whose base is
+    missing, is itself a variant, or has a backend that cannot share is an error."""
+    for config in [c for c in catalog.models.values() if c.base is not None]:
+        base = catalog.models.get(config.base or "")
+        problem = None
+        if base is None:
+            problem = f"there is no model named '{config.base}' in the models dir"
+        elif base.base is not None:
+            problem = f"'{base.name}' is itself a variant (of '{base.base}'): name its base"
+        elif base.backend not in LORA_BACKENDS and base.backend in BUILTIN_BACKENDS:
+            problem = f"'{base.name}' is a {base.backend} model, which takes no LoRA adapters"
+        elif base.embeddings or base.rerank:
+            problem = f"'{base.name}' is not a text generation model"
+        if problem is not None or base is None:
+            catalog.errors.append(f"{config.source}: base: {problem}")
+            del catalog.models[config.name]
+            continue
+        shared = {
+            f: getattr(base, f)
+            for f in base.__struct_fields__
+            if f not in _VARIANT_FIELDS and f != "lora_paths"
+        }
+        defaults = msgspec.structs.asdict(base.parameters)
+        own = {k: v for k, v in msgspec.structs.asdict(config.parameters).items() if v is not None}
+        catalog.models[config.name] = msgspec.structs.replace(
+            config,
+            **shared,
+            lora=[*base.lora, *config.lora],
+            lora_paths=[*base.lora_paths, *config.lora_paths],
+            system_prompt=config.system_prompt
+            if config.system_prompt is not None
+            else base.system_prompt,
+            parameters=Parameters(**{**defaults, **own}),
+            description=config.description or f"{base.name} with LoRA adapters",
+        )
 
 
 def resolve_model_path(models_dir: Path, relative: str) -> Path:
@@ -380,6 +481,7 @@ def load_catalog(models_dir: Path) -> Catalog:
             catalog.models[config.name] = config
         except ConfigError as exc:
             catalog.errors.append(str(exc))
+    _resolve_variants(catalog)
     for config in list(catalog.models.values()):
         if config.backend not in BUILTIN_BACKENDS and config.backend not in catalog.backends:
             catalog.errors.append(

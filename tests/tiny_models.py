@@ -517,3 +517,36 @@ def _byte_characters() -> list[str]:
             codes.append(256 + extra)
             extra += 1
     return [chr(code) for code in codes]
+
+
+def write_tiny_lora_gguf(
+    path: Path,
+    *,
+    seed: int = 1,
+    rank: int = 4,
+    strength: float = 1.0,
+    blocks: int = 2,
+    width: int = 64,
+) -> Path:
+    """A GGUF LoRA adapter for write_tiny_llama_gguf's model: random low-rank updates of every
+    block's attention output and feed-forward down projection, strong enough (`strength`) to
+    change what the model generates (`width`: the model's, 64; another makes it a LoRA for
+    another model)."""
+    from gguf import GGUFWriter
+
+    embed, ff = width, 2 * width
+    rng = np.random.default_rng(seed)
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(rank))  # alpha / rank = 1: scale as given
+    for block in range(blocks):
+        for name, inputs, outputs in (("attn_output", embed, embed), ("ffn_down", ff, embed)):
+            tensor = f"blk.{block}.{name}.weight"
+            # llama.cpp's layout: lora_a is (rank, in) and lora_b (out, rank) as numpy shapes.
+            down = rng.standard_normal((rank, inputs)) * strength / np.sqrt(inputs)
+            up = rng.standard_normal((outputs, rank)) * strength
+            writer.add_tensor(f"{tensor}.lora_a", down.astype(np.float32))
+            writer.add_tensor(f"{tensor}.lora_b", up.astype(np.float32))
+    _finish(writer)
+    return path

@@ -86,7 +86,17 @@ class EchoBackend(Backend):
         return pb.LoadResponse(context_size=request.context_size or 4096)
 
     def _answer(self, request: pb.GenerateRequest) -> tuple[str, int]:
-        """The text to echo and the prompt's size in echo tokens."""
+        """The text to echo and the prompt's size in echo tokens; LoRA adapters, which echo
+        reads but does not compute with, are named before it (`[adapter.gguf*0.5] `)."""
+        text, prompt_tokens = self._echoed(request)
+        named = [f"{os.path.basename(a.path)}*{a.scale:g}" for a in request.adapters]
+        for adapter in request.adapters:
+            if not os.path.exists(adapter.path):
+                raise FileNotFoundError(f"LoRA adapter not found: {adapter.path}")
+        return (f"[{' '.join(named)}] {text}" if named else text), prompt_tokens
+
+    @staticmethod
+    def _echoed(request: pb.GenerateRequest) -> tuple[str, int]:
         if request.WhichOneof("input") == "prompt":
             return request.prompt, len(pieces(request.prompt))
         messages = request.chat.messages

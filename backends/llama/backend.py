@@ -27,6 +27,7 @@ import grpc
 from google.protobuf import json_format
 
 from backends.llama.batch import (
+    Adapters,
     BatchEngine,
     Finished,
     SamplerChain,
@@ -147,6 +148,21 @@ def gguf_tensor_names(path: str) -> list[str]:
             names.append(file.read(length).decode("utf-8", "replace"))
             file.seek(8 * number(4) + 4 + 8, os.SEEK_CUR)  # dims, type, offset
         return names
+
+
+def _adapters(request: pb.GenerateRequest) -> Adapters:
+    """The request's LoRA adapters, each a GGUF file (checked before the engine loads it)."""
+    for adapter in request.adapters:
+        if os.path.isdir(adapter.path):
+            raise invalid(
+                Reason.ADAPTER_INVALID,
+                f"{os.path.basename(adapter.path)} is a folder (a PEFT adapter?): a llama model "
+                "takes GGUF LoRA files; llama.cpp's convert_lora_to_gguf.py converts a PEFT one",
+                param="model",
+            )
+        if not os.path.isfile(adapter.path):
+            raise FileNotFoundError(f"LoRA adapter not found: {adapter.path}")
+    return tuple((a.path, float(a.scale)) for a in request.adapters)
 
 
 def _has_classifier(path: str) -> bool:
@@ -617,6 +633,7 @@ class LlamaBackend(Backend):
             sequence = Sequence(prompt, budget, self._sampler(request), cancelled)
             sequence.logprobs = logprobs
             sequence.constraint = constraint
+            sequence.adapters = _adapters(request)
             engine.submit(sequence)
             try:
                 while True:

@@ -25,11 +25,19 @@ when the grammar is complete. llama.cpp's grammar sampler (GBNF) in the chain wa
 Prefix reuse: a slot keeps the tokens its KV cache holds after its sequence ends; a request that
 continues a conversation is given the free slot holding the longest start of its prompt, and only
 the rest is read.
+
+LoRA adapters: a sequence may carry a set of adapters (a variant of the model, `base:` in its
+YAML). llama.cpp applies adapters to a whole context, so one decode computes only sequences of one
+set: a step decodes each set's sequences in a decode of their own, switching the context's
+adapters between them (a pointer swap: the base's weights are shared, never copied). An adapter is
+loaded at its first use and kept while the model is. A slot's cache is reused only by a request
+with the same adapters (the cache was computed with them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import queue
 import threading
@@ -49,6 +57,8 @@ log = logging.getLogger("hearth.backend.llama")
 
 #: One token of a batch: token, position, sequence id (slot), logits wanted.
 _Entry = tuple[int, int, int, bool]
+#: A set of LoRA adapters, in order: (absolute path, scale) each; empty: the base model.
+Adapters = tuple[tuple[str, float], ...]
 #: How often a waiting consumer looks at its call's cancellation (seconds).
 _POLL_SECONDS = 0.05
 
@@ -160,6 +170,8 @@ class Sequence:
     logprobs: int | None = None
     #: The grammar its tokens must follow (structured output); None: free.
     constraint: Constraint | None = None
+    #: The LoRA adapters it is generated with.
+    adapters: Adapters = ()
 
     def gone(self) -> bool:
         """Nobody wants this sequence's tokens any more."""
@@ -206,6 +218,11 @@ class BatchEngine:
         self._batch = llama_cpp.llama_batch_init(max(batch_size, slots), 0, 1)
         #: What each slot's KV cache holds (its sequence's tokens), for prefix reuse.
         self._held: list[list[int]] = [[] for _ in range(slots)]
+        #: The adapters each slot's cache was computed with.
+        self._held_adapters: list[Adapters] = [() for _ in range(slots)]
+        #: Loaded adapters by path (freed with the model), and the set the context applies.
+        self._loras: dict[str, Any] = {}
+        self._applied: Adapters = ()
         self._busy: list[Sequence | None] = [None] * slots
         self._waiting: deque[Sequence] = deque()
         self._arrivals = 0
@@ -290,8 +307,11 @@ class BatchEngine:
                 break
             budget -= self._read_prompt(sequence, budget)
         generating = [s for s in self._busy if s is not None and s.pending is not None]
-        if generating:
-            self._generate(generating)
+        groups: dict[Adapters, list[Sequence]] = {}
+        for sequence in generating:
+            groups.setdefault(sequence.adapters, []).append(sequence)
+        for group in groups.values():  # one decode per adapter set
+            self._generate(group)
 
     def _admit(self) -> None:
         """Give waiting requests the free slots: the one already holding most of a prompt's
@@ -308,7 +328,12 @@ class BatchEngine:
                     sequence.sampler.close()
                     continue
                 free = [i for i, s in enumerate(self._busy) if s is None]
-                shared = {i: _shared_start(self._held[i], sequence.prompt) for i in free}
+                shared = {
+                    i: _shared_start(self._held[i], sequence.prompt)
+                    if self._held_adapters[i] == sequence.adapters
+                    else 0
+                    for i in free
+                }
                 slot = max(free, key=lambda i: (shared[i], -i))
                 self._busy[slot] = sequence
                 sequence.slot = slot
@@ -323,8 +348,48 @@ class BatchEngine:
         read again, for the logits to sample from."""
         slot = sequence.slot
         keep = min(_shared_start(self._held[slot], sequence.prompt), len(sequence.prompt) - 1)
+        if self._held_adapters[slot] != sequence.adapters:
+            keep = 0  # computed with other adapters
         self._forget(slot, keep)
+        self._held_adapters[slot] = sequence.adapters
         sequence.read = sequence.reused = len(self._held[slot])
+        failure = self._load_adapters(sequence.adapters)
+        if failure is not None:
+            self._fail(sequence, failure)
+
+    def _load_adapters(self, adapters: Adapters) -> BackendError | None:
+        """Load the adapters not loaded yet (on the engine thread, between decodes); the
+        error for the request if llama.cpp refuses one."""
+        for path, _ in adapters:
+            if path in self._loras:
+                continue
+            handle = self._lib.llama_adapter_lora_init(self.model.model, path.encode())
+            if not handle:
+                name = path.rsplit("/", 1)[-1]
+                return BackendError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    Reason.ADAPTER_INVALID,
+                    f"llama.cpp cannot apply the LoRA adapter {name} to this model: it is not "
+                    "a GGUF LoRA, or it was trained for another base model (its architecture "
+                    "or tensor shapes differ)",
+                )
+            self._loras[path] = handle
+            log.info("loaded LoRA adapter %s", path)
+        return None
+
+    def _use(self, adapters: Adapters) -> None:
+        """Have the context apply `adapters` (none: the base model) from the next decode."""
+        if adapters == self._applied:
+            return
+        lib = self._lib
+        count = len(adapters)
+        handles = (lib.llama_adapter_lora_p_ctypes * count)(
+            *(self._loras[path] for path, _ in adapters)
+        )
+        scales = (ctypes.c_float * count)(*(scale for _, scale in adapters))
+        if lib.llama_set_adapters_lora(self.ctx.ctx, handles, count, scales) != 0:
+            raise RuntimeError("llama.cpp could not set the context's LoRA adapters")
+        self._applied = adapters
 
     def _forget(self, slot: int, keep: int) -> None:
         """Drop the slot's cache from position `keep` on (all of it for a recurrent model,
@@ -357,6 +422,7 @@ class BatchEngine:
             (token, start + i, sequence.slot, last and i == len(chunk) - 1)
             for i, token in enumerate(chunk)
         ]
+        self._use(sequence.adapters)
         if not self._decode_or_fail(entries, [sequence]):
             return len(chunk)
         self._held[sequence.slot].extend(chunk)
@@ -366,8 +432,10 @@ class BatchEngine:
         return len(chunk)
 
     def _generate(self, sequences: list[Sequence]) -> None:
-        """One token for every generating sequence, in one decode, in slot order."""
+        """One token for every generating sequence (of one adapter set), in one decode, in
+        slot order."""
         sequences.sort(key=lambda s: s.slot)
+        self._use(sequences[0].adapters)
         entries = []
         for sequence in sequences:
             position = len(self._held[sequence.slot])

@@ -32,6 +32,8 @@ SCHEMES = ("file", "http", "https", "hf", "pypi")
 
 _Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 _Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+#: What an adapter entry's `config` may set: what a variant (`base:`) may set itself.
+_ADAPTER_CONFIG = frozenset({"description", "system_prompt", "parameters"})
 #: Names an entry may not take: its YAML or its folder would be read as something else.
 _YAML_SUFFIXES = (".yaml", ".yml")
 #: The requirement of a pypi:// URI: a plain name, pinned. pip reads far more than that in one
@@ -161,6 +163,12 @@ class GalleryEntry(msgspec.Struct, forbid_unknown_fields=True):
     license: str = ""
     tags: list[str] = msgspec.field(default_factory=list)
     verified: bool = False
+    #: A LoRA adapter: the name of the model it adapts (a gallery name), which must be
+    #: installed first. The install writes a variant of it (`base:`) with this entry's file
+    #: (GGUF LoRA) or folder (PEFT adapter) as its adapter.
+    base: _Name | None = None
+    #: The adapter's scale in the variant it writes.
+    scale: Annotated[float, msgspec.Meta(ge=-100, le=100)] = 1.0
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -170,7 +178,15 @@ class GalleryEntry(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError(f"{self.name}: config may not set `name` or `model`")
         _check_no_remote_code(self.config)
         backend = self.config.get("backend")
-        if backend not in BUILTIN_BACKENDS:
+        if self.base is not None:
+            extra = sorted(set(self.config) - _ADAPTER_CONFIG)
+            if extra:
+                raise ValueError(
+                    f"{self.name}: an adapter's config may set only "
+                    f"{', '.join(sorted(_ADAPTER_CONFIG))} (its variant runs in its base's "
+                    f"process, with the base's settings), not {', '.join(extra)}"
+                )
+        elif backend not in BUILTIN_BACKENDS:
             raise ValueError(
                 f"backend {backend!r} is not built in: a gallery entry may only use "
                 f"{', '.join(sorted(BUILTIN_BACKENDS))}"
@@ -201,7 +217,10 @@ class GalleryEntry(msgspec.Struct, forbid_unknown_fields=True):
         return msgspec.convert(self.yaml(), ModelConfig)
 
     def yaml(self) -> dict[str, Any]:
-        """The model YAML an install writes."""
+        """The model YAML an install writes: an adapter's is a variant of its base."""
+        if self.base is not None:
+            adapter = {"path": self.model_path, "scale": self.scale}
+            return {"name": self.name, "base": self.base, "lora": [adapter], **self.config}
         return {"name": self.name, **self.config, "model": self.model_path}
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import msgspec
 import yaml
 
-from gateway.config import BACKENDS_FILE_NAMES, BUILTIN_BACKENDS
+from gateway.config import BACKENDS_FILE_NAMES, BUILTIN_BACKENDS, LORA_BACKENDS, load_catalog
 from gateway.gallery.disk import (
     MANIFEST,
     Folder,
@@ -90,7 +90,9 @@ def _inside(model: str | None, folder: str) -> bool:
 
 def _plan(entry: GalleryEntry, models_dir: Path, *, hash_files: bool) -> _Plan:
     name = entry.name
-    if entry.config.get("backend") not in BUILTIN_BACKENDS:  # an entry built by hand
+    if entry.base is not None:
+        _check_base(entry, models_dir)
+    elif entry.config.get("backend") not in BUILTIN_BACKENDS:  # an entry built by hand
         raise InstallRefused(f"{name}: a gallery entry may only use a built-in backend")
     plan = _Plan(entry)
     yaml_name = f"{name}.yaml"
@@ -153,6 +155,21 @@ def _plan(entry: GalleryEntry, models_dir: Path, *, hash_files: bool) -> _Plan:
     return plan
 
 
+def _check_base(entry: GalleryEntry, models_dir: Path) -> None:
+    """An adapter installs onto a model already in the models dir that takes adapters."""
+    base = load_catalog(models_dir).models.get(entry.base or "")
+    if base is None:
+        raise InstallRefused(
+            f"{entry.name} is a LoRA adapter for {entry.base}, which is not installed: install "
+            f"it first (hearth models install {entry.base})"
+        )
+    if base.backend not in LORA_BACKENDS or base.base is not None:
+        raise InstallRefused(
+            f"{entry.name} is a LoRA adapter for {entry.base}, but the installed {entry.base} "
+            f"is a {base.backend} model{' variant' if base.base else ''}, which takes no adapters"
+        )
+
+
 def _plan_file(
     plan: _Plan, folder: Folder, file: GalleryFile, *, ours: bool, hash_files: bool
 ) -> None:
@@ -199,7 +216,7 @@ def _is_flat_install(root: Folder, entry: GalleryEntry, *, hash_files: bool) -> 
     """An install by a Hearth from before model folders: the YAML it wrote, byte for byte, and
     every file whole at the models dir's top level. Left as it is (its removal goes by the rules
     for a YAML without a manifest)."""
-    if entry.model is None:
+    if entry.model is None or entry.base is not None:
         return False
     flat = {**entry.yaml(), "model": entry.model}
     if _read(root, f"{entry.name}.yaml") != yaml.safe_dump(flat, sort_keys=False).encode():
@@ -251,6 +268,8 @@ def is_installed(entry: GalleryEntry, models_dir: Path) -> bool:
 def entry_footprint(entry: GalleryEntry, models_dir: Path, book: FootprintBook) -> Footprint | None:
     """What `entry` needs in memory: from its files once installed, else from the sizes the
     index gives (None where it gives none)."""
+    if entry.base is not None:
+        return None  # an adapter: its base's memory, plus its own few megabytes
     layout = _layout(entry, models_dir)
     if layout is not None:
         config = entry.model_config()

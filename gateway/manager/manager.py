@@ -25,7 +25,7 @@ import msgspec
 
 from gateway.client import BackendClient
 from gateway.config import BUILTIN_BACKENDS, CustomBackend, ModelConfig
-from gateway.errors import OUTPUT_HEADING, BackendGone, OpenAIError
+from gateway.errors import OUTPUT_HEADING, BackendGone, OpenAIError, model_not_found
 from gateway.manager.admission import Lease, Slots
 from gateway.manager.budget import Machine, MachineBudget, resident_memory
 from gateway.manager.cpu import Demand, divide
@@ -195,7 +195,7 @@ class BackendManager:
         """A slot on a live, loaded backend for `config`'s model that serves `capability`."""
         name = config.name
         while True:
-            instance = await self._ensure(config)
+            instance = await self._ensure(self.host(config))
             if capability not in instance.capabilities:
                 raise OpenAIError(
                     400,
@@ -252,7 +252,8 @@ class BackendManager:
             except BaseException:
                 lease.release()
                 raise
-            self._failures.pop(config.name, None)  # it serves: whatever failed is behind it
+            # It serves: whatever failed is behind it.
+            self._failures.pop(lease.instance.config.name, None)
             return lease, result
 
     async def call(
@@ -275,6 +276,20 @@ class BackendManager:
         finally:
             lease.release()
 
+    def host(self, config: ModelConfig) -> ModelConfig:
+        """The model whose process serves `config`: its base, for a variant (`base:`)."""
+        if config.base is None:
+            return config
+        base = self.registry.known.models.get(config.base)
+        if base is None:  # removed since the variant was read
+            raise model_not_found(config.base)
+        return base
+
+    def variants(self, name: str) -> list[str]:
+        """The variants (`base: name`) a model's process serves besides it."""
+        known = self.registry.known.models.values()
+        return sorted(c.name for c in known if c.base == name)
+
     def preload(self, name: str) -> None:
         """Start and load `name` in the background; a failure is logged, not raised.
 
@@ -283,7 +298,7 @@ class BackendManager:
 
         async def load() -> None:
             try:
-                config = await self.registry.resolve(name)
+                config = self.host(await self.registry.resolve(name))
                 instance = await self._ensure(config)
                 if config.keep_alive is None:
                     instance.keep_alive = math.inf
@@ -702,6 +717,9 @@ class BackendManager:
         Returns what became of it: "unloaded", "draining" (its requests end first), or
         "not_loaded".
         """
+        variant = self.registry.known.models.get(name)
+        if name not in self._instances and variant is not None and variant.base is not None:
+            name = variant.base  # a variant's process is its base's
         instance = self._instances.get(name)
         if instance is None:
             draining = [i for i in self._draining if i.config.name == name and not i.dead]
@@ -840,6 +858,7 @@ class BackendManager:
             "last_used_at": None,
             "keep_alive_seconds": None,
             "expires_at": None,
+            "variants": [],
         }
 
     def _row(self, instance: BackendInstance, now_wall: float, now: float) -> dict[str, Any]:
@@ -871,4 +890,5 @@ class BackendManager:
             "last_used_at": int(last_used),
             "keep_alive_seconds": keep_alive if math.isfinite(keep_alive) else None,
             "expires_at": int(expires) if expires is not None else None,
+            "variants": self.variants(instance.config.name),
         }

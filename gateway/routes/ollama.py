@@ -139,7 +139,7 @@ async def _load(
     keep_alive 0 told to unload once idle (a model not loaded is not loaded for that). Returns
     Ollama's done_reason for it."""
     unload = keep_alive == 0
-    if unload and config.name not in manager.loaded():
+    if unload and manager.host(config).name not in manager.loaded():
         return "unload"
     (await manager.acquire(config, capability, keep_alive)).release()
     return "unload" if unload else "load"

@@ -147,6 +147,7 @@ def chat_request(request: ChatCompletionRequest, config: ModelConfig) -> pb.Gene
     generate = pb.GenerateRequest(
         chat=chat,
         sampling=_sampling(request, config, request.max_completion_tokens or request.max_tokens),
+        adapters=adapters(config),
     )
     response_format = request.response_format
     if response_format is not None:
@@ -176,6 +177,7 @@ def completion_request(request: CompletionRequest, config: ModelConfig) -> pb.Ge
         prompt=prompt_of(request),
         sampling=_sampling(request, config, request.max_tokens),
         suffix=request.suffix or "",
+        adapters=adapters(config),
     )
     best_of = request.best_of
     if best_of is not None and best_of < (request.n or 1):
@@ -191,6 +193,14 @@ def completion_request(request: CompletionRequest, config: ModelConfig) -> pb.Ge
         if not generate.sampling.HasField("logprobs"):
             generate.sampling.logprobs = 0  # to rank them
     return generate
+
+
+def adapters(config: ModelConfig) -> list[pb.LoraAdapter]:
+    """The model's LoRA adapters (a variant's base's first), as the backend applies them."""
+    return [
+        pb.LoraAdapter(path=path, scale=adapter.scale)
+        for path, adapter in zip(config.lora_paths, config.lora, strict=True)
+    ]
 
 
 def prompt_of(request: CompletionRequest) -> str:

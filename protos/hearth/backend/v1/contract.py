@@ -65,6 +65,8 @@ class Reason(enum.StrEnum):
     VOICE_NOT_FOUND = "voice_not_found"
     #: A response_format / tool schema would make a grammar too large for the engine.
     SCHEMA_TOO_COMPLEX = "schema_too_complex"
+    #: A LoRA adapter the engine cannot apply to the loaded model (not a LoRA, another base).
+    ADAPTER_INVALID = "adapter_invalid"
 
 
 def is_loopback_address(address: str) -> bool:
