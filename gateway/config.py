@@ -138,6 +138,10 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         if not self.backend and self.base is None:
             raise ValueError("backend: is required (or base: for a variant of another model)")
+        if self.lora and (self.embeddings or self.rerank):
+            raise ValueError(
+                "lora: adapters apply to text generation; an embedding or rerank model takes none"
+            )
         if self.lora and self.backend and self.backend in BUILTIN_BACKENDS - LORA_BACKENDS:
             raise ValueError(
                 f"lora: adapters are for llama and transformers models, not {self.backend} ones"

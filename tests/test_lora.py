@@ -19,7 +19,7 @@ import pytest
 
 from gateway.config import load_catalog
 from gateway.gallery import InstallRefused, install_entry, load_gallery
-from tests.conftest import Gateway, write_model
+from tests.conftest import Gateway, hearth, write_model
 from tests.tiny_models import write_tiny_lora_gguf
 
 
@@ -63,6 +63,7 @@ def adapters_dir(tmp_path: Path) -> Path:
         ("base: base\nlora: [{path: adapters/peft-pickle}]", "without adapter_model.safetensors"),
         ("backend: whisper\nlora: [{path: adapters/a.gguf}]", "not whisper ones"),
         ("backend: echo\nlora: [{path: adapters/a.gguf, scale: 1000}]", "scale"),
+        ("backend: echo\nembeddings: true\nlora: [{path: adapters/a.gguf}]", "takes none"),
     ],
 )
 def test_a_wrong_adapter_or_variant_yaml_is_an_error_naming_the_field(
@@ -103,6 +104,8 @@ def test_a_variant_takes_its_bases_settings_and_keeps_its_own_prompt_and_paramet
     assert [a.scale for a in variant.lora] == [0.5, 2.0]  # the base's adapter first
     assert variant.lora_paths == [str((adapters_dir / "adapters" / "a.gguf").resolve())] * 2
     assert (variant.parameters.temperature, variant.parameters.max_tokens) == (0.3, 3)
+    listed = hearth("models", "list", "--models-dir", str(adapters_dir)).stdout
+    assert "variant\techo\tvariant of base2\t-\tshares it" in listed.splitlines()
 
 
 # Routing, on echo ---------------------------------------------------------------------------

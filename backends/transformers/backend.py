@@ -9,6 +9,10 @@ Concurrent generations share `model.generate` calls (static batching, see batch.
 compute thread; each caller's stream thread decodes its own token ids and watches its own stop
 sequences, and its row of the batch ends within one token once it is cancelled or stopped.
 
+LoRA adapters (a variant of the model: `base:` in its YAML, or its own `lora:`) come with each
+generate request; one loaded model serves the base and every adapter set, in the same batches
+(lora.py).
+
 Structured output (response_format json_object and json_schema, and forced tool calls in the
 model's call format) masks a row's scores to what its grammar allows (constrain.py, llguidance).
 
@@ -39,6 +43,7 @@ from backends.runtime.text import (
 )
 from backends.runtime.tools import ToolPlan, family_of_template, generate_with_tools
 from backends.transformers.batch import Generation, GenerationBatcher, model_unloaded
+from backends.transformers.lora import LoraAdapters, request_adapters
 from backends.transformers.rerank import (
     cancelled_error,
     cosine_scores,
@@ -219,6 +224,7 @@ class TransformersBackend(Backend):
                 pad_token_id=self._pad_token(),
                 end_tokens=self._end_tokens(),
                 follow_threads=self.follow_threads,
+                adapters=LoraAdapters(self.model),
             )
         log.info(
             "loaded %s (%s, %s, %d torch threads%s)",
@@ -319,6 +325,7 @@ class TransformersBackend(Backend):
         batcher, grammars = self.batcher, self.grammars
         if batcher is None or grammars is None:  # unloaded meanwhile
             raise model_unloaded()
+        adapters = request_adapters(request)
         prompt = self._prompt_ids(request, plan)
         constraint = grammars.constraint(request, plan)  # a bad schema is a 400 before any token
         sampling = request.sampling
@@ -329,6 +336,7 @@ class TransformersBackend(Backend):
             seed=sampling.seed if sampling.HasField("seed") else None,
             cancelled=cancelled,
             constraint=constraint,
+            adapters=adapters,
         )
         text = StopText(list(sampling.stop))
         decoder = _IncrementalText(self.tokenizer)

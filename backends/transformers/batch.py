@@ -15,6 +15,10 @@ padding nobody reads, and `generate` returns once every row has ended.
 A generation may carry a constraint (structured output, see backends/runtime/constrain.py): a
 logits processor masks each constrained row's scores to the tokens its grammar allows, row by
 row, so that constrained and free generations share a batch.
+
+A generation may carry LoRA adapters (a variant of the model, see lora.py): they are loaded at
+their first use, just before the batch that needs them computes, and applied to their own rows
+only, so that the base model's generations and those of several variants share a batch.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from protos.hearth.backend.v1.contract import Reason
 
 if TYPE_CHECKING:
     from backends.runtime.constrain import Constraint
+    from backends.transformers.lora import Adapters, LoraAdapters
 
 log = logging.getLogger("hearth.backend.transformers")
 
@@ -57,6 +62,8 @@ class Generation:
     cancelled: threading.Event
     #: The grammar its tokens must follow (structured output); None: free.
     constraint: Constraint | None = None
+    #: The LoRA adapters it is generated with; empty: the base model.
+    adapters: Adapters = ()
     #: Token ids, then None at the end, or the exception that failed the batch.
     tokens: queue.Queue[int | BaseException | None] = field(default_factory=queue.Queue)
     arrived: float = field(default_factory=time.monotonic)
@@ -137,8 +144,10 @@ class GenerationBatcher:
         pad_token_id: int,
         end_tokens: set[int],
         follow_threads: Callable[[], None],
+        adapters: LoraAdapters,
     ) -> None:
         self.model = model
+        self.adapters = adapters
         self.compute = compute
         self.parallel = parallel
         self.window_seconds = window_seconds
@@ -218,6 +227,10 @@ class GenerationBatcher:
         for generation in batch:
             if generation.unwanted():
                 generation.end()
+            elif generation.adapters:
+                failure = self.adapters.load(generation.adapters)
+                if failure is not None:
+                    generation.end(failure)
         batch = [g for g in batch if not g.ended]
         if not batch:
             return
@@ -261,15 +274,17 @@ class GenerationBatcher:
         first = batch[0]
         seed = first.seed if first.seed is not None else random.getrandbits(31)
         level = logging.INFO if len(batch) > 1 else logging.DEBUG
+        adapted = sum(1 for g in batch if g.adapters)
         log.log(
             level,
-            "generating %d prompts together (%s tokens long)",
+            "generating %d prompts together (%s tokens long%s)",
             len(batch),
             ", ".join(str(len(g.prompt)) for g in batch),
+            f"; {adapted} with LoRA adapters" if adapted else "",
         )
         follow_threads()
         torch.manual_seed(seed)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.adapters.applied([g.adapters for g in batch]):
             self.model.generate(
                 input_ids=torch.tensor(input_ids),
                 attention_mask=torch.tensor(mask),
