@@ -33,6 +33,7 @@ from gateway.routes.ollama import OllamaController, on_ollama_paths
 from gateway.routes.rerank import RerankController
 from gateway.routes.responses import ResponsesController
 from gateway.routes.speech import SpeechController
+from gateway.routes.system import SystemController
 from gateway.routes.tokenize import TokenizeController
 from gateway.routes.ui import root, root_head, ui_file, ui_session
 from gateway.settings import Settings
@@ -132,7 +133,9 @@ def create_app(settings: Settings, ring: KeyRing | None = None) -> Litestar:
         opt={SCOPE: Scope.INFERENCE},
     )
     admin = Router(
-        path="/", route_handlers=[BackendsController, GalleryController], opt={SCOPE: Scope.ADMIN}
+        path="/",
+        route_handlers=[BackendsController, GalleryController, SystemController],
+        opt={SCOPE: Scope.ADMIN},
     )
     # Health for probes; image URLs are unguessable and short-lived, so that an <img> tag can
     # fetch them without a key; the web UI's page and files, which ask for a key themselves
