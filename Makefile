@@ -17,7 +17,7 @@ $(BIN)/python:
 # PyTorch's CPU index on a machine without an NVIDIA GPU, TORCH_BUILD=cuda for PyPI's CUDA build
 # (docker/install-torch.sh says which it installs).
 TORCH ?= torch==2.13.0
-EXTRAS ?= llama,transformers,whisper,diffusers,tts
+EXTRAS ?= llama,transformers,whisper,diffusers,tts,convert
 comma := ,
 EXTRA_LIST := $(subst $(comma), ,$(EXTRAS))
 NEEDS_TORCH := $(filter transformers diffusers all,$(EXTRA_LIST))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import logging
 import os
 import signal
@@ -140,6 +141,9 @@ def models_list(args: argparse.Namespace) -> int:
             path = resolve_model_path(settings.models_dir, config.model)
             where = config.model if path.exists() else f"{config.model} (missing)"
         remote = config.backend in catalog.backends and catalog.backends[config.backend].address
+        if config.base is not None:  # served by its base's process: no memory of its own
+            print(f"{config.name}\t{config.backend}\tvariant of {config.base}\t-\tshares it")
+            continue
         needs, fits = _fits(book.footprint(config, remote=bool(remote)), budget)
         print(f"{config.name}\t{config.backend}\t{where}\t{needs}\t{fits}")
     for error in catalog.errors:
@@ -170,7 +174,7 @@ def models_available(args: argparse.Namespace) -> int:
     for entry in index.entries:
         state = "installed" if is_installed(entry, settings.models_dir) else "-"
         checked = "verified" if entry.verified else "unverified"
-        backend = entry.config.get("backend", "?")
+        backend = entry.config.get("backend", "?") if entry.base is None else f"lora:{entry.base}"
         needs, fits = _fits(entry_footprint(entry, settings.models_dir, book), budget)
         print(f"{entry.name}\t{backend}\t{state}\t{checked}\t{needs}\t{fits}\t{entry.description}")
     for error in index.errors:
@@ -350,9 +354,10 @@ def render_backends(view: dict[str, Any], now: float | None = None) -> str:
             until = (item.get("last_error") or "").splitlines()[0][:60]
         pid = str(item["pid"]) if item.get("pid") else "-"
         state = item.get("state", "?")
-        rows.append(
-            [item["model"], item.get("backend", "-"), state, pid, threads, used, busy, until]
-        )
+        name = item["model"]
+        if item.get("variants"):  # served by this process too (`base:` in their YAML)
+            name += f" (+ {', '.join(item['variants'])})"
+        rows.append([name, item.get("backend", "-"), state, pid, threads, used, busy, until])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     budget = view.get("budget") or {}
@@ -427,7 +432,18 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("name", metavar="NAME")
     remove.add_argument("--models-dir", type=Path)
     remove.set_defaults(handler=models_remove)
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).register(commands, models)
     return parser
+
+
+#: Packages that add their own subcommands (each a `cli.register(commands, models)`).
+_COMMAND_MODULES = (
+    "gateway.system.cli",
+    "gateway.tune.cli",
+    "gateway.convert.cli",
+    "gateway.backup.cli",
+)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,6 +70,7 @@ def test_ps_shows_what_is_loaded() -> None:
                 "requests": {"in_flight": 1, "queued": 2},
                 "keep_alive_seconds": 300,
                 "expires_at": None,
+                "variants": ["chat-pirate"],
             },
             {
                 "model": "voice",
@@ -92,8 +93,8 @@ def test_ps_shows_what_is_loaded() -> None:
         "NAME", "BACKEND", "STATE", "PID", "THREADS", "MEMORY", "(PLANNED)", "REQUESTS", "UNTIL",
     ]  # fmt: skip
     assert table[1].split() == [
-        "chat", "llama", "ready", "41", "1/2", "300", "MiB", "(310", "MiB", "estimate)",
-        "1+2", "queued", "busy",
+        "chat", "(+", "chat-pirate)", "llama", "ready", "41", "1/2", "300", "MiB", "(310", "MiB",
+        "estimate)", "1+2", "queued", "busy",
     ]  # fmt: skip
     assert table[2].split()[:5] == ["voice", "whisper", "ready", "42", "2/2"]
     assert table[2].endswith("0+0 queued  4 minutes from now")
