@@ -390,6 +390,34 @@ def _adapter_path(models_dir: Path, adapter: LoraAdapter, where: str) -> str:
     return str(target)
 
 
+#: The form of LoRA adapter each built-in backend takes: a file or a folder.
+_ADAPTER_FORMS = {
+    "llama": (False, "a GGUF LoRA file (`hearth models convert ADAPTER --base MODEL` makes one)"),
+    "transformers": (
+        True,
+        "a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)",
+    ),
+}
+
+
+def _check_adapter_kinds(catalog: Catalog) -> None:
+    """A llama model's adapters are files, a transformers model's are folders: the wrong one
+    is the YAML's error now, not a 400 at its first request."""
+    for config in list(catalog.models.values()):
+        form = _ADAPTER_FORMS.get(config.backend)
+        if form is None:
+            continue
+        folder, wanted = form
+        for index, path in enumerate(config.lora_paths):
+            if Path(path).is_dir() != folder:
+                catalog.errors.append(
+                    f"{config.source}: lora[{index}].path: {config.lora[index].path} is a "
+                    f"{'folder' if not folder else 'file'}; a {config.backend} model takes {wanted}"
+                )
+                del catalog.models[config.name]
+                break
+
+
 def _resolve_variants(catalog: Catalog) -> None:
     """Give each variant (`base:`) its base's settings, the base's adapters before its own,
     and the base's system prompt and parameters where it sets none; a variant whose base is
@@ -486,6 +514,7 @@ def load_catalog(models_dir: Path) -> Catalog:
         except ConfigError as exc:
             catalog.errors.append(str(exc))
     _resolve_variants(catalog)
+    _check_adapter_kinds(catalog)
     for config in list(catalog.models.values()):
         if config.backend not in BUILTIN_BACKENDS and config.backend not in catalog.backends:
             catalog.errors.append(

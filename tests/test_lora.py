@@ -19,7 +19,7 @@ import pytest
 
 from gateway.config import load_catalog
 from gateway.gallery import InstallRefused, install_entry, load_gallery
-from tests.conftest import Gateway, hearth, write_model
+from tests.conftest import Gateway, hearth, wait_until, write_model
 from tests.tiny_models import write_tiny_lora_gguf
 
 
@@ -49,6 +49,8 @@ def adapters_dir(tmp_path: Path) -> Path:
     (tmp_path / "adapters" / "a.gguf").write_bytes(b"GGUF")
     (tmp_path / "adapters" / "peft-pickle").mkdir()
     (tmp_path / "adapters" / "peft-pickle" / "adapter_model.bin").write_bytes(b"x")
+    (tmp_path / "adapters" / "peft").mkdir()
+    (tmp_path / "adapters" / "peft" / "adapter_model.safetensors").write_bytes(b"x")
     write_model(tmp_path, "base", "backend: echo\nsystem_prompt: be brief")
     return tmp_path
 
@@ -64,6 +66,8 @@ def adapters_dir(tmp_path: Path) -> Path:
         ("backend: whisper\nlora: [{path: adapters/a.gguf}]", "not whisper ones"),
         ("backend: echo\nlora: [{path: adapters/a.gguf, scale: 1000}]", "scale"),
         ("backend: echo\nembeddings: true\nlora: [{path: adapters/a.gguf}]", "takes none"),
+        ("backend: transformers\nlora: [{path: adapters/a.gguf}]", "a transformers model takes"),
+        ("backend: llama\nlora: [{path: adapters/peft}]", "a llama model takes a GGUF LoRA"),
     ],
 )
 def test_a_wrong_adapter_or_variant_yaml_is_an_error_naming_the_field(
@@ -158,6 +162,25 @@ def test_variants_are_models_served_by_their_bases_one_process(echo_gateway: Gat
     assert len(echo_gateway.backend_pids()) == 2
 
 
+def test_an_adapter_deleted_after_the_yaml_was_read_is_a_404_naming_it(
+    echo_gateway: Gateway,
+) -> None:
+    adapter = echo_gateway.models_dir / "adapters" / "pirate.gguf"
+    kept = adapter.read_bytes()
+    adapter.unlink()
+    try:
+        response = chat(echo_gateway, "assistant-pirate")
+        assert response.status_code == 404, response.text
+        error = response.json()["error"]
+        assert error["message"].startswith(
+            "the LoRA adapter pirate.gguf this model names is missing"
+        )
+        assert str(echo_gateway.models_dir) not in error["message"]
+        assert answer(echo_gateway, "assistant") == "the water is"
+    finally:
+        adapter.write_bytes(kept)
+
+
 def test_unloading_a_variant_unloads_the_process_it_shares(echo_gateway: Gateway) -> None:
     answer(echo_gateway, "assistant-formal")
     response = httpx.post(
@@ -246,10 +269,19 @@ def test_a_lora_changes_the_answer_and_the_base_stays_as_it_was(llama_gateway: G
 
 def test_two_variants_and_the_base_at_once_answer_as_they_do_alone(llama_gateway: Gateway) -> None:
     names = ["tiny", "tiny-a", "tiny-b"]
-    alone = {name: answer(llama_gateway, name) for name in names}
+    # Long enough answers that requests sent at once are computed at once.
+    alone = {name: answer(llama_gateway, name, max_tokens=150) for name in names}
     with concurrent.futures.ThreadPoolExecutor(9) as pool:
-        together = list(pool.map(lambda n: (n, answer(llama_gateway, n)), names * 3))
+        # One of each (all in the engine's 4 slots at once), then more than the slots.
+        together = [
+            item
+            for batch in (names, names * 3)
+            for item in pool.map(lambda n: (n, answer(llama_gateway, n, max_tokens=150)), batch)
+        ]
     assert all(text == alone[name] for name, text in together), (alone, together)
+    # ... and they were computed together, not one after the other.
+    said = "generating for 3 adapter sets in one step"
+    assert wait_until(lambda: said in llama_gateway.log(), timeout=10)
     rows = backend_rows(llama_gateway)
     assert rows["tiny"]["variants"] == ["tiny-a", "tiny-a0", "tiny-b", "tiny-wide"]
     assert "tiny-a" not in rows
@@ -267,3 +299,15 @@ def test_an_adapter_for_another_model_is_a_400_and_the_base_serves_on(
     assert "wide.gguf" in error["message"]
     assert answer(llama_gateway, "tiny") == before
     assert answer(llama_gateway, "tiny-a") != before
+
+
+def test_a_variant_is_not_quantized_its_base_is(adapters_dir: Path) -> None:
+    from gateway.convert.errors import ConvertRefused
+    from gateway.convert.make import plan_quantize
+
+    (adapters_dir / "base.gguf").write_bytes(b"GGUF")
+    write_model(adapters_dir, "llama-base", "backend: llama\nmodel: base.gguf")
+    write_model(adapters_dir, "variant", "base: llama-base\nlora: [{path: adapters/a.gguf}]")
+    with pytest.raises(ConvertRefused, match="variant of llama-base") as refused:
+        plan_quantize(adapters_dir, "variant", "q4_0")
+    assert refused.value.param == "model"

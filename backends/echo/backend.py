@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from backends.runtime import Backend, BackendError, invalid
+from backends.runtime import Backend, BackendError, invalid, missing_adapter
 from backends.runtime.text import StopText, scored_alternatives, token_logprob
 from backends.runtime.tools import generate_with_tools
 from protos.hearth.backend.v1 import backend_pb2 as pb
@@ -92,7 +92,7 @@ class EchoBackend(Backend):
         named = [f"{os.path.basename(a.path)}*{a.scale:g}" for a in request.adapters]
         for adapter in request.adapters:
             if not os.path.exists(adapter.path):
-                raise FileNotFoundError(f"LoRA adapter not found: {adapter.path}")
+                raise missing_adapter(adapter.path)
         return (f"[{' '.join(named)}] {text}" if named else text), prompt_tokens
 
     @staticmethod

@@ -35,7 +35,7 @@ from backends.llama.batch import (
     Scored,
     Sequence,
 )
-from backends.runtime import Backend, BackendError, Capability, invalid
+from backends.runtime import Backend, BackendError, Capability, invalid, missing_adapter
 from backends.runtime.constrain import Grammars
 from backends.runtime.text import (
     StopText,
@@ -161,7 +161,7 @@ def _adapters(request: pb.GenerateRequest) -> Adapters:
                 param="model",
             )
         if not os.path.isfile(adapter.path):
-            raise FileNotFoundError(f"LoRA adapter not found: {adapter.path}")
+            raise missing_adapter(adapter.path)
     return tuple((a.path, float(a.scale)) for a in request.adapters)
 
 

@@ -223,6 +223,7 @@ class BatchEngine:
         #: Loaded adapters by path (freed with the model), and the set the context applies.
         self._loras: dict[str, Any] = {}
         self._applied: Adapters = ()
+        self._most_sets = 0
         self._busy: list[Sequence | None] = [None] * slots
         self._waiting: deque[Sequence] = deque()
         self._arrivals = 0
@@ -310,6 +311,9 @@ class BatchEngine:
         groups: dict[Adapters, list[Sequence]] = {}
         for sequence in generating:
             groups.setdefault(sequence.adapters, []).append(sequence)
+        if len(groups) > max(self._most_sets, 1):  # said at each new most, not every step
+            self._most_sets = len(groups)
+            log.info("generating for %d adapter sets in one step, a decode each", len(groups))
         for group in groups.values():  # one decode per adapter set
             self._generate(group)
 

@@ -1,7 +1,16 @@
 """What every backend shares: the base class, the error type, and the process around it."""
 
 from backends.runtime.backend import Backend, Capability, ThreadShare
-from backends.runtime.errors import BackendError, invalid
+from backends.runtime.errors import BackendError, invalid, missing_adapter
 from backends.runtime.server import run, serve
 
-__all__ = ["Backend", "BackendError", "Capability", "ThreadShare", "invalid", "run", "serve"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "Capability",
+    "ThreadShare",
+    "invalid",
+    "missing_adapter",
+    "run",
+    "serve",
+]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import grpc
 
 from protos.hearth.backend.v1.contract import PARAM_KEY, REASON_KEY
@@ -35,3 +37,16 @@ class BackendError(Exception):
 def invalid(reason: str, message: str, param: str | None = None) -> BackendError:
     """The request (or the model YAML) asks for something this backend cannot do: a 400."""
     return BackendError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, param=param)
+
+
+def missing_adapter(path: str) -> BackendError:
+    """A LoRA adapter the model's YAML names is gone from the models dir (deleted since the
+    YAML was read): a 404 naming the file, not the server's paths."""
+    from protos.hearth.backend.v1.contract import Reason
+
+    return BackendError(
+        grpc.StatusCode.NOT_FOUND,
+        Reason.MODEL_FILE_NOT_FOUND,
+        f"the LoRA adapter {os.path.basename(path)} this model names is missing from the models "
+        "dir",
+    )

@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from backends.runtime import BackendError, invalid
+from backends.runtime import BackendError, invalid, missing_adapter
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Reason
 
@@ -57,7 +57,7 @@ def request_adapters(request: pb.GenerateRequest) -> Adapters:
         path = adapter.path
         name = os.path.basename(path)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"LoRA adapter not found: {path}")
+            raise missing_adapter(path)
         if not os.path.isdir(path):
             raise _refused(
                 name,

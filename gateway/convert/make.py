@@ -161,6 +161,12 @@ def plan_quantize(
             f"no model named {model!r} in {models_dir} (`hearth models list` lists them)",
             param="model",
         )
+    if config.base is not None:
+        raise ConvertRefused(
+            f"{model} is a variant of {config.base} (its weights with LoRA adapters): quantize "
+            f"{config.base}, then make a variant of the result",
+            param="model",
+        )
     if config.backend != "llama" or not config.model or not config.model.endswith(".gguf"):
         raise ConvertRefused(
             f"{model} is a {config.backend} model: quantizing makes GGUF files for llama.cpp, so "

@@ -163,6 +163,13 @@ def _check_base(entry: GalleryEntry, models_dir: Path) -> None:
             f"{entry.name} is a LoRA adapter for {entry.base}, which is not installed: install "
             f"it first (hearth models install {entry.base})"
         )
+    is_file = entry.model is not None and entry.model in {f.filename for f in entry.files}
+    if base.backend in {"llama", "transformers"} and is_file != (base.backend == "llama"):
+        raise InstallRefused(
+            f"{entry.name} is a LoRA {'file' if is_file else 'folder'}, but {entry.base} is a "
+            f"{base.backend} model, which takes "
+            f"{'GGUF LoRA files' if base.backend == 'llama' else 'PEFT adapter folders'}"
+        )
     if base.backend not in LORA_BACKENDS or base.base is not None:
         raise InstallRefused(
             f"{entry.name} is a LoRA adapter for {entry.base}, but the installed {entry.base} "
