@@ -301,6 +301,20 @@ def test_an_adapter_for_another_model_is_a_400_and_the_base_serves_on(
     assert answer(llama_gateway, "tiny-a") != before
 
 
+def test_an_adapter_file_replaced_in_place_is_read_again(llama_gateway: Gateway) -> None:
+    adapters = llama_gateway.models_dir / "adapters"
+    before, other = answer(llama_gateway, "tiny-a"), answer(llama_gateway, "tiny-b")
+    kept = (adapters / "a.gguf").read_bytes()
+    shutil.copy(adapters / "b.gguf", adapters / "a.new")
+    (adapters / "a.new").replace(adapters / "a.gguf")  # as a retrained adapter is put in place
+    try:
+        assert answer(llama_gateway, "tiny-a") == other
+    finally:
+        (adapters / "a.new").write_bytes(kept)
+        (adapters / "a.new").replace(adapters / "a.gguf")
+    assert answer(llama_gateway, "tiny-a") == before
+
+
 def test_a_variant_is_not_quantized_its_base_is(adapters_dir: Path) -> None:
     from gateway.convert.errors import ConvertRefused
     from gateway.convert.make import plan_quantize

@@ -84,7 +84,8 @@ def test_the_fox_is_heard_back_by_whisper(backend: PiperBackend, real_models: Pa
     segments, _ = whisper.transcribe(io.BytesIO(wav), language="en", beam_size=1)
     heard = words(" ".join(s.text for s in segments))
     expected = words(FOX)
-    assert sum(word in heard for word in expected) >= 0.9 * len(expected), heard
+    # One mishearing allowed: the voice's noise is drawn afresh each time (see HEARD_ENOUGH).
+    assert sum(word in heard for word in expected) >= len(expected) - 1, heard
 
 
 @pytest.mark.real_model

@@ -56,6 +56,13 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z']+", text.lower())
 
 
+#: Piper draws its voice's noise afresh each time (VITS samples it), and whisper-base then
+#: mishears a word now and then ("round" for "brown", "jumped" for "jumps"): seen in about one
+#: format in five of a CI run. Eight of the fox's nine words heard is speech anyone understands;
+#: garbled or silent audio hears far fewer.
+HEARD_ENOUGH = 8 / 9
+
+
 def share_heard(said: str, text: str) -> float:
     """The share of the words said that were heard (whisper may hear "jump" for "jumps")."""
     expected, got = words(said), set(words(text))
@@ -119,7 +126,7 @@ def test_what_is_said_is_heard_back_in_every_format(
         audio = as_wav(audio, 24000)
     name = f"speech.{'wav' if response_format == 'pcm' else response_format}"
     text = heard(speaking, audio, name)
-    assert share_heard(FOX, text) >= 0.9, f"{response_format}: heard {text!r}"
+    assert share_heard(FOX, text) >= HEARD_ENOUGH, f"{response_format}: heard {text!r}"
 
 
 def test_the_first_sound_comes_before_the_last_is_made(speaking: Gateway) -> None:
@@ -192,7 +199,7 @@ def test_the_openai_sdk_speaks(speaking: Gateway) -> None:
     ) as response:
         audio = response.read()
     assert audio.startswith(b"RIFF")
-    assert share_heard(FOX, heard(speaking, audio, "sdk.wav")) >= 0.9
+    assert share_heard(FOX, heard(speaking, audio, "sdk.wav")) >= HEARD_ENOUGH
     with pytest.raises(openai.BadRequestError):
         client.audio.speech.create(model="joe-us-piper", voice="nobody", input=FOX)
 

@@ -50,7 +50,7 @@ from typing import Any
 import grpc
 
 from backends.runtime.constrain import Constraint
-from backends.runtime.errors import BackendError
+from backends.runtime.errors import BackendError, adapter_stamp
 from protos.hearth.backend.v1.contract import Reason
 
 log = logging.getLogger("hearth.backend.llama")
@@ -220,8 +220,9 @@ class BatchEngine:
         self._held: list[list[int]] = [[] for _ in range(slots)]
         #: The adapters each slot's cache was computed with.
         self._held_adapters: list[Adapters] = [() for _ in range(slots)]
-        #: Loaded adapters by path (freed with the model), and the set the context applies.
-        self._loras: dict[str, Any] = {}
+        #: Loaded adapters by path, with the stamp of the weights they were read from (freed
+        #: with the model), and the set the context applies.
+        self._loras: dict[str, tuple[Any, tuple[int, int, int]]] = {}
         self._applied: Adapters = ()
         self._most_sets = 0
         self._busy: list[Sequence | None] = [None] * slots
@@ -351,22 +352,30 @@ class BatchEngine:
         """Keep what the slot holds of the prompt's start; the last prompt token is always
         read again, for the logits to sample from."""
         slot = sequence.slot
+        failure = self._load_adapters(sequence.adapters)  # first: it may void what slots hold
+        if failure is not None:
+            self._fail(sequence, failure)
+            return
         keep = min(_shared_start(self._held[slot], sequence.prompt), len(sequence.prompt) - 1)
         if self._held_adapters[slot] != sequence.adapters:
             keep = 0  # computed with other adapters
         self._forget(slot, keep)
         self._held_adapters[slot] = sequence.adapters
         sequence.read = sequence.reused = len(self._held[slot])
-        failure = self._load_adapters(sequence.adapters)
-        if failure is not None:
-            self._fail(sequence, failure)
 
     def _load_adapters(self, adapters: Adapters) -> BackendError | None:
         """Load the adapters not loaded yet (on the engine thread, between decodes); the
         error for the request if llama.cpp refuses one."""
         for path, _ in adapters:
-            if path in self._loras:
+            try:
+                stamp = adapter_stamp(path)
+            except BackendError as exc:
+                return exc
+            known = self._loras.get(path)
+            if known is not None and known[1] == stamp:
                 continue
+            if known is not None:  # the file was replaced: its new weights from now on
+                self._replaced(path)
             handle = self._lib.llama_adapter_lora_init(self.model.model, path.encode())
             if not handle:
                 name = path.rsplit("/", 1)[-1]
@@ -377,9 +386,21 @@ class BatchEngine:
                     "a GGUF LoRA, or it was trained for another base model (its architecture "
                     "or tensor shapes differ)",
                 )
-            self._loras[path] = handle
+            self._loras[path] = (handle, stamp)
             log.info("loaded LoRA adapter %s", path)
         return None
+
+    def _replaced(self, path: str) -> None:
+        """Forget what was computed with an adapter file's old weights: the context's applied
+        set, and the caches made with it of slots not generating (llama.cpp frees the old
+        weights with the model; a sequence generating with them ends with them)."""
+        self._applied = ()
+        for slot, held in enumerate(self._held_adapters):
+            sequence = self._busy[slot]
+            # Idle, or just admitted and not read from yet (its prefix is not reused then).
+            if (sequence is None or sequence.read == 0) and any(p == path for p, _ in held):
+                self._forget(slot, 0)
+                self._held_adapters[slot] = ()
 
     def _use(self, adapters: Adapters) -> None:
         """Have the context apply `adapters` (none: the base model) from the next decode."""
@@ -388,7 +409,7 @@ class BatchEngine:
         lib = self._lib
         count = len(adapters)
         handles = (lib.llama_adapter_lora_p_ctypes * count)(
-            *(self._loras[path] for path, _ in adapters)
+            *(self._loras[path][0] for path, _ in adapters)
         )
         scales = (ctypes.c_float * count)(*(scale for _, scale in adapters))
         if lib.llama_set_adapters_lora(self.ctx.ctx, handles, count, scales) != 0:

@@ -50,3 +50,14 @@ def missing_adapter(path: str) -> BackendError:
         f"the LoRA adapter {os.path.basename(path)} this model names is missing from the models "
         "dir",
     )
+
+
+def adapter_stamp(path: str) -> tuple[int, int, int]:
+    """What tells one version of an adapter's weights from another (a file replaced in place
+    is loaded again): the weights file's inode, size and modification time."""
+    weights = os.path.join(path, "adapter_model.safetensors") if os.path.isdir(path) else path
+    try:
+        status = os.stat(weights)
+    except FileNotFoundError:
+        raise missing_adapter(path) from None
+    return (status.st_ino, status.st_size, status.st_mtime_ns)

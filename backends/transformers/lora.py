@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from backends.runtime import BackendError, invalid, missing_adapter
+from backends.runtime import BackendError, adapter_stamp, invalid, missing_adapter
 from protos.hearth.backend.v1 import backend_pb2 as pb
 from protos.hearth.backend.v1.contract import Reason
 
@@ -96,15 +96,22 @@ class LoraAdapters:
     def __init__(self, model: Any) -> None:
         self.model = model
         self._loaded: dict[str, list[_Update]] = {}
+        #: The weights file each was read from (a file replaced in place is read again).
+        self._stamps: dict[str, tuple[int, int, int]] = {}
 
     def load(self, adapters: Adapters) -> BackendError | None:
         """Load those of `adapters` not loaded yet (on the compute thread, between batches);
         the error for the request if one cannot be applied to this model."""
         for path, _ in adapters:
-            if path in self._loaded:
-                continue
+            try:
+                stamp = adapter_stamp(path)
+            except BackendError as exc:
+                return exc
+            if self._stamps.get(path) == stamp:
+                continue  # loaded, and its file not replaced since
             try:
                 self._loaded[path] = self._read(path)
+                self._stamps[path] = stamp
             except BackendError as exc:
                 log.warning("LoRA adapter %s refused: %s", path, exc.message)
                 return exc
