@@ -101,6 +101,19 @@ class BackendClient:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
+    async def serves(self, timeout: float) -> bool | None:
+        """Whether the backend serves our model now: True; False when it answers without it
+        (it restarted, and lost it); None when it does not answer (the reason is kept in
+        `last_health_failure`)."""
+        try:
+            reply = await self._lifecycle.Status(
+                pb.StatusRequest(), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            self.last_health_failure = exc.details() or exc.code().name.lower()
+            return None
+        return reply.state == pb.MODEL_STATE_READY and reply.model_name == self.model
+
     async def capabilities(self) -> frozenset[Capability]:
         """The services the loaded model serves, as health reports them."""
         serving = set()

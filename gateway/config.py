@@ -130,12 +130,24 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_queue: Annotated[int, msgspec.Meta(ge=0)] = 64
     #: Backend-specific settings, passed through as they are.
     options: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: Backends serving this model at once; each request goes to the one with the fewest in
+    #: flight. Unset: one per address of a static placement, else 1.
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=32)] | None = None
+    #: Where its backends run: `local` processes of the gateway's (the default), `static`
+    #: addresses something else keeps running, or `ray` actors on a Ray cluster.
+    placement: Literal["local"] | Placement = "local"
     #: The YAML file this came from (set by the loader, not the YAML).
     source: str = ""
     #: The absolute paths of `lora`'s adapters, with a base's first (set by the loader).
     lora_paths: list[str] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
+        static = self.static_placement()
+        if static is not None and (self.replicas or 0) > len(static.addresses):
+            raise ValueError(
+                f"replicas: {self.replicas}, but placement.static lists "
+                f"{len(static.addresses)} address(es): one per replica"
+            )
         if not self.backend and self.base is None:
             raise ValueError("backend: is required (or base: for a variant of another model)")
         if self.lora and (self.embeddings or self.rerank):
@@ -166,6 +178,23 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             return "rerank"
         return _KINDS.get(self.backend, "chat")
 
+    def placement_kind(self) -> Literal["local", "static", "ray"]:
+        """Where its backends run."""
+        return "local" if isinstance(self.placement, str) else self.placement.kind
+
+    def static_placement(self) -> StaticPlacement | None:
+        return None if isinstance(self.placement, str) else self.placement.static
+
+    def ray_placement(self) -> RayPlacement | None:
+        return None if isinstance(self.placement, str) else self.placement.ray
+
+    def replica_count(self) -> int:
+        """How many backends serve it."""
+        if self.replicas is not None:
+            return self.replicas
+        static = self.static_placement()
+        return len(static.addresses) if static is not None else 1
+
     def keep_alive_seconds(self) -> float | None:
         """Idle seconds before unloading (math.inf: never); None: the gateway's default."""
         return None if self.keep_alive is None else parse_keep_alive(self.keep_alive)
@@ -182,6 +211,85 @@ class RemoteTLS(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ca: str | None = None
     #: The name the backend's certificate carries, where it is not the address's host.
     server_name: str | None = None
+
+
+class StaticPlacement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Backends that something else keeps running (Kubernetes, compose, systemd): one address
+    per replica. The gateway loads the model into each, health-checks them and routes to them;
+    it never starts or stops them."""
+
+    #: host:port (or unix:///path) of each replica's backend, in replica order.
+    addresses: Annotated[list[str], msgspec.Meta(min_length=1, max_length=32)]
+    #: A file holding the token the backends were started with (relative paths are the models
+    #: dir's), or the gateway's environment variable holding it.
+    token_file: str | None = None
+    token_env: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    #: TLS, checked against the system's roots (true) or as `RemoteTLS` says.
+    tls: bool | RemoteTLS = False
+
+    def __post_init__(self) -> None:
+        if self.token_file is not None and self.token_env is not None:
+            raise ValueError("give at most one of `token_file` or `token_env`")
+        if len(set(self.addresses)) != len(self.addresses):
+            raise ValueError("addresses: each replica needs an address of its own")
+
+    def remote_tls(self) -> RemoteTLS | None:
+        """The TLS settings, or None for plaintext."""
+        if isinstance(self.tls, RemoteTLS):
+            return self.tls
+        return RemoteTLS() if self.tls else None
+
+    def exposure(self) -> str | None:
+        """What the network can do with these backends (see CustomBackend.exposure)."""
+        exposed = [a for a in self.addresses if not is_loopback_address(a)]
+        if not exposed:
+            return None
+        if self.token_file is None and self.token_env is None:
+            return (
+                "has no token (token_file or token_env): anyone who can reach "
+                f"{exposed[0]} can use it"
+            )
+        if self.remote_tls() is None:
+            return f"has a token but no tls: the token travels in clear to {exposed[0]}"
+        return None
+
+
+class RayPlacement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Backends run by Ray: one detached actor per replica, placed by the resources it asks
+    for, which starts the backend on its node and is restarted (a capped number of times) when
+    it or its node dies. The cluster is the gateway's HEARTH_RAY_ADDRESS."""
+
+    num_cpus: Annotated[float, msgspec.Meta(ge=0, le=4096)] = 1.0
+    num_gpus: Annotated[float, msgspec.Meta(ge=0, le=1024)] = 0.0
+    #: Memory Ray reserves for it on its node ("8GiB").
+    memory: str | int | None = None
+    #: Custom resources of the nodes it may run on, such as {"gpu-box": 1}.
+    resources: dict[str, Annotated[float, msgspec.Meta(ge=0)]] = msgspec.field(default_factory=dict)
+    #: Restarts of a replica's actor (after its backend or its node died) before it is left
+    #: dead; never unlimited, which is an endless crash loop.
+    max_restarts: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+
+    def __post_init__(self) -> None:
+        if self.memory is not None:
+            parse_size(self.memory)
+
+    def memory_bytes(self) -> int | None:
+        return None if self.memory is None else parse_size(self.memory)
+
+
+class Placement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`placement:` other than `local`: exactly one of `static` or `ray`."""
+
+    static: StaticPlacement | None = None
+    ray: RayPlacement | None = None
+
+    def __post_init__(self) -> None:
+        if (self.static is None) == (self.ray is None):
+            raise ValueError("give exactly one of `static` or `ray` (or write placement: local)")
+
+    @property
+    def kind(self) -> Literal["static", "ray"]:
+        return "static" if self.static is not None else "ray"
 
 
 class CustomBackend(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -468,6 +576,29 @@ def resolve_model_path(models_dir: Path, relative: str) -> Path:
     return target
 
 
+def _check_placements(catalog: Catalog) -> None:
+    """A backends.yaml `address:` backend is one backend at one address: it cannot be placed
+    elsewhere or replicated (placement.static lists an address per replica); a ray placement
+    starts a built-in backend or a `command` one."""
+    for config in list(catalog.models.values()):
+        custom = catalog.backends.get(config.backend)
+        problem = None
+        if custom is not None and custom.address is not None:
+            if config.placement_kind() != "local" or config.replica_count() > 1:
+                problem = (
+                    f"backend '{custom.name}' is one backend at {custom.address}; for replicas "
+                    "or another placement, name the backend's kind and list an address per "
+                    "replica under placement.static.addresses"
+                )
+        elif (static := config.static_placement()) is not None:
+            exposure = static.exposure()
+            if exposure is not None:
+                log.warning("%s: placement.static %s", config.source, exposure)
+        if problem is not None:
+            catalog.errors.append(f"{config.source}: placement: {problem}")
+            del catalog.models[config.name]
+
+
 @dataclass
 class Catalog:
     """What the models dir holds: models by name, custom backends by name, broken files."""
@@ -515,6 +646,7 @@ def load_catalog(models_dir: Path) -> Catalog:
             catalog.errors.append(str(exc))
     _resolve_variants(catalog)
     _check_adapter_kinds(catalog)
+    _check_placements(catalog)
     for config in list(catalog.models.values()):
         if config.backend not in BUILTIN_BACKENDS and config.backend not in catalog.backends:
             catalog.errors.append(

@@ -41,6 +41,12 @@ class Settings:
     backend_start_timeout: float = 60.0
     #: Seconds a model gets to load.
     load_timeout: float = 600.0
+    #: Seconds between two health checks of each backend reached over the network (static
+    #: and Ray placements): one that fails leaves the rotation until it passes again.
+    health_interval: float = 2.0
+    #: The Ray cluster of `placement: ray` models ("10.0.0.2:6379", the head's GCS address);
+    #: unset: such models fail to start, saying so.
+    ray_address: str | None = None
     #: Seconds one request may take in a backend.
     request_timeout: float = 600.0
     log_level: str = "info"
@@ -101,7 +107,7 @@ class Settings:
             # Every bound (max_*) that is a count or a size: a limit of 0 would refuse all.
             if f.name.startswith("max_") and f.type == "int" and getattr(self, f.name) < 1:
                 raise ValueError(f"{f.name.replace('_', '-')} must be at least 1")
-        for name in ("max_audio_seconds", "read_timeout", "idle_timeout"):
+        for name in ("max_audio_seconds", "read_timeout", "idle_timeout", "health_interval"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.replace('_', '-')} must be more than 0")
         if self.shutdown_grace < 0:

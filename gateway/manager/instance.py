@@ -10,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from gateway.client import BackendClient
+from gateway.client import BackendClient, BackendTLS
 from gateway.config import ModelConfig
 from gateway.manager.admission import Slots
 from gateway.manager.footprint import Footprint
@@ -30,6 +30,20 @@ class State(enum.StrEnum):
     STOPPED = "stopped"  # gone
 
 
+@dataclass
+class Placed:
+    """Where a placer put one replica's backend: its address and how to reach it."""
+
+    address: str
+    #: A local process of the gateway's (the local placer's); None elsewhere.
+    process: asyncio.subprocess.Process | None = None
+    #: The token every call carries, and TLS, for a backend reached over the network.
+    token: str | None = None
+    tls: BackendTLS | None = None
+    #: The machine it runs on, as GET /backends shows it (None: this one).
+    node: str | None = None
+
+
 @dataclass(eq=False)
 class BackendInstance:
     """One backend and its model, from spawn to stop."""
@@ -40,6 +54,14 @@ class BackendInstance:
     process: asyncio.subprocess.Process | None
     slots: Slots
     state: State = State.STARTING
+    #: Which of the model's replicas it is (0 to replicas - 1).
+    replica: int = 0
+    #: The machine it runs on, where the placer knows (None: this one).
+    node: str | None = None
+    #: Out of the rotation: it failed its last health check; requests go to other replicas.
+    unhealthy: bool = False
+    #: Requests it has served (ended, however they ended).
+    served: int = 0
     capabilities: frozenset[Capability] = frozenset()
     output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_LINES))
     #: time.monotonic() of the last request's end (or of the load).
@@ -106,6 +128,11 @@ class BackendInstance:
     def expired(self, now: float) -> bool:
         """Idle for longer than its keep_alive."""
         return self.slots.idle and now - self.last_used >= self.keep_alive
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """The model and replica it serves."""
+        return (self.config.name, self.replica)
 
     def recent_output(self, lines: int = 12) -> str:
         return "\n".join(list(self.output)[-lines:])

@@ -1,7 +1,11 @@
-"""BackendManager: composes the registry, admission, processes, supervision and the budget.
+"""BackendManager: composes the registry, admission, placement, supervision and the budget.
 
-One backend process per loaded model. The first request for a model starts and loads it;
-concurrent first requests share that one start. Loads are planned against the machine's memory
+A loaded model has `replicas` backends (one by default), which its placer puts somewhere: local
+processes, static addresses, Ray actors. The first request for a model starts and loads them;
+concurrent first requests share those starts, and each request goes to the replica with the
+fewest requests in flight. A backend reached over the network is health-checked every
+HEARTH_HEALTH_INTERVAL: one that fails leaves the rotation until it passes again (or, lost, is
+placed and loaded again). Loads are planned against the machine's memory
 budget (idle models are unloaded to make room, least recently used first), the cores are
 divided among the models computing at each moment, and an idle model is unloaded after its
 keep_alive. A process that dies is noticed, and the next request starts a fresh one. Stopping
@@ -29,9 +33,10 @@ from gateway.errors import OUTPUT_HEADING, BackendGone, OpenAIError, model_not_f
 from gateway.manager.admission import Lease, Slots
 from gateway.manager.budget import Machine, MachineBudget, resident_memory
 from gateway.manager.cpu import Demand, divide
-from gateway.manager.footprint import FootprintBook, sequences
+from gateway.manager.footprint import Footprint, FootprintBook, sequences
 from gateway.manager.instance import BackendInstance, State
 from gateway.manager.memory import MemoryPlanner
+from gateway.manager.placement import LocalPlacer, Placer, StaticPlacer
 from gateway.manager.process import (
     Launcher,
     describe_exit,
@@ -60,6 +65,11 @@ RESTART_BACKOFF_SECONDS = 2.0
 RESTART_BACKOFF_MAX_SECONDS = 60.0
 #: How many times a request that never reached a backend is sent to its replacement.
 _MAX_RESENDS = 3
+#: How long a replica that does not fit beside its model's others waits before it is tried again.
+_REPLICA_ROOM_RETRY_SECONDS = 30.0
+
+#: A backend: its model's name and which replica it is.
+Key = tuple[str, int]
 
 _CAPABILITY_WORDS = {
     Capability.TEXT: "text generation (chat and completions)",
@@ -69,6 +79,12 @@ _CAPABILITY_WORDS = {
     Capability.SPEECH: "speech (text to speech)",
     Capability.RERANK: "reranking",
 }
+
+
+def _describe(config: ModelConfig, replica: int) -> str:
+    """A model's name, with its replica's number where it has several: "chat (replica 2/3)"."""
+    count = config.replica_count()
+    return config.name if count == 1 else f"{config.name} (replica {replica + 1}/{count})"
 
 
 @dataclass(eq=False)
@@ -119,14 +135,19 @@ class BackendManager:
             max_loaded=settings.max_loaded_models,
             machine=None if settings.memory is not None else self.machine,
         )
-        self._instances: dict[str, BackendInstance] = {}
+        self._instances: dict[Key, BackendInstance] = {}
         self._draining: set[BackendInstance] = set()
         #: Taken out of service, their process not yet gone: their memory still counts.
         self._stopping: set[BackendInstance] = set()
-        self._starting: dict[str, _Start] = {}
+        self._starting: dict[Key, _Start] = {}
         #: Models asked to unload while they were starting: unloaded once their requests end.
         self._unload_when_started: set[str] = set()
-        self._failures: dict[str, _Failure] = {}
+        self._failures: dict[Key, _Failure] = {}
+        self._placers: dict[str, Placer] = {
+            "local": LocalPlacer(self.launcher),
+            "static": StaticPlacer(settings),
+        }
+        self._health: asyncio.Task[None] | None = None
         #: A speech model's voices, as its backend instance (the key's) last listed them.
         self._voices: dict[str, tuple[BackendInstance, pb.ListVoicesResponse]] = {}
         self._closing = False
@@ -144,11 +165,14 @@ class BackendManager:
         self.launcher.open()
         await self.registry.current()
         self.supervisor.start()
+        self._health = asyncio.create_task(self._check_health_forever())
 
     async def close(self) -> None:
         """Stop every backend (SIGTERM, then SIGKILL after a grace period)."""
         self._closing = True
         self.supervisor.close()
+        if self._health is not None:
+            self._health.cancel()
         for start in list(self._starting.values()):
             start.task.cancel()
         instances = [*self._instances.values(), *self._draining, *self._stopping]
@@ -158,7 +182,12 @@ class BackendManager:
                 self._record(instance)  # what it took, for the next run's first load
         self._instances.clear()
         self._draining.clear()
-        await asyncio.gather(*(self.launcher.stop(i) for i in instances), return_exceptions=True)
+        await asyncio.gather(*(self._release(i) for i in instances), return_exceptions=True)
+        for placer in self._placers.values():
+            try:
+                await placer.close()
+            except Exception:  # one placer failing must not leave the others' backends
+                log.exception("closing the %s placer failed", placer.kind)
         await self.launcher.close()
 
     # Serving requests -------------------------------------------------------------------------
@@ -173,7 +202,19 @@ class BackendManager:
         return self.launcher.is_open and not self._closing
 
     def loaded(self) -> dict[str, BackendInstance]:
-        return {name: i for name, i in self._instances.items() if i.alive}
+        """Each loaded model's first live replica, by name."""
+        loaded: dict[str, BackendInstance] = {}
+        for (name, _), instance in sorted(self._instances.items(), key=lambda kv: kv[0]):
+            if instance.alive:
+                loaded.setdefault(name, instance)
+        return loaded
+
+    def replicas(self, name: str) -> list[BackendInstance]:
+        """A model's live replicas, in replica order."""
+        return sorted(
+            (i for (n, _), i in self._instances.items() if n == name and i.alive),
+            key=lambda i: i.replica,
+        )
 
     async def voices(self, config: ModelConfig) -> pb.ListVoicesResponse:
         """A speech model's voices: asked of its backend once per backend instance (loading
@@ -253,7 +294,7 @@ class BackendManager:
                 lease.release()
                 raise
             # It serves: whatever failed is behind it.
-            self._failures.pop(lease.instance.config.name, None)
+            self._failures.pop(lease.instance.key, None)
             return lease, result
 
     async def call(
@@ -311,6 +352,7 @@ class BackendManager:
     def _released(self, lease: Lease) -> None:
         """A request ended: its keep_alive applies, the cores are divided again."""
         instance = lease.instance
+        instance.served += 1
         if lease.keep_alive is not None:
             instance.keep_alive = lease.keep_alive
         else:
@@ -357,65 +399,146 @@ class BackendManager:
         )
 
     async def _ensure(self, config: ModelConfig) -> BackendInstance:
+        """A live, loaded backend for `config`'s model, in rotation: the replica with the fewest
+        requests in flight, starting those missing (and waiting for the first, if none is)."""
         if self._closing:
             raise OpenAIError(503, "the server is shutting down", code="shutting_down")
-        instance = self._instances.get(config.name)
-        if instance is not None and instance.alive:
-            return instance
-        if instance is not None:
-            self._forget(instance)
-        start = self._starting.get(config.name)
-        if start is None:
-            self._refuse_if_failing(config)
-            start = _Start(asyncio.create_task(self._start(config)))
-            self._starting[config.name] = start
+        name, count = config.name, config.replica_count()
+        ready: list[BackendInstance] = []
+        for replica in range(count):
+            instance = self._instances.get((name, replica))
+            if instance is not None and not instance.alive:
+                self._forget(instance)
+                instance = None
+            if instance is None:
+                self._begin_start(config, replica)
+            elif not instance.unhealthy:
+                ready.append(instance)
+        for (other, replica), instance in list(self._instances.items()):
+            if other == name and replica >= count:  # its YAML now asks for fewer
+                self._drain(instance, f"(replica {replica + 1} of {count} no longer wanted)")
+        if ready:
+            # Fewest in flight; among equals, the one idle longest, so that replicas take
+            # turns (and each keeps its caches warm).
+            return min(ready, key=lambda i: (i.slots.busy + i.slots.waiting, i.last_used))
+        starts = [s for r in range(count) if (s := self._starting.get((name, r))) is not None]
+        if not starts:
+            self._refuse_unavailable(config)
+        return await self._first_started(config, starts)
 
-            def finished(_: object, name: str = config.name, mine: _Start = start) -> None:
-                if self._starting.get(name) is mine:
-                    del self._starting[name]
-
-            start.task.add_done_callback(finished)
-        start.waiters += 1
-        try:
-            # shield: one impatient client leaving must not abort the start the others wait on.
-            return await asyncio.shield(start.task)
-        finally:
-            start.waiters -= 1
-            if start.waiters == 0 and start.waiting_for_memory and not start.task.done():
-                # Everyone who asked has gone: stop waiting for memory for nobody. A request
-                # that arrives now starts afresh rather than joining a start being cancelled.
-                if self._starting.get(config.name) is start:
-                    del self._starting[config.name]
-                start.task.cancel()
-
-    def _refuse_if_failing(self, config: ModelConfig) -> None:
-        """503 with Retry-After while a model that keeps failing waits for its next start."""
-        failure = self._failures.get(config.name)
-        if failure is None or failure.config != config:
-            return  # never failed, or its YAML changed since: try at once
-        wait = failure.waiting(time.monotonic())
-        if not wait:
+    def _begin_start(self, config: ModelConfig, replica: int) -> None:
+        """Start replica `replica` of `config`'s model in the background, unless it is starting
+        or waits for its next try after failures."""
+        key = (config.name, replica)
+        if key in self._starting or self._waiting_after_failure(config, replica):
             return
+        start = _Start(asyncio.create_task(self._start(config, replica)))
+        self._starting[key] = start
+
+        def finished(task: asyncio.Task[BackendInstance], mine: _Start = start) -> None:
+            if self._starting.get(key) is mine:
+                del self._starting[key]
+            if not task.cancelled():
+                task.exception()  # seen: a replica started for nobody's request may fail
+
+        start.task.add_done_callback(finished)
+
+    async def _first_started(self, config: ModelConfig, starts: list[_Start]) -> BackendInstance:
+        """The first of `starts` to succeed; if all fail, the last failure."""
+        for start in starts:
+            start.waiters += 1
+        pending = {start.task for start in starts}
+        failure: BaseException | None = None
+        try:
+            while pending:
+                # wait(), unlike awaiting the tasks, never cancels them: one impatient client
+                # leaving must not abort the start others wait on.
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.cancelled():
+                        failure = failure or OpenAIError(
+                            503, f"the start of model '{config.name}' was cancelled"
+                        )
+                    elif task.exception() is not None:
+                        failure = task.exception()
+                    else:
+                        return task.result()
+            assert failure is not None
+            raise failure
+        finally:
+            for start in starts:
+                start.waiters -= 1
+                if start.waiters == 0 and start.waiting_for_memory and not start.task.done():
+                    # Everyone who asked has gone: stop waiting for memory for nobody. A
+                    # request that arrives now starts afresh rather than joining a start being
+                    # cancelled.
+                    for key, known in list(self._starting.items()):
+                        if known is start:
+                            del self._starting[key]
+                    start.task.cancel()
+
+    def _waiting_after_failure(self, config: ModelConfig, replica: int) -> float:
+        """Seconds until replica `replica` may be tried again after failing (0: now)."""
+        failure = self._failures.get((config.name, replica))
+        if failure is None or failure.config != config:
+            return 0.0  # never failed, or its YAML changed since: try at once
+        return failure.waiting(time.monotonic())
+
+    def _refuse_unavailable(self, config: ModelConfig) -> None:
+        """No replica of `config`'s model is in rotation or starting: 503, saying why (a
+        failing start waits for its next try; a remote replica fails its health checks)."""
+        name = config.name
+        unhealthy = [i for i in self.replicas(name) if i.unhealthy]
+        waiting = [
+            r for r in range(config.replica_count()) if self._waiting_after_failure(config, r)
+        ]
+        if unhealthy:
+            why = unhealthy[0].client.last_health_failure or "no answer"
+            count = config.replica_count()
+            message = (
+                f"no backend of model '{name}' is answering its health checks ({len(unhealthy)} "
+                f"of {count} out of rotation; {unhealthy[0].address}: {why}); retry shortly"
+            )
+            raise OpenAIError(
+                503, message, code="backend_unavailable", retry_after=self.settings.health_interval
+            )
+        replica = min(waiting, key=lambda r: self._waiting_after_failure(config, r), default=0)
+        raise self._failing(config, replica) or OpenAIError(
+            503, f"model '{name}' has no backend to serve it; retry shortly"
+        )
+
+    def _failing(self, config: ModelConfig, replica: int) -> OpenAIError | None:
+        """503 with Retry-After while a replica that keeps failing waits for its next start."""
+        wait = self._waiting_after_failure(config, replica)
+        failure = self._failures.get((config.name, replica))
+        if failure is None or not wait:
+            return None
         message = (
-            f"model '{config.name}' is failing ({failure.count} times in a row, last: "
-            f"{failure.message}); the server tries it again in {math.ceil(wait)} s"
+            f"model '{_describe(config, replica)}' is failing ({failure.count} times in a row, "
+            f"last: {failure.message}); the server tries it again in {math.ceil(wait)} s"
         )
         if failure.output:
             message += f"{OUTPUT_HEADING}{failure.output}"
-        raise OpenAIError(503, message, code="backend_failing", retry_after=wait)
+        return OpenAIError(503, message, code="backend_failing", retry_after=wait)
 
-    def _failed(self, config: ModelConfig, message: str, output: str = "") -> None:
-        """Note a failure (a start that failed, an exit nobody asked for): the first one is
-        retried at once, each further one in a row waits twice as long, up to the cap."""
-        prior = self._failures.get(config.name)
+    def _failed(
+        self, config: ModelConfig, replica: int, message: str, output: str = "", delay: float = 0
+    ) -> None:
+        """Note a replica's failure (a start that failed, an exit nobody asked for): the first
+        one is retried at once (or after `delay`), each further one in a row waits twice as
+        long, up to the cap."""
+        key = (config.name, replica)
+        prior = self._failures.get(key)
         count = prior.count + 1 if prior is not None and prior.config == config else 1
-        delay = 0.0
         if count >= 2:
             delay = min(RESTART_BACKOFF_SECONDS * 2 ** (count - 2), RESTART_BACKOFF_MAX_SECONDS)
             log.warning(
-                "%s failed %d times in a row; its next start waits %g s", config.name, count, delay
+                "%s failed %d times in a row; its next start waits %g s",
+                _describe(config, replica),
+                count,
+                delay,
             )
-        self._failures[config.name] = _Failure(
+        self._failures[key] = _Failure(
             at=time.time(),
             message=message.split("\n", 1)[0],
             config=config,
@@ -444,30 +567,58 @@ class BackendManager:
             return config.threads or 0
         return min(config.threads or self.budget.cores, self.budget.cores)
 
-    async def _start(self, config: ModelConfig) -> BackendInstance:
+    def _placer(self, config: ModelConfig) -> Placer:
+        """Where `config`'s backends run (the Ray placer is made, and Ray imported, at the
+        first model placed on it)."""
+        kind = config.placement_kind()
+        placer = self._placers.get(kind)
+        if placer is not None:
+            return placer
+        assert kind == "ray"
         try:
-            return await self._plan_and_start(config)
+            from gateway.manager.ray_placer import RayPlacer
+        except ImportError as exc:
+            raise OpenAIError(
+                500,
+                f"model '{config.name}' is placed on Ray (placement: ray), but Ray is not "
+                f"installed ({exc}): pip install 'hearth[ray]'",
+                code="backend_start_failed",
+                retry=False,
+            ) from None
+        placer = self._placers["ray"] = RayPlacer(self.settings)
+        return placer
+
+    async def _start(self, config: ModelConfig, replica: int) -> BackendInstance:
+        try:
+            return await self._plan_and_start(config, replica)
         except OpenAIError as exc:
+            key = (config.name, replica)
             if exc.code == "backend_start_failed":
                 self.metrics.start_failures.labels(config.name).inc()
                 message, _, output = exc.message.partition(OUTPUT_HEADING)
-                self._failed(config, message, output)
+                self._failed(config, replica, message, output)
                 # In a crash loop, the requests that waited on this start are told as the
                 # next ones will be: failing, and when to try again.
-                self._refuse_if_failing(config)
+                failing = self._failing(config, replica)
+                if failing is not None:
+                    raise failing from None
+            elif exc.code == "replica_does_not_fit":  # tried again later, not a crash loop
+                log.warning("%s", exc.message)
+                self._failed(config, replica, exc.message, delay=_REPLICA_ROOM_RETRY_SECONDS)
+                self._failures[key].count = 0
             else:  # refused before any process started (memory, say): shown, not backed off
-                prior = self._failures.get(config.name)
+                prior = self._failures.get(key)
                 if prior is not None and prior.config == config and prior.count:
                     prior.at, prior.message = time.time(), exc.message  # a crash loop goes on
                 else:
-                    self._failures[config.name] = _Failure(
-                        time.time(), exc.message, config, count=0
-                    )
+                    self._failures[key] = _Failure(time.time(), exc.message, config, count=0)
             raise
 
-    async def _plan_and_start(self, config: ModelConfig) -> BackendInstance:
+    async def _plan_and_start(self, config: ModelConfig, replica: int) -> BackendInstance:
+        key = (config.name, replica)
+        placer = self._placer(config)
         custom = await self._custom(config)
-        remote = custom is not None and custom.address is not None
+        remote = not placer.local or (custom is not None and custom.address is not None)
         # Reading a model's header (and hashing its folder's listing) is file work: off the loop.
         footprint = await asyncio.to_thread(self.footprints.footprint, config, remote)
         loading = config
@@ -482,21 +633,34 @@ class BackendManager:
                 config.name,
                 sequences(config),
             )
-        start = self._starting.get(config.name)
+        siblings = [i for i in self.replicas(config.name) if i.replica != replica] + [
+            s for k, s in self._starting.items() if k[0] == config.name and k[1] != replica
+        ]
+        # Beside a replica of its own model, one more is started only where it fits now,
+        # without waiting for busy models (it would wait for its own siblings).
+        quick = bool(siblings) and not remote
+        if quick and footprint.bytes + self.memory.used() > self.budget.memory_bytes:
+            raise self._no_room(config, replica, footprint)
+        start = self._starting.get(key)
         if start is not None:
             start.waiting_for_memory = True
         try:
             reservation = await self.memory.reserve(
-                config.name, footprint, timeout=self.settings.load_timeout
+                config.name, footprint, timeout=0 if quick else self.settings.load_timeout
             )
+        except OpenAIError as exc:
+            if quick and exc.code == "insufficient_memory":
+                raise self._no_room(config, replica, footprint) from None
+            raise
         finally:
             if start is not None:
                 start.waiting_for_memory = False
         spawned = time.monotonic()
         try:
             # The variables that hold remote backends' tokens stay in the gateway.
-            withheld = token_variables(self.registry.known.backends.values())
-            instance = await self.launcher.spawn(config, custom, withheld)
+            withheld = token_variables(self.registry.known)
+            placed = await placer.place(config, replica, custom, withheld)
+            instance = self.launcher.instance(config, placed, replica)
             instance.footprint = footprint
             instance.loaded_as = loading
             if start is not None:
@@ -509,12 +673,13 @@ class BackendManager:
         instance.loaded_at = time.time()
         instance.last_used = time.monotonic()
         instance.keep_alive = self.default_keep_alive(config)
-        self._instances[config.name] = instance
+        self._instances[key] = instance
         # The watch outlives the request that started the model: its log lines are not that
         # request's.
         contextvars.Context().run(self.supervisor.watch, instance)
         if config.name in self._unload_when_started:
-            self._unload_when_started.discard(config.name)
+            if not any(k[0] == config.name and s is not start for k, s in self._starting.items()):
+                self._unload_when_started.discard(config.name)  # the model's last start
             instance.keep_alive = 0  # its waiting requests are served, then it goes
             if start is None or start.waiters == 0:
                 self._stop_soon(instance, "on request")
@@ -522,8 +687,9 @@ class BackendManager:
             self._measure([instance])
             self._record(instance)
         log.info(
-            "%s ready: %d thread(s)%s, %s resident (planned %s), %d request(s) at once",
-            config.name,
+            "%s ready%s: %d thread(s)%s, %s resident (planned %s), %d request(s) at once",
+            _describe(config, replica),
+            f" on {instance.node}" if instance.node else "",
             instance.threads_loaded,
             "" if instance.adjustable_threads else " fixed",
             format_size(instance.rss),
@@ -531,6 +697,16 @@ class BackendManager:
             instance.slots.limit,
         )
         return instance
+
+    def _no_room(self, config: ModelConfig, replica: int, footprint: Footprint) -> OpenAIError:
+        return OpenAIError(
+            507,
+            f"replica {replica + 1} of model '{config.name}', needing {footprint.describe()}, "
+            f"does not fit the memory budget beside what is loaded "
+            f"({format_size(self.memory.used())} of {format_size(self.budget.memory_bytes)});"
+            f" tried again in {_REPLICA_ROOM_RETRY_SECONDS:g} s",
+            code="replica_does_not_fit",
+        )
 
     async def _load(self, instance: BackendInstance, config: ModelConfig, remote: bool) -> None:
         pump = None
@@ -551,7 +727,7 @@ class BackendManager:
             response = await self.launcher.load(instance, request)
             log.info("loaded %s in %.2f s", config.name, time.monotonic() - started)
         except BaseException:
-            await self.launcher.stop(instance)
+            await self._release(instance)
             if pump is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pump, 1.0)
@@ -581,12 +757,15 @@ class BackendManager:
         self.metrics.backend_exits.labels(instance.config.name).inc()
         log.warning(
             "backend for %s %s unexpectedly; the next request starts a new one\n%s",
-            instance.config.name,
+            _describe(instance.config, instance.replica),
             describe_exit(code),
             instance.recent_output(),
         )
         self._failed(
-            instance.config, f"its backend {describe_exit(code)}", instance.recent_output()
+            instance.config,
+            instance.replica,
+            f"its backend {describe_exit(code)}",
+            instance.recent_output(),
         )
 
     def _samples(self) -> list[BackendSample]:
@@ -611,8 +790,8 @@ class BackendManager:
         self.supervisor.spawn(instance.client.channel.close(grace=_CHANNEL_CLOSE_GRACE_SECONDS))
 
     def _detach(self, instance: BackendInstance) -> None:
-        if self._instances.get(instance.config.name) is instance:
-            del self._instances[instance.config.name]
+        if self._instances.get(instance.key) is instance:
+            del self._instances[instance.key]
         self._draining.discard(instance)
         self.memory.notify()
 
@@ -649,10 +828,10 @@ class BackendManager:
         """Let `instance` finish what it has, take nothing new, then stop."""
         if instance.state != State.READY:
             return
-        log.info("draining %s %s", instance.config.name, why)
+        log.info("draining %s %s", _describe(instance.config, instance.replica), why)
         instance.state = State.DRAINING
-        if self._instances.get(instance.config.name) is instance:
-            del self._instances[instance.config.name]
+        if self._instances.get(instance.key) is instance:
+            del self._instances[instance.key]
         self._draining.add(instance)
         if instance.slots.idle:
             self._stop_soon(instance, "drained")
@@ -712,29 +891,33 @@ class BackendManager:
     # Stopping ---------------------------------------------------------------------------------
 
     async def unload(self, name: str, drain: bool = False) -> str:
-        """Unload `name`: at once, or (drain) once its requests in flight have ended.
+        """Unload `name` (every replica): at once, or (drain) once its requests in flight have
+        ended.
 
         Returns what became of it: "unloaded", "draining" (its requests end first), or
         "not_loaded".
         """
         variant = self.registry.known.models.get(name)
-        if name not in self._instances and variant is not None and variant.base is not None:
+        if not self.replicas(name) and variant is not None and variant.base is not None:
             name = variant.base  # a variant's process is its base's
-        instance = self._instances.get(name)
-        if instance is None:
+        instances = self.replicas(name)
+        starting = any(key[0] == name for key in self._starting)
+        if starting:
+            # Unloaded once loaded and its waiting requests are served.
+            self._unload_when_started.add(name)
+        if not instances:
             draining = [i for i in self._draining if i.config.name == name and not i.dead]
-            if draining:
-                return "draining"
-            if name in self._starting:
-                # Unloaded once loaded and its waiting requests are served.
-                self._unload_when_started.add(name)
-                return "draining"
-            return "not_loaded"
-        if drain and not instance.slots.idle:
-            self._drain(instance, "on request")
+            return "draining" if draining or starting else "not_loaded"
+        busy = [i for i in instances if not i.slots.idle]
+        if drain and busy:
+            for instance in busy:
+                self._drain(instance, "on request")
+            for instance in instances:
+                if instance not in busy:
+                    self._stop_soon(instance, "on request")
             return "draining"
-        await self._stop(instance, "on request")
-        return "unloaded"
+        await asyncio.gather(*(self._stop(i, "on request") for i in instances))
+        return "draining" if starting else "unloaded"
 
     def _retire(self, instance: BackendInstance, why: str | None) -> bool:
         """Take `instance` out of service now (no request can take it after this returns); its
@@ -764,26 +947,39 @@ class BackendManager:
 
     async def _end(self, instance: BackendInstance) -> None:
         try:
-            await self.launcher.stop(instance)
+            await self._release(instance)
         finally:
             self._stopping.discard(instance)
             self.memory.notify()
+
+    async def _release(self, instance: BackendInstance) -> None:
+        """End a backend where its placer put it (a process, a remote one's model, an actor)."""
+        instance.deliberate_stop = True
+        instance.dead = True
+        instance.state = State.STOPPED
+        try:
+            await self._placers[instance.config.placement_kind()].release(instance)
+        finally:
+            await instance.client.channel.close()
 
     async def _tick(self) -> None:
         """Measure every backend; end those idle past their keep_alive or drained; and if
         backends grew past the budget, unload idle ones, least recently used first."""
         now = time.monotonic()
-        for name, failure in list(self._failures.items()):
+        for key, failure in list(self._failures.items()):
             if time.time() - failure.at > _FAILURE_MEMORY_SECONDS and not failure.waiting(now):
-                del self._failures[name]  # long ago: a new failure starts the count afresh
+                del self._failures[key]  # long ago: a new failure starts the count afresh
         self._measure(self._serving())
+        # A model is unloaded when all its replicas are idle past their keep_alive.
+        awake = {i.config.name for i in self._instances.values() if not i.expired(now)}
         for instance in self._serving():
             if instance.dead:
                 continue
             if instance.state == State.DRAINING and instance.slots.idle:
                 self._stop_soon(instance, "drained")
-            elif instance.expired(now):
+            elif instance.expired(now) and instance.config.name not in awake:
                 self._stop_soon(instance, f"after {instance.keep_alive:g} s idle")
+        self._keep_replicas()
         excess = self.memory.over_budget()
         while excess:
             idle = [i for i in self._serving() if i.local and i.slots.idle and not i.dead]
@@ -795,33 +991,97 @@ class BackendManager:
             )
             excess = self.memory.over_budget()
 
+    def _keep_replicas(self) -> None:
+        """Start again the replicas a loaded model lost (a process that died, a remote backend
+        that restarted or moved), each when its backoff allows."""
+        if self._closing:
+            return
+        loaded = {i.config.name: i.config for i in self._instances.values() if not i.dead}
+        for name, config in loaded.items():
+            if name in self._unload_when_started:
+                continue
+            for replica in range(config.replica_count()):
+                if (name, replica) not in self._instances:
+                    self._begin_start(config, replica)
+
+    # Health of backends reached over the network ---------------------------------------------
+
+    async def _check_health_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            try:
+                remote = [
+                    i
+                    for i in self._serving()
+                    if i.process is None and not i.dead and i.state == State.READY
+                ]
+                await asyncio.gather(*(self._check(i) for i in remote))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug of ours must not end the checks
+                log.exception("health checks failed")
+
+    async def _check(self, instance: BackendInstance) -> None:
+        """One health check of a remote backend: its Status must say it serves our model.
+        Failing it takes it out of the rotation until it passes again; one that restarted
+        without its model, or whose placer may have moved it, is placed and loaded again."""
+        timeout = min(max(self.settings.health_interval, 0.5), 5.0)
+        serves = await instance.client.serves(timeout)
+        if instance.dead or self._closing:
+            return
+        what = f"{_describe(instance.config, instance.replica)} at {instance.address}"
+        if serves:
+            if instance.unhealthy:
+                instance.unhealthy = False
+                log.info("%s passes its health check again: back in rotation", what)
+            return
+        placer = self._placers[instance.config.placement_kind()]
+        if serves is False or placer.relocates:
+            if serves is False:
+                reason = "answers without its model (it restarted)"
+            else:
+                reason = f"failed its health check ({instance.client.last_health_failure})"
+            log.warning("%s %s; placing and loading it again", what, reason)
+            self._failed(instance.config, instance.replica, f"its backend {reason}")
+            self._forget(instance)
+            self._begin_start(instance.config, instance.replica)
+            return
+        if not instance.unhealthy:
+            instance.unhealthy = True
+            log.warning(
+                "%s failed its health check (%s): out of rotation until it passes",
+                what,
+                instance.client.last_health_failure,
+            )
+
     # What GET /backends shows -----------------------------------------------------------------
 
     def view(self) -> dict[str, Any]:
         """Every backend: state, pid, threads, memory, requests, times, last error."""
         now_wall, now = time.time(), time.monotonic()
         rows = [self._row(i, now_wall, now) for i in self._serving()]
-        shown = {row["model"] for row in rows}
-        for name, start in self._starting.items():
-            if name in shown or start.task.done():
+        shown = {(row["model"], row["replica"]) for row in rows}
+        for key, start in self._starting.items():
+            if key in shown or start.task.done():
                 continue
             instance = start.instance
             if instance is not None and not instance.dead:
                 rows.append(self._row(instance, now_wall, now))
             else:
-                config = self.registry.known.models.get(name)  # sync: as last read, no file I/O
+                # sync: as last read, no file I/O
+                config = self.registry.known.models.get(key[0])
                 state = "queued for memory" if start.waiting_for_memory else "starting"
-                rows.append(self._placeholder(name, config, state))
-            shown.add(name)
-        for name, failure in list(self._failures.items()):
+                rows.append(self._placeholder(key, config, state))
+            shown.add(key)
+        for key, failure in list(self._failures.items()):
             if now_wall - failure.at > _FAILURE_MEMORY_SECONDS:
-                del self._failures[name]
-            elif name not in shown:
-                config = self.registry.known.models.get(name)
+                del self._failures[key]
+            elif key not in shown:
+                config = self.registry.known.models.get(key[0])
                 state = "failing" if failure.waiting(now) else "failed"
-                rows.append(self._placeholder(name, config, state))
+                rows.append(self._placeholder(key, config, state))
         for row in rows:
-            last = self._failures.get(row["model"])
+            last = self._failures.get((row["model"], row["replica"]))
             row["last_error"] = last.message if last else None
             row["last_output"] = last.output or None if last else None
             row["failures"] = last.count if last else 0
@@ -830,7 +1090,7 @@ class BackendManager:
         budget = self.budget
         return {
             "object": "list",
-            "data": sorted(rows, key=lambda r: r["model"]),
+            "data": sorted(rows, key=lambda r: (r["model"], r["replica"])),
             "budget": {
                 "cores": budget.cores,
                 "cores_from": budget.cores_from,
@@ -842,10 +1102,17 @@ class BackendManager:
         }
 
     @staticmethod
-    def _placeholder(name: str, config: ModelConfig | None, state: str) -> dict[str, Any]:
-        """A model with no backend process to show (yet, or any more)."""
+    def _placeholder(key: Key, config: ModelConfig | None, state: str) -> dict[str, Any]:
+        """A replica with no backend to show (yet, or any more)."""
+        name, replica = key
         return {
             "model": name,
+            "replica": replica,
+            "replicas": config.replica_count() if config else 1,
+            "placement": config.placement_kind() if config else "local",
+            "node": None,
+            "address": None,
+            "healthy": None,
             "backend": config.backend if config else None,
             "state": state,
             "pid": None,
@@ -853,7 +1120,7 @@ class BackendManager:
             "threads_max": None,
             "adjustable_threads": False,
             "memory": None,
-            "requests": {"in_flight": 0, "queued": 0, "at_once": None},
+            "requests": {"in_flight": 0, "queued": 0, "at_once": None, "served": 0},
             "loaded_at": None,
             "last_used_at": None,
             "keep_alive_seconds": None,
@@ -867,9 +1134,17 @@ class BackendManager:
         expires = None
         if instance.state == State.READY and math.isfinite(keep_alive) and instance.slots.idle:
             expires = last_used + keep_alive
+        config = instance.config
         return {
-            "model": instance.config.name,
-            "backend": instance.config.backend,
+            "model": config.name,
+            "replica": instance.replica,
+            "replicas": config.replica_count(),
+            "placement": config.placement_kind(),
+            # Where it runs; a local process's private socket is nobody's business.
+            "node": instance.node,
+            "address": None if instance.process is not None else instance.address,
+            "healthy": not instance.unhealthy,
+            "backend": config.backend,
             "state": str(instance.state),
             "pid": instance.pid,
             "threads": instance.threads_applied or None,
@@ -885,6 +1160,7 @@ class BackendManager:
                 "in_flight": instance.slots.busy,
                 "queued": instance.slots.waiting,
                 "at_once": instance.slots.limit,
+                "served": instance.served,
             },
             "loaded_at": int(instance.loaded_at) if instance.loaded_at else None,
             "last_used_at": int(last_used),

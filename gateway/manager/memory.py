@@ -121,7 +121,12 @@ class MemoryPlanner:
                 why = "the model count limit" if over_count and not short else "memory"
                 # Only what frees memory here helps a shortage of memory: local backends.
                 memory_short = short or live_short
-                candidates = [h for h in holders if h.alive and (h.local or not memory_short)]
+                # A model's other replicas are never unloaded for one more of its own.
+                candidates = [
+                    h
+                    for h in holders
+                    if h.alive and (h.local or not memory_short) and h.config.name != model
+                ]
                 idle = [h for h in candidates if h.slots.idle and h.state == State.READY]
                 if idle:
                     victim = min(idle, key=lambda h: h.last_used)

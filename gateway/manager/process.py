@@ -12,16 +12,17 @@ import signal
 import ssl
 import sys
 import tempfile
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Protocol
 
 from google.protobuf import struct_pb2
 
 from gateway.client import BackendClient, BackendTLS, backend_channel
-from gateway.config import CustomBackend, ModelConfig, resolve_model_path
+from gateway.config import Catalog, CustomBackend, ModelConfig, RemoteTLS, resolve_model_path
 from gateway.errors import OUTPUT_HEADING, OpenAIError
 from gateway.manager.admission import Slots
-from gateway.manager.instance import BackendInstance, State
+from gateway.manager.instance import BackendInstance, Placed, State
 from gateway.settings import Settings
 from protos.hearth.backend.v1 import backend_pb2 as pb
 
@@ -83,10 +84,15 @@ def _python_path(inherited: str | None) -> str:
     return os.pathsep.join(entries)
 
 
-def token_variables(backends: Iterable[CustomBackend]) -> frozenset[str]:
-    """The gateway's environment variables that hold remote backends' tokens (`token_env`):
-    secrets of the gateway's, which no local backend is given."""
-    return frozenset(backend.token_env for backend in backends if backend.token_env)
+def token_variables(catalog: Catalog) -> frozenset[str]:
+    """The gateway's environment variables that hold remote backends' tokens (`token_env` of
+    backends.yaml entries and of static placements): secrets of the gateway's, which no local
+    backend is given."""
+    named = [backend.token_env for backend in catalog.backends.values()]
+    for config in catalog.models.values():
+        static = config.static_placement()
+        named.append(static.token_env if static is not None else None)
+    return frozenset(name for name in named if name)
 
 
 def leashed(argv: list[str], death_signal: signal.Signals) -> list[str]:
@@ -98,35 +104,47 @@ def leashed(argv: list[str], death_signal: signal.Signals) -> list[str]:
     return [sys.executable, "-I", "-S", str(LEASH), str(os.getpid()), name, *argv]
 
 
+class RemoteSettings(Protocol):
+    """Where a remote backend's token and TLS settings come from (a backends.yaml `address:`
+    entry, a static placement)."""
+
+    token_file: str | None
+    token_env: str | None
+
+    def remote_tls(self) -> RemoteTLS | None: ...
+
+
 def remote_credentials(
-    custom: CustomBackend, models_dir: Path
+    custom: RemoteSettings, models_dir: Path, where: str | None = None
 ) -> tuple[str | None, BackendTLS | None]:
     """The token and TLS settings for reaching a remote backend, read from their files now,
-    so that a changed token needs no restart (blocking: call it in a thread)."""
+    so that a changed token needs no restart (blocking: call it in a thread). `where` names
+    the settings in errors (default: the backends.yaml entry's name)."""
+    where = where or f"backend '{getattr(custom, 'name', '?')}' in backends.yaml"
     token = None
     if custom.token_file is not None:
-        path = custom.file_path(models_dir, custom.token_file)
+        path = CustomBackend.file_path(models_dir, custom.token_file)
         try:
             token = path.read_text().strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise _misconfigured(custom, f"cannot read its token_file {path}: {exc}") from None
+            raise _misconfigured(where, f"cannot read its token_file {path}: {exc}") from None
         if not token:
-            raise _misconfigured(custom, f"its token_file {path} is empty")
+            raise _misconfigured(where, f"its token_file {path} is empty")
     elif custom.token_env is not None:
         token = os.environ.get(custom.token_env, "").strip()
         if not token:
             raise _misconfigured(
-                custom, f"its token_env {custom.token_env} is not set in the gateway's environment"
+                where, f"its token_env {custom.token_env} is not set in the gateway's environment"
             )
     settings = custom.remote_tls()
     if settings is None:
         return token, None
     if settings.ca is not None:
-        path = custom.file_path(models_dir, settings.ca)
+        path = CustomBackend.file_path(models_dir, settings.ca)
         try:
             roots: bytes | None = path.read_bytes()
         except OSError as exc:
-            raise _misconfigured(custom, f"cannot read its tls.ca {path}: {exc}") from None
+            raise _misconfigured(where, f"cannot read its tls.ca {path}: {exc}") from None
     else:
         roots = _system_roots()
     return token, BackendTLS(root_certificates=roots, server_name=settings.server_name)
@@ -142,10 +160,10 @@ def _system_roots() -> bytes | None:
     return None
 
 
-def _misconfigured(custom: CustomBackend, what: str) -> OpenAIError:
+def _misconfigured(where: str, what: str) -> OpenAIError:
     return OpenAIError(
         500,
-        f"backend '{custom.name}' in backends.yaml: {what}",
+        f"{where}: {what}",
         code="backend_misconfigured",
         retry=False,
     )
@@ -248,50 +266,58 @@ class Launcher:
         # end it once the gateway is gone.
         return leashed(argv, signal.SIGKILL), env
 
+    async def spawn_process(
+        self,
+        config: ModelConfig,
+        custom: CustomBackend | None,
+        withheld: Collection[str] = (),
+    ) -> Placed:
+        """A new backend process for `config` on a private socket, not yet healthy; it gets
+        none of the `withheld` variables of the gateway's environment."""
+        address, _ = self._next_address()
+        argv, env = self._command(config, custom, address, withheld)
+        log.info("starting %s backend for %s", config.backend, config.name)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C on the gateway's terminal is ours to handle
+                env=env,
+                cwd=str(self.settings.models_dir) if self.settings.models_dir.is_dir() else None,
+            )
+        except OSError as exc:
+            raise OpenAIError(
+                500,
+                f"cannot start backend '{config.backend}' for model '{config.name}': {exc}",
+                code="backend_start_failed",
+            ) from None
+        self.processes.add(process)
+        return Placed(address=address, process=process)
+
+    def instance(self, config: ModelConfig, placed: Placed, replica: int = 0) -> BackendInstance:
+        """The gateway's view of a placed backend, with a channel to it."""
+        channel = backend_channel(placed.address, placed.tls)
+        return BackendInstance(
+            config=config,
+            address=placed.address,
+            client=BackendClient(channel, config.name, self.settings.request_timeout, placed.token),
+            process=placed.process,
+            slots=Slots(config.max_concurrency or 1, config.max_queue),
+            replica=replica,
+            node=placed.node,
+        )
+
     async def spawn(
         self,
         config: ModelConfig,
         custom: CustomBackend | None,
         withheld: Collection[str] = (),
     ) -> BackendInstance:
-        """A new backend for `config` (a process, or a remote address), not yet healthy; a
-        process gets none of the `withheld` variables of the gateway's environment."""
-        token, tls = None, None
-        if custom is not None and custom.address is not None:
-            address, process = custom.address, None
-            models_dir = self.settings.models_dir
-            token, tls = await asyncio.to_thread(remote_credentials, custom, models_dir)
-        else:
-            address, _ = self._next_address()
-            argv, env = self._command(config, custom, address, withheld)
-            log.info("starting %s backend for %s", config.backend, config.name)
-            try:
-                process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,  # Ctrl-C on the gateway's terminal is ours to handle
-                    env=env,
-                    cwd=str(self.settings.models_dir)
-                    if self.settings.models_dir.is_dir()
-                    else None,
-                )
-            except OSError as exc:
-                raise OpenAIError(
-                    500,
-                    f"cannot start backend '{config.backend}' for model '{config.name}': {exc}",
-                    code="backend_start_failed",
-                ) from None
-            self.processes.add(process)
-        channel = backend_channel(address, tls)
-        return BackendInstance(
-            config=config,
-            address=address,
-            client=BackendClient(channel, config.name, self.settings.request_timeout, token),
-            process=process,
-            slots=Slots(config.max_concurrency or 1, config.max_queue),
-        )
+        """A new local backend process for `config`, not yet healthy (tools that measure one
+        model alone use it; the manager goes through its placers)."""
+        return self.instance(config, await self.spawn_process(config, custom, withheld))
 
     async def wait_healthy(self, instance: BackendInstance) -> None:
         """Until the backend answers health checks; its exit or the deadline is an error."""
@@ -337,7 +363,8 @@ class Launcher:
             logger.info("%s", line)
 
     async def stop(self, instance: BackendInstance) -> None:
-        """End the backend: its process (SIGTERM, then SIGKILL), or a remote one's model."""
+        """End the backend: its process (SIGTERM, then SIGKILL), or a remote one's model (a
+        placer that started more, a Ray actor, ends that itself)."""
         instance.deliberate_stop = True
         instance.dead = True
         instance.state = State.STOPPED

@@ -1,0 +1,96 @@
+"""Local replicas: `replicas: N` runs N backend processes for one model on this machine, each
+counted in the memory budget, requests spread by the fewest in flight, a dead one replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway, wait_until, write_model
+
+
+@pytest.fixture
+def gateways() -> Iterator[list[Gateway]]:
+    started: list[Gateway] = []
+    yield started
+    for gateway in started:
+        gateway.cleanup()
+
+
+def rows(gateway: Gateway, model: str) -> list[dict[str, Any]]:
+    body = httpx.get(f"{gateway.url}/backends", timeout=10).json()
+    return [row for row in body["data"] if row["model"] == model]
+
+
+def embed(gateway: Gateway, model: str) -> httpx.Response:
+    return httpx.post(
+        f"{gateway.url}/v1/embeddings", json={"model": model, "input": "hello"}, timeout=30
+    )
+
+
+def test_local_replicas_share_the_load_and_a_dead_one_is_replaced(
+    tmp_path: Path, gateways: list[Gateway]
+) -> None:
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    write_model(models_dir, "twins", "backend: echo\nembeddings: true\nreplicas: 2\nmemory: 40MB")
+    gateway = Gateway(models_dir, env={"HEARTH_MEMORY": "1GB"})
+    gateways.append(gateway)
+    gateway.start()
+    # The first request starts both, and is answered by the first one ready.
+    assert embed(gateway, "twins").status_code == 200
+    assert wait_until(lambda: [r["state"] for r in rows(gateway, "twins")] == ["ready"] * 2)
+    before = [r["requests"]["served"] for r in rows(gateway, "twins")]
+    for _ in range(4):  # one after the other: they take turns
+        assert embed(gateway, "twins").status_code == 200
+    replicas = rows(gateway, "twins")
+    assert [r["replica"] for r in replicas] == [0, 1]
+    assert [r["requests"]["served"] - b for r, b in zip(replicas, before, strict=True)] == [2, 2]
+    pids = [r["pid"] for r in replicas]
+    assert len(set(pids)) == 2
+    assert sorted(pids) == sorted(gateway.backend_pids())
+    # Each local replica holds its own memory in the budget.
+    budget = httpx.get(f"{gateway.url}/backends", timeout=10).json()["budget"]
+    assert budget["memory_used_bytes"] >= 2 * 40_000_000
+
+    os.kill(pids[0], signal.SIGKILL)
+    for _ in range(3):  # the other serves meanwhile
+        assert embed(gateway, "twins").status_code == 200
+
+    def replaced() -> bool:
+        now = [r for r in rows(gateway, "twins") if r["state"] == "ready"]
+        return len(now) == 2 and pids[0] not in {r["pid"] for r in now}
+
+    assert wait_until(replaced, timeout=20), rows(gateway, "twins")
+    assert "failed" not in {r["state"] for r in rows(gateway, "twins")}
+
+
+def test_a_replica_that_does_not_fit_leaves_the_others_serving(
+    tmp_path: Path, gateways: list[Gateway]
+) -> None:
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    write_model(models_dir, "big", "backend: echo\nembeddings: true\nreplicas: 2\nmemory: 600MB")
+    gateway = Gateway(models_dir, env={"HEARTH_MEMORY": "1GB"})
+    gateways.append(gateway)
+    gateway.start()
+    for _ in range(3):
+        assert embed(gateway, "big").status_code == 200
+
+    def settled() -> bool:
+        # "failing": it waits for its next try
+        return {r["state"] for r in rows(gateway, "big")} == {"ready", "failing"}
+
+    assert wait_until(settled, timeout=20), rows(gateway, "big")
+    ready = [r for r in rows(gateway, "big") if r["state"] == "ready"]
+    failed = [r for r in rows(gateway, "big") if r["state"] == "failing"]
+    assert [r["requests"]["served"] for r in ready] == [3]
+    assert failed[0]["retry_at"] is not None
+    assert "does not fit the memory budget beside what is loaded" in failed[0]["last_error"]
+    assert len(gateway.backend_pids()) == 1  # it never unloaded its twin to make room
