@@ -37,9 +37,10 @@ $(VENV)/.installed-run: pyproject.toml $(CHOICE) | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
 	touch $@
 
+# The tests also install Ray, to test the Ray placer (its tests are skipped where it is absent).
 $(VENV)/.installed-test: pyproject.toml $(CHOICE) | $(BIN)/python
 	$(if $(NEEDS_TORCH),docker/install-torch.sh $(BIN)/python '$(TORCH)')
-	$(BIN)/python -m pip install -e '.[$(EXTRAS),test]'
+	$(BIN)/python -m pip install -e '.[$(EXTRAS),ray,test]'
 	touch $@ $(VENV)/.installed-run
 
 # The chat model; the embedding, transcription and voice models where their backends are

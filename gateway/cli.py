@@ -329,7 +329,9 @@ def render_backends(view: dict[str, Any], now: float | None = None) -> str:
     from gateway.units import format_size
 
     now = time.time() if now is None else now
-    rows = [["NAME", "BACKEND", "STATE", "PID", "THREADS", "MEMORY (PLANNED)", "REQUESTS", "UNTIL"]]
+    rows = [
+        ["NAME", "BACKEND", "STATE", "PID/NODE", "THREADS", "MEMORY (PLANNED)", "REQUESTS", "UNTIL"]
+    ]
     for item in view.get("data", []):
         memory = item.get("memory") or {}
         rss, planned = memory.get("rss_bytes"), memory.get("planned_bytes")
@@ -350,11 +352,16 @@ def render_backends(view: dict[str, Any], now: float | None = None) -> str:
                 until = "busy"
             else:
                 until = _in_words(expires - now)
-        if item.get("state") == "failed":
+        if item.get("state") in ("failed", "failing"):
             until = (item.get("last_error") or "").splitlines()[0][:60]
-        pid = str(item["pid"]) if item.get("pid") else "-"
+        # Where it runs: its pid here, else the node (a remote address, a Ray node).
+        pid = str(item["pid"]) if item.get("pid") else (item.get("node") or "-")
         state = item.get("state", "?")
+        if item.get("healthy") is False:
+            state += " (out of rotation)"
         name = item["model"]
+        if (item.get("replicas") or 1) > 1:
+            name += f" [{item.get('replica', 0) + 1}/{item['replicas']}]"
         if item.get("variants"):  # served by this process too (`base:` in their YAML)
             name += f" (+ {', '.join(item['variants'])})"
         rows.append([name, item.get("backend", "-"), state, pid, threads, used, busy, until])

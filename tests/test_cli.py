@@ -85,12 +85,19 @@ def test_ps_shows_what_is_loaded() -> None:
                 "keep_alive_seconds": 300,
                 "expires_at": 1000 + 240,
             },
+            {
+                "model": "far", "replica": 1, "replicas": 2, "backend": "llama",
+                "state": "ready", "healthy": False, "pid": None, "node": "10.0.0.7:50051",
+                "memory": {"rss_bytes": None, "planned_bytes": 0, "planned_from": "remote"},
+                "requests": {"in_flight": 0, "queued": 0}, "keep_alive_seconds": None,
+            },
         ],
         "budget": {"cores": 2, "memory_bytes": 4 << 30, "memory_used_bytes": 500 << 20},
     }  # fmt: skip
     table = render_backends(view, now=1000).splitlines()
     assert table[0].split() == [
-        "NAME", "BACKEND", "STATE", "PID", "THREADS", "MEMORY", "(PLANNED)", "REQUESTS", "UNTIL",
+        "NAME", "BACKEND", "STATE", "PID/NODE", "THREADS", "MEMORY", "(PLANNED)", "REQUESTS",
+        "UNTIL",
     ]  # fmt: skip
     assert table[1].split() == [
         "chat", "(+", "chat-pirate)", "llama", "ready", "41", "1/2", "300", "MiB", "(310", "MiB",
@@ -98,4 +105,9 @@ def test_ps_shows_what_is_loaded() -> None:
     ]  # fmt: skip
     assert table[2].split()[:5] == ["voice", "whisper", "ready", "42", "2/2"]
     assert table[2].endswith("0+0 queued  4 minutes from now")
+    # A replica elsewhere: which of how many, where, and that it is out of the rotation.
+    assert table[3].split()[:7] == [
+        "far", "[2/2]", "llama", "ready", "(out", "of", "rotation)",
+    ]  # fmt: skip
+    assert "10.0.0.7:50051" in table[3]
     assert table[-1] == "2 core(s); memory for models 500 MiB of 4.0 GiB in use"

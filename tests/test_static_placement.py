@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, Gateway, wait_until, write_model
+from tests.test_remote_backends import SERVER_NAME, make_certificate
 
 TOKEN = "tea for two and two for tea"
 PORT = 50051
@@ -60,7 +61,9 @@ class Host:
             if done.returncode != 0:
                 raise OSError(f"ip {' '.join(step)}: {done.stderr.strip()}")
 
-    def start_backend(self, token_file: Path, log_path: Path, port: int = PORT) -> Backend:
+    def start_backend(
+        self, token_file: Path, log_path: Path, port: int = PORT, *extra: str
+    ) -> Backend:
         """`python -m backends.echo` listening on this host's address (its pid is the
         backend's: `ip netns exec` execs it)."""
         with log_path.open("ab") as log:
@@ -68,7 +71,7 @@ class Host:
                 [
                     *("ip", "netns", "exec", self.namespace, sys.executable, "-m"),
                     *("backends.echo", "--address", f"{self.ip}:{port}"),
-                    *("--token-file", str(token_file)),
+                    *("--token-file", str(token_file), *extra),
                 ],
                 cwd=ROOT,
                 stdout=log,
@@ -295,3 +298,39 @@ def test_a_backend_on_another_host_refuses_the_wrong_token(
     assert "refused the gateway's token" in error["message"]
     assert wait_until(lambda: "wrong token" in backend.log())
     assert "last year" not in backend.log() + gateway.log()
+
+
+@pytest.mark.timeout(60)
+def test_replicas_on_other_hosts_over_tls(
+    tmp_path: Path, hosts: list[Host], gateways: list[Gateway]
+) -> None:
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    token_file = tmp_path / "backend.token"
+    token_file.write_text(TOKEN)
+    cert, key = make_certificate(tmp_path)
+    (models_dir / "backend-ca.pem").write_bytes(cert.read_bytes())
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key))
+    backends = [
+        host.start_backend(token_file, tmp_path / f"backend-{i}.log", PORT, *tls)
+        for i, host in enumerate(hosts)
+    ]
+    assert all("(token required, TLS)" in b.log() for b in backends)
+    write_model(
+        models_dir,
+        "spread",
+        "backend: echo\n"
+        "placement:\n"
+        "  static:\n"
+        f"    addresses: [{backends[0].address}, {backends[1].address}]\n"
+        "    token_env: SPREAD_TOKEN\n"
+        f"    tls: {{ca: backend-ca.pem, server_name: {SERVER_NAME}}}\n",
+    )
+    gateway = Gateway(models_dir, env={"SPREAD_TOKEN": TOKEN})
+    gateways.append(gateway)
+    gateway.start()
+    for _ in range(3):
+        answer = complete(gateway)
+        assert answer.status_code == 200, answer.text
+    assert wait_until(lambda: len(served(gateway, "spread")) == 2)
+    assert "travels in clear" not in gateway.log()
