@@ -4,6 +4,8 @@
 - `admission`: a model's concurrency slots and queue, and a request's lease
 - `instance`: one backend and what is known about it
 - `process`: spawning, health-waiting, loading and stopping backend processes
+- `placement`: where a model's replicas run (local processes, static addresses); `ray_placer`:
+  on a Ray cluster (the `ray` extra)
 - `supervisor`: process exits and the periodic look at every backend
 - `budget`: the machine's cores and memory for models (physical cores, cgroups, overrides)
 - `modelfiles` and `footprint`: a model's memory, estimated from its files, then measured

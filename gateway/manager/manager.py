@@ -996,9 +996,11 @@ class BackendManager:
         that restarted or moved), each when its backoff allows."""
         if self._closing:
             return
-        loaded = {i.config.name: i.config for i in self._instances.values() if not i.dead}
-        for name, config in loaded.items():
-            if name in self._unload_when_started:
+        loaded = {i.config.name for i in self._instances.values() if not i.dead}
+        for name in loaded:
+            # As its YAML says now (a replica count lowered since is not made up for).
+            config = self.registry.known.models.get(name)
+            if config is None or name in self._unload_when_started:
                 continue
             for replica in range(config.replica_count()):
                 if (name, replica) not in self._instances:

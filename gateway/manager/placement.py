@@ -23,6 +23,9 @@ from gateway.manager.instance import BackendInstance, Placed
 from gateway.manager.process import Launcher, remote_credentials, terminate
 from gateway.settings import Settings
 
+#: Seconds a remote backend gets to unload its model when the gateway lets it go.
+RELEASE_TIMEOUT_SECONDS = 5.0
+
 
 class Placer(abc.ABC):
     """Puts a model's replicas' backends somewhere and ends what it started."""
@@ -51,8 +54,9 @@ class Placer(abc.ABC):
     async def release(self, instance: BackendInstance) -> None:
         """End what `place` started. By default the backend is someone else's: its model is
         unloaded, and it stays up."""
-        with contextlib.suppress(OpenAIError):
-            await instance.client.unload()
+        # Briefly: a backend that cannot be reached must not hold up a stop or a failed start.
+        with contextlib.suppress(OpenAIError, TimeoutError):
+            await asyncio.wait_for(instance.client.unload(), RELEASE_TIMEOUT_SECONDS)
 
     async def close(self) -> None:  # noqa: B027 (most placers have nothing left to end)
         """The gateway is stopping: end whatever is left."""
