@@ -271,7 +271,10 @@ class RayPlacement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if self.memory is not None:
-            parse_size(self.memory)
+            try:
+                parse_size(self.memory)
+            except ValueError as exc:
+                raise ValueError(f"memory: {exc}") from None
 
     def memory_bytes(self) -> int | None:
         return None if self.memory is None else parse_size(self.memory)
@@ -451,6 +454,12 @@ def load_model_file(path: Path, models_dir: Path) -> ModelConfig:
     data = _read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of model settings")
+    placement = data.get("placement", "local")
+    if placement != "local" and not isinstance(placement, dict):
+        raise ConfigError(
+            f"{path}: placement: {placement!r} is none of `local` (the default), a `static:` "
+            "mapping (addresses something else keeps running) or a `ray:` mapping"
+        )
     config: ModelConfig = _convert(data, ModelConfig, path)
     if config.keep_alive is not None:
         try:

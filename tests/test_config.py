@@ -51,6 +51,30 @@ def test_a_good_file_decodes_with_defaults(tmp_path: Path) -> None:
         ("name: m\nbackend: llama\nparameters: {colour: red}\n", "parameters.colour", "unknown"),
         ("name: m\nbackend: llama\nkeep_alive: soon\n", "keep_alive", "not a keep_alive"),
         ("name: m\nbackend: transformers\nembeddings: true\nrerank: true\n", "rerank", "both"),
+        ("name: m\nbackend: echo\nplacement: cloud\n", "placement", "none of `local`"),
+        ("name: m\nbackend: echo\nplacement: {}\n", "placement", "exactly one of"),
+        (
+            "name: m\nbackend: echo\nplacement: {static: {addresses: []}}\n",
+            "placement.static.addresses",
+            "length >= 1",
+        ),
+        (
+            "name: m\nbackend: echo\nreplicas: 3\nplacement: {static: {addresses: [a:1, b:1]}}\n",
+            "replicas",
+            "lists 2 address(es): one per replica",
+        ),
+        (
+            "name: m\nbackend: echo\nplacement: {static: {addresses: [a:1, a:1]}}\n",
+            "placement.static",
+            "an address of its own",
+        ),
+        (
+            "name: m\nbackend: echo\nplacement: {ray: {max_restarts: -1}}\n",
+            "placement.ray.max_restarts",
+            ">= 0",
+        ),
+        ("name: m\nbackend: echo\nplacement: {ray: {memory: lots}}\n", "placement.ray", "size"),
+        ("name: m\nbackend: echo\nreplicas: 0\n", "replicas", ">= 1"),
     ],
 )
 def test_errors_name_the_file_and_the_field(
@@ -114,6 +138,23 @@ def test_custom_backends_need_exactly_one_of_command_or_address(tmp_path: Path) 
     catalog = load_catalog(tmp_path)
     assert catalog.backends == {}
     assert "exactly one of `command` or `address`" in catalog.errors[0]
+
+
+def test_placement_and_replicas(tmp_path: Path) -> None:
+    static = "placement: {static: {addresses: [10.0.0.2:50051, 10.0.0.3:50051]}}"
+    write(tmp_path, "far.yaml", f"name: far\nbackend: echo\n{static}\n")
+    write(tmp_path, "near.yaml", "name: near\nbackend: echo\nreplicas: 3\n")
+    write(tmp_path, "ray.yaml", "name: ray\nbackend: echo\nplacement: {ray: {num_gpus: 1}}\n")
+    # A backends.yaml address is one backend: it cannot be replicated.
+    write(tmp_path, "backends.yaml", "backends:\n  - {name: box, address: 10.0.0.9:50051}\n")
+    write(tmp_path, "boxed.yaml", "name: boxed\nbackend: box\nreplicas: 2\n")
+    catalog = load_catalog(tmp_path)
+    far, near, ray = catalog.models["far"], catalog.models["near"], catalog.models["ray"]
+    assert (far.placement_kind(), far.replica_count()) == ("static", 2)
+    assert (near.placement_kind(), near.replica_count()) == ("local", 3)
+    assert (ray.placement_kind(), ray.replica_count()) == ("ray", 1)
+    assert "boxed" not in catalog.models
+    assert any("one backend at 10.0.0.9:50051" in error for error in catalog.errors)
 
 
 def test_custom_backends_are_registered(tmp_path: Path) -> None:
