@@ -8,6 +8,13 @@
 # start makes a keys file in the volume, with an admin key and an inference key, and says where
 # it is; later starts use it.
 set -eu
+# Anything but `hearth ...` runs as it is: a backend started from this image on another machine
+# (`python -m backends.llama --address 0.0.0.0:50051 --token-file ...`, see docker/deploy/) must
+# neither make keys in, nor install models into, a models dir it shares with the gateway.
+case "${1:-}" in
+  hearth) ;;
+  *) exec "$@" ;;
+esac
 models_dir=${HEARTH_MODELS_DIR:-/models}
 # A models dir mounted read-only (-v ...:/models:ro) is served as it is: nothing is installed
 # into it, and the keys must be given. One this user cannot write is a mistake to say plainly.

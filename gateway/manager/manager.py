@@ -405,15 +405,20 @@ class BackendManager:
             raise OpenAIError(503, "the server is shutting down", code="shutting_down")
         name, count = config.name, config.replica_count()
         ready: list[BackendInstance] = []
+        missing = []
         for replica in range(count):
             instance = self._instances.get((name, replica))
             if instance is not None and not instance.alive:
                 self._forget(instance)
                 instance = None
             if instance is None:
-                self._begin_start(config, replica)
+                missing.append(replica)
             elif not instance.unhealthy:
                 ready.append(instance)
+        for replica in missing:
+            # A start this request waits for logs with its id; one beside a ready replica is
+            # nobody's request's.
+            self._begin_start(config, replica, background=bool(ready))
         for (other, replica), instance in list(self._instances.items()):
             if other == name and replica >= count:  # its YAML now asks for fewer
                 self._drain(instance, f"(replica {replica + 1} of {count} no longer wanted)")
@@ -426,13 +431,15 @@ class BackendManager:
             self._refuse_unavailable(config)
         return await self._first_started(config, starts)
 
-    def _begin_start(self, config: ModelConfig, replica: int) -> None:
-        """Start replica `replica` of `config`'s model in the background, unless it is starting
-        or waits for its next try after failures."""
+    def _begin_start(self, config: ModelConfig, replica: int, background: bool = True) -> None:
+        """Start replica `replica` of `config`'s model, unless it is starting or waits for its
+        next try after failures. `background`: no request waits for it (its log lines carry
+        no request's id)."""
         key = (config.name, replica)
         if key in self._starting or self._waiting_after_failure(config, replica):
             return
-        start = _Start(asyncio.create_task(self._start(config, replica)))
+        context = contextvars.Context() if background else None
+        start = _Start(asyncio.create_task(self._start(config, replica), context=context))
         self._starting[key] = start
 
         def finished(task: asyncio.Task[BackendInstance], mine: _Start = start) -> None:
