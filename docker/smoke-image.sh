@@ -12,7 +12,10 @@
 # - `docker stop` during a stream lets the stream finish and the container exit 0 within 5 s,
 #   and does the same during the first start's model install;
 # - a /models folder the container's user cannot write stops it with a message saying what to
-#   chown, not a traceback.
+#   chown, not a traceback;
+# - a backend run from the image on "another machine" (a container on a network of its own,
+#   with the models volume read-only) serves a model the gateway places there (placement:
+#   static), reached with the token.
 #
 # Everything it makes (containers, volumes) is removed at the end. Prints the image's size, its
 # first start time and the stop times.
@@ -25,11 +28,13 @@ port_inside=9090
 failures=0
 made_containers=()
 made_volumes=()
+made_networks=()
 scratch=$(mktemp -d /tmp/hearth-smoke-XXXXXX)
 
 cleanup() {
   for c in "${made_containers[@]}"; do docker rm -f "$c" >/dev/null 2>&1 || true; done
   for v in "${made_volumes[@]}"; do docker volume rm -f "$v" >/dev/null 2>&1 || true; done
+  for n in "${made_networks[@]}"; do docker network rm "$n" >/dev/null 2>&1 || true; done
   rm -rf "$scratch"
 }
 trap cleanup EXIT
@@ -186,6 +191,42 @@ for module in (asyncio, gateway.app):
 else
   fail "no bytecode in the image"
 fi
+
+# A backend from this image on another machine: a container on a network of its own, the models
+# volume read-only, the token in the volume; the gateway places the model there (static). -------
+net=$run_id-net
+docker network create "$net" >/dev/null
+made_networks+=("$net")
+docker network connect "$net" "$main"
+docker exec "$main" sh -c 'mkdir -p /models/.hearth && umask 077 \
+  && python -c "import secrets; print(secrets.token_hex(32))" > /models/.hearth/backend.token'
+far=$run_id-far
+made_containers+=("$far")
+docker run -d --name "$far" --network "$net" -v "$run_id-models:/models:ro" "$image" \
+  python -m backends.llama --address 0.0.0.0:50051 \
+  --token-file /models/.hearth/backend.token >/dev/null
+docker exec "$main" sh -c "printf '%s\n' 'name: far' 'backend: llama' \
+  'model: smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf' \
+  'placement: {static: {addresses: [\"$far:50051\"], token_file: .hearth/backend.token}}' \
+  > /models/far.yaml"
+answer=$(api "$main" /v1/chat/completions -H 'content-type: application/json' \
+  -d '{"model": "far", "max_tokens": 8, "temperature": 0,
+       "messages": [{"role": "user", "content": "Say hello."}]}')
+placed=$(api "$main" /backends | python3 -c 'import json, sys
+rows = [r for r in json.load(sys.stdin)["data"] if r["model"] == "far"]
+print(" ".join(f"{r[\"placement\"]}@{r[\"node\"]}:pid={r[\"pid\"]}" for r in rows))')
+if echo "$answer" | python3 -c 'import json, sys; assert json.load(sys.stdin)["choices"][0]["message"]["content"]' \
+   && [ "$placed" = "static@$far:50051:pid=None" ] \
+   && docker logs "$far" 2>&1 | grep -q 'token required'; then
+  ok "a backend container from the image on another network, placed statically: chat ($placed)"
+else
+  fail "static placement on a backend container: $answer / $placed"
+  docker logs --tail 20 "$far" >&2 || true
+fi
+# Unloaded (the backend stays up: it is its supervisor's) and gone before the stop below.
+api "$main" /backends/far/unload -X POST >/dev/null
+docker exec "$main" rm /models/far.yaml
+docker rm -f "$far" >/dev/null
 
 # docker stop during a stream: the stream finishes, the container exits 0 within 5 s. -----------
 api "$main" /v1/chat/completions -N -H 'content-type: application/json' \

@@ -216,11 +216,13 @@ def test_backends_shows_every_backend(tmp_path: Path, started: Any) -> None:
     assert row["threads_max"] == 2
     assert row["memory"]["rss_bytes"] > 10_000_000
     assert row["memory"]["planned_bytes"] > 0
-    assert row["requests"] == {"in_flight": 1, "queued": 0, "at_once": 1}
+    assert row["requests"] == {"in_flight": 1, "queued": 0, "at_once": 1, "served": 1}
+    assert (row["replica"], row["replicas"], row["placement"]) == (0, 1, "local")
+    assert (row["node"], row["address"]) == (None, None)  # its private socket is not shown
     assert time.time() - 60 < row["loaded_at"] <= time.time()
     assert row["last_error"] is None
     idle = backends(gateway)["slow"]
-    assert idle["requests"] == {"in_flight": 0, "queued": 0, "at_once": 1}
+    assert idle["requests"] == {"in_flight": 0, "queued": 0, "at_once": 1, "served": 2}
     assert idle["last_used_at"] >= row["loaded_at"]
 
 
