@@ -494,21 +494,38 @@ def test_a_non_loopback_address_without_keys_is_refused(keyed_models: Path, tmp_
 
 
 def test_the_docker_entrypoint_makes_keys_when_none_are_given(tmp_path: Path) -> None:
+    # A `hearth` that shows what the entrypoint gave it.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "hearth").write_text('#!/bin/sh\necho "$HEARTH_KEYS_FILE"\n')
+    (bin_dir / "hearth").chmod(0o755)
+    models = tmp_path / "models"
+    models.mkdir()
     env = {
         **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "HEARTH_MODELS_DIR": str(tmp_path),
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "HEARTH_MODELS_DIR": str(models),
         "HEARTH_DEFAULT_MODELS": "",
     }
     for name in ("HEARTH_API_KEYS", "HEARTH_ADMIN_KEYS", "HEARTH_KEYS_FILE", "HEARTH_INSECURE"):
         env.pop(name, None)
-    show = ["sh", str(ROOT / "docker" / "entrypoint.sh"), "sh", "-c", "echo $HEARTH_KEYS_FILE"]
+    entrypoint = ["sh", str(ROOT / "docker" / "entrypoint.sh")]
 
-    def start(**extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(show, env={**env, **extra}, capture_output=True, text=True)
+    def start(*command: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*entrypoint, *(command or ("hearth", "run"))],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+        )
+
+    # Any other command (a backend run from the image) runs as it is: no keys made for it.
+    other = start("sh", "-c", "echo ran; echo $HEARTH_KEYS_FILE")
+    assert other.stdout.split() == ["ran"]
+    assert not (models / ".hearth").exists()
 
     first = start()
-    keys_file = tmp_path / ".hearth" / "keys.yaml"
+    keys_file = models / ".hearth" / "keys.yaml"
     assert first.stdout.strip() == str(keys_file)
     assert stat.S_IMODE(keys_file.stat().st_mode) == 0o600
     ring = KeyRing.load(keys_file=keys_file)
