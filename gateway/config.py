@@ -235,23 +235,12 @@ class StaticPlacement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def remote_tls(self) -> RemoteTLS | None:
         """The TLS settings, or None for plaintext."""
-        if isinstance(self.tls, RemoteTLS):
-            return self.tls
-        return RemoteTLS() if self.tls else None
+        return _tls_settings(self.tls)
 
     def exposure(self) -> str | None:
         """What the network can do with these backends (see CustomBackend.exposure)."""
         exposed = [a for a in self.addresses if not is_loopback_address(a)]
-        if not exposed:
-            return None
-        if self.token_file is None and self.token_env is None:
-            return (
-                "has no token (token_file or token_env): anyone who can reach "
-                f"{exposed[0]} can use it"
-            )
-        if self.remote_tls() is None:
-            return f"has a token but no tls: the token travels in clear to {exposed[0]}"
-        return None
+        return _exposure(exposed[0], self) if exposed else None
 
 
 class RayPlacement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -317,20 +306,11 @@ class CustomBackend(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         read its token (no TLS); None: nothing (a loopback or unix address, or both set)."""
         if self.address is None or is_loopback_address(self.address):
             return None
-        if self.token_file is None and self.token_env is None:
-            return (
-                "has no token (token_file or token_env): anyone who can reach "
-                f"{self.address} can use it"
-            )
-        if self.remote_tls() is None:
-            return f"has a token but no tls: the token travels in clear to {self.address}"
-        return None
+        return _exposure(self.address, self)
 
     def remote_tls(self) -> RemoteTLS | None:
         """The TLS settings, or None for plaintext."""
-        if isinstance(self.tls, RemoteTLS):
-            return self.tls
-        return RemoteTLS() if self.tls else None
+        return _tls_settings(self.tls)
 
     @staticmethod
     def file_path(models_dir: Path, value: str) -> Path:
@@ -338,6 +318,23 @@ class CustomBackend(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         secret may live anywhere the gateway can read: it is not confined to the models dir."""
         path = Path(value).expanduser()
         return path if path.is_absolute() else models_dir / path
+
+
+def _tls_settings(tls: bool | RemoteTLS) -> RemoteTLS | None:
+    """`tls:` as settings: true means the system's roots; None means plaintext."""
+    if isinstance(tls, RemoteTLS):
+        return tls
+    return RemoteTLS() if tls else None
+
+
+def _exposure(address: str, remote: StaticPlacement | CustomBackend) -> str | None:
+    """What the network can do with a backend at a non-loopback `address`, reached with
+    `remote`'s settings: use it (no token), or read its token (no TLS); None: nothing."""
+    if remote.token_file is None and remote.token_env is None:
+        return f"has no token (token_file or token_env): anyone who can reach {address} can use it"
+    if remote.remote_tls() is None:
+        return f"has a token but no tls: the token travels in clear to {address}"
+    return None
 
 
 def _remote_settings_problem(backend: CustomBackend) -> str | None:

@@ -111,6 +111,15 @@ class Gateway:
         shutil.rmtree(self.runtime_dir.parent, ignore_errors=True)
 
 
+@pytest.fixture
+def gateways() -> Iterator[list[Gateway]]:
+    """Gateways a test starts itself (several, or with settings of its own): stopped after."""
+    started: list[Gateway] = []
+    yield started
+    for gateway in started:
+        gateway.cleanup()
+
+
 def hearth(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the `hearth` command (as `python -m gateway`) and capture what it says."""
     return subprocess.run(

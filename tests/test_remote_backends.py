@@ -65,14 +65,6 @@ def remotes() -> Iterator[list[RemoteBackend]]:
         remote.stop()
 
 
-@pytest.fixture
-def gateways() -> Iterator[list[Gateway]]:
-    started: list[Gateway] = []
-    yield started
-    for gateway in started:
-        gateway.cleanup()
-
-
 def start_remote(remotes: list[RemoteBackend], directory: Path, *args: str) -> RemoteBackend:
     remote = RemoteBackend(directory, *args)
     remotes.append(remote)

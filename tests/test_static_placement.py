@@ -127,14 +127,6 @@ def hosts() -> Iterator[list[Host]]:
             host.delete()
 
 
-@pytest.fixture
-def gateways() -> Iterator[list[Gateway]]:
-    started: list[Gateway] = []
-    yield started
-    for gateway in started:
-        gateway.cleanup()
-
-
 def rows(gateway: Gateway, model: str) -> list[dict[str, Any]]:
     body = httpx.get(f"{gateway.url}/backends", timeout=10).json()
     return [row for row in body["data"] if row["model"] == model]

@@ -313,6 +313,7 @@ class _Lifecycle(pb_grpc.LifecycleServicer):
             await rt.publish_health()
             await rt.run(rt.backend.unload)
             rt.state = pb.MODEL_STATE_UNLOADED
+            log.info("unloaded %s", rt.model_name)
             return pb.UnloadResponse()
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> Any:

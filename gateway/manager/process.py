@@ -74,7 +74,7 @@ def backend_environment(
     return env
 
 
-def _python_path(inherited: str | None) -> str:
+def python_path(inherited: str | None) -> str:
     """PYTHONPATH for our backends: the project, then the gateway's own entries, made absolute
     as the gateway reads them. In a backend, whose working directory is the models dir, an
     empty or relative entry would name that dir (or a folder in it)."""
@@ -251,7 +251,7 @@ class Launcher:
         env["HEARTH_UNDER_GATEWAY"] = "1"
         env.setdefault("HEARTH_LOG_LEVEL", self.settings.log_level.upper())
         if custom is None:
-            env["PYTHONPATH"] = _python_path(env.get("PYTHONPATH"))
+            env["PYTHONPATH"] = python_path(env.get("PYTHONPATH"))
             # -P: the working directory is the models dir, whose files must never be importable
             # (a gallery folder `x/y.py` would be the namespace package `x.y`); the project
             # comes from PYTHONPATH.
