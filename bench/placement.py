@@ -125,9 +125,14 @@ def placed(kind: str, health_interval: float) -> Iterator[tuple[httpx.Client, Ca
         elif kind == "ray":
             from ray.cluster_utils import Cluster
 
+            # 127.0.0.2: on a machine with a route out, Ray rewrites 127.0.0.1 (ray#59110).
             cluster = Cluster(
                 initialize_head=True,
-                head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1"},
+                head_node_args={
+                    "num_cpus": 2,
+                    "node_ip_address": "127.0.0.2",
+                    "include_dashboard": False,
+                },
             )
             env["HEARTH_RAY_ADDRESS"] = cluster.address
             body += "placement: {ray: {num_cpus: 0.5}}\n"

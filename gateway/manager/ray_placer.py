@@ -5,7 +5,8 @@ namespace), placed by the resources its YAML asks for. The actor starts the mode
 unchanged, as a process on its node: bound to the node's address on a free port, answering
 only calls that carry the gateway's token, and tied to the actor's life (the leash). When
 the backend exits the actor exits too, and Ray starts it again, on any node with the
-resources, up to `max_restarts` times, each restart waiting longer (0.5 s, 1 s, 2 s, ... 8 s).
+resources, up to `max_restarts` times, each restart after the first waiting longer (0.5 s, 1 s,
+2 s, ... 8 s).
 The gateway finds the replica's new address by placing it again (`relocates`).
 
 Every Ray node must see the models dir at the gateway's path and have Hearth (with the
@@ -75,7 +76,7 @@ log = logging.getLogger("hearth.manager.ray")
 
 #: The Ray namespace of every actor the gateway places.
 NAMESPACE = "hearth"
-#: The first restart of an actor waits this long, each next one twice as long, up to the cap.
+#: The second restart of an actor waits this long, each next one twice as long, up to the cap.
 RESTART_DELAY_SECONDS = 0.5
 RESTART_DELAY_MAX_SECONDS = 8.0
 #: Lines of a backend's output an actor keeps for error messages.
@@ -90,10 +91,12 @@ def actor_name(model: str, replica: int) -> str:
 
 
 def restart_delay(restarts: int) -> float:
-    """Seconds a restarted actor waits before it starts its backend (0 at its first start)."""
-    if restarts <= 0:
+    """Seconds a restarted actor waits before it starts its backend: none at its first start
+    and first restart (a backend that died once is started again at once, as the manager does
+    with a local one), then 0.5 s, 1 s, 2 s ... up to the cap."""
+    if restarts <= 1:
         return 0.0
-    return min(RESTART_DELAY_SECONDS * 2 ** (restarts - 1), RESTART_DELAY_MAX_SECONDS)
+    return min(RESTART_DELAY_SECONDS * 2 ** (restarts - 2), RESTART_DELAY_MAX_SECONDS)
 
 
 @dataclass
