@@ -497,9 +497,12 @@ def compose() -> dict[str, Any]:
     return data
 
 
-def compose_service(profile: str) -> dict[str, Any]:
-    [service] = [s for s in compose()["services"].values() if s.get("profiles") == [profile]]
-    return service
+def compose_service(name: str) -> dict[str, Any]:
+    """A service by name; each machine's part is a profile: the gateway's (with its one-shot
+    `models`) and the backend's."""
+    service = compose()["services"][name]
+    assert service.get("profiles") == ["backend" if name == "backend" else "gateway"]
+    return dict(service)
 
 
 def compose_secret_path(service: dict[str, Any], path: str) -> str:
@@ -562,8 +565,14 @@ def test_compose_model_yaml_reaches_the_backend(tmp_path: Path) -> None:
     gateway_models, read_only = compose_volume(gateway_service, MODELS_PATH)
     assert gateway_models == compose_volume(backend, MODELS_PATH)[0]
     assert not read_only
-    # The model YAML: mounted into the gateway's container, copied into the models dir.
-    [shell] = [a for a in gateway_service["command"] if "hearth run" in a]
+    # The model YAML: mounted into a one-shot service, copied into the models dir before the
+    # gateway starts.
+    setup = compose_service("models")
+    assert compose_volume(setup, MODELS_PATH)[0] == gateway_models
+    assert gateway_service["depends_on"]["models"]["condition"] == (
+        "service_completed_successfully"
+    )
+    [shell] = [a for a in setup["command"] if "&&" in a]
     steps = [shlex.split(step) for step in shell.split("&&")]
     check_weights_install(
         steps[0], yaml.safe_load((DEPLOY / "compose-models" / "smollm2.yaml").read_text())["model"]
@@ -571,11 +580,14 @@ def test_compose_model_yaml_reaches_the_backend(tmp_path: Path) -> None:
     copy = steps[1]
     assert copy[0] == "cp"
     assert posixpath.dirname(copy[-1]) == MODELS_PATH
-    mounted = [v for v in gateway_service["volumes"] if v.split(":")[1] == copy[-2]]
+    mounted = [v for v in setup["volumes"] if v.split(":")[1] == copy[-2]]
     [volume] = mounted
     local = (COMPOSE.parent / volume.split(":")[0]).resolve()
     assert local.is_file()
-    assert steps[-1] == ["exec", "hearth", "run"]
+    # The gateway itself goes through the image's entrypoint as `hearth ...`, which alone makes
+    # its keys on first start (any other command runs as it is).
+    assert gateway_service["command"][0] == "hearth"
+    assert gateway_service["command"][:2] == ["hearth", "run"]
     text = local.read_text()
     data = yaml.safe_load(text)
     models = load_models(tmp_path, {posixpath.basename(copy[-1]): text}, [data["model"]])

@@ -153,11 +153,17 @@ def test_smollm2_knows_the_capital_of_france(real_models: Path) -> None:
                 {"role": "user", "content": "What is the capital of France? Answer in one word."}
             ],
         }
-        # The README's curl, as it is: no temperature, the YAML's defaults apply.
-        response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
-        assert response.status_code == 200
-        assert "Paris" in response.json()["choices"][0]["message"]["content"]
-        stream = gateway.client().chat.completions.create(**body, stream=True)  # type: ignore[call-overload]
+        # The README's curl, as it is: no temperature, the YAML's defaults apply. It samples,
+        # and a 135M model now and then wanders off ("That's a classic answer, but I'll add a
+        # hint: 'Espresso'" failed CI once): most of three answers must say it.
+        answers = []
+        for _ in range(3):
+            response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
+            assert response.status_code == 200
+            answers.append(response.json()["choices"][0]["message"]["content"])
+        assert sum("Paris" in answer for answer in answers) >= 2, answers
+        greedy = {**body, "temperature": 0}
+        stream = gateway.client().chat.completions.create(**greedy, stream=True)  # type: ignore[call-overload]
         assert "Paris" in "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     finally:
         gateway.cleanup()

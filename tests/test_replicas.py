@@ -66,10 +66,14 @@ def test_a_replica_that_does_not_fit_leaves_the_others_serving(
 ) -> None:
     models_dir = tmp_path / "models"
     models_dir.mkdir()
+    write_model(models_dir, "other", "backend: echo\nembeddings: true\nmemory: 500MB")
     write_model(models_dir, "big", "backend: echo\nembeddings: true\nreplicas: 2\nmemory: 600MB")
     gateway = Gateway(models_dir, env={"HEARTH_MEMORY": "1GB"})
     gateways.append(gateway)
     gateway.start()
+    assert embed(gateway, "other").status_code == 200
+    # The first replica makes room as any model would (the idle model goes); the second only
+    # starts where it fits beside it, and unloads nothing.
     for _ in range(3):
         assert embed(gateway, "big").status_code == 200
 
@@ -78,9 +82,11 @@ def test_a_replica_that_does_not_fit_leaves_the_others_serving(
         return {r["state"] for r in rows(gateway, "big")} == {"ready", "failing"}
 
     assert wait_until(settled, timeout=20), rows(gateway, "big")
+    assert rows(gateway, "other") == []
     ready = [r for r in rows(gateway, "big") if r["state"] == "ready"]
     failed = [r for r in rows(gateway, "big") if r["state"] == "failing"]
     assert [r["requests"]["served"] for r in ready] == [3]
     assert failed[0]["retry_at"] is not None
-    assert "does not fit the memory budget beside what is loaded" in failed[0]["last_error"]
+    assert "replica 2 of model 'big' does not fit beside what is loaded" in failed[0]["last_error"]
+    assert "memory budget is in use" in failed[0]["last_error"]
     assert len(gateway.backend_pids()) == 1  # it never unloaded its twin to make room

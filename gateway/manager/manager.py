@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import math
 import time
@@ -33,7 +34,7 @@ from gateway.errors import OUTPUT_HEADING, BackendGone, OpenAIError, model_not_f
 from gateway.manager.admission import Lease, Slots
 from gateway.manager.budget import Machine, MachineBudget, resident_memory
 from gateway.manager.cpu import Demand, divide
-from gateway.manager.footprint import Footprint, FootprintBook, sequences
+from gateway.manager.footprint import FootprintBook, sequences
 from gateway.manager.instance import BackendInstance, State
 from gateway.manager.memory import MemoryPlanner
 from gateway.manager.placement import LocalPlacer, Placer, StaticPlacer
@@ -79,6 +80,10 @@ _CAPABILITY_WORDS = {
     Capability.SPEECH: "speech (text to speech)",
     Capability.RERANK: "reranking",
 }
+
+
+def _checked(checking: set[BackendInstance], instance: BackendInstance, _: object) -> None:
+    checking.discard(instance)
 
 
 def _describe(config: ModelConfig, replica: int) -> str:
@@ -445,6 +450,9 @@ class BackendManager:
         def finished(task: asyncio.Task[BackendInstance], mine: _Start = start) -> None:
             if self._starting.get(key) is mine:
                 del self._starting[key]
+            if not any(k[0] == config.name for k in self._starting):
+                # The model's last start ended, however: an unload asked meanwhile is done.
+                self._unload_when_started.discard(config.name)
             if not task.cancelled():
                 task.exception()  # seen: a replica started for nobody's request may fail
 
@@ -520,9 +528,13 @@ class BackendManager:
         failure = self._failures.get((config.name, replica))
         if failure is None or not wait:
             return None
+        if failure.count:
+            how = f"is failing ({failure.count} times in a row, last: {failure.message})"
+        else:  # it did not fail: it waits for room
+            how = f"cannot start now ({failure.message})"
         message = (
-            f"model '{_describe(config, replica)}' is failing ({failure.count} times in a row, "
-            f"last: {failure.message}); the server tries it again in {math.ceil(wait)} s"
+            f"model '{_describe(config, replica)}' {how}; the server tries it again in "
+            f"{math.ceil(wait)} s"
         )
         if failure.output:
             message += f"{OUTPUT_HEADING}{failure.output}"
@@ -640,28 +652,29 @@ class BackendManager:
                 config.name,
                 sequences(config),
             )
-        siblings = [i for i in self.replicas(config.name) if i.replica != replica] + [
-            s for k, s in self._starting.items() if k[0] == config.name and k[1] != replica
-        ]
-        # Beside a replica of its own model, one more is started only where it fits now,
-        # without waiting for busy models (it would wait for its own siblings).
-        quick = bool(siblings) and not remote
-        if quick and footprint.bytes + self.memory.used() > self.budget.memory_bytes:
-            raise self._no_room(config, replica, footprint)
-        start = self._starting.get(key)
-        if start is not None:
-            start.waiting_for_memory = True
-        try:
-            reservation = await self.memory.reserve(
-                config.name, footprint, timeout=0 if quick else self.settings.load_timeout
-            )
-        except OpenAIError as exc:
-            if quick and exc.code == "insufficient_memory":
-                raise self._no_room(config, replica, footprint) from None
-            raise
-        finally:
+        # Beside a replica of its own model (loaded, or starting first), one more starts only
+        # where it fits now, unloading and draining nothing: it would wait for, or unload, its
+        # own siblings, and take turns with them. The first replica plans like any model.
+        quick = any(i.replica != replica for i in self.replicas(config.name)) or any(
+            k[0] == config.name and k[1] < replica for k in self._starting
+        )
+        if quick:
+            room = self.memory.reserve_now(footprint)
+            if isinstance(room, str):
+                raise self._no_room(config, replica, room)
+            reservation = room
+        else:
+            start = self._starting.get(key)
             if start is not None:
-                start.waiting_for_memory = False
+                start.waiting_for_memory = True
+            try:
+                reservation = await self.memory.reserve(
+                    config.name, footprint, timeout=self.settings.load_timeout
+                )
+            finally:
+                if start is not None:
+                    start.waiting_for_memory = False
+        start = self._starting.get(key)
         spawned = time.monotonic()
         try:
             # The variables that hold remote backends' tokens stay in the gateway.
@@ -705,13 +718,11 @@ class BackendManager:
         )
         return instance
 
-    def _no_room(self, config: ModelConfig, replica: int, footprint: Footprint) -> OpenAIError:
+    def _no_room(self, config: ModelConfig, replica: int, why: str) -> OpenAIError:
         return OpenAIError(
             507,
-            f"replica {replica + 1} of model '{config.name}', needing {footprint.describe()}, "
-            f"does not fit the memory budget beside what is loaded "
-            f"({format_size(self.memory.used())} of {format_size(self.budget.memory_bytes)});"
-            f" tried again in {_REPLICA_ROOM_RETRY_SECONDS:g} s",
+            f"replica {replica + 1} of model '{config.name}' does not fit beside what is "
+            f"loaded: {why}; tried again in {_REPLICA_ROOM_RETRY_SECONDS:g} s",
             code="replica_does_not_fit",
         )
 
@@ -986,6 +997,10 @@ class BackendManager:
                 self._stop_soon(instance, "drained")
             elif instance.expired(now) and instance.config.name not in awake:
                 self._stop_soon(instance, f"after {instance.keep_alive:g} s idle")
+                # A replica being started again for nobody's request goes with the rest.
+                for key, start in list(self._starting.items()):
+                    if key[0] == instance.config.name and not start.waiters:
+                        start.task.cancel()
         self._keep_replicas()
         excess = self.memory.over_budget()
         while excess:
@@ -1005,37 +1020,47 @@ class BackendManager:
             return
         loaded = {i.config.name for i in self._instances.values() if not i.dead}
         for name in loaded:
-            # As its YAML says now (a replica count lowered since is not made up for).
             config = self.registry.known.models.get(name)
-            if config is None or name in self._unload_when_started:
-                continue
-            for replica in range(config.replica_count()):
+            for replica in range(config.replica_count() if config is not None else 0):
                 if (name, replica) not in self._instances:
-                    self._begin_start(config, replica)
+                    self._restart_lost(name, replica)
+
+    def _restart_lost(self, name: str, replica: int) -> None:
+        """Start a lost replica again, as its YAML says now: not for a model removed, being
+        unloaded, or asking for fewer replicas since."""
+        config = self.registry.known.models.get(name)
+        if config is None or self._closing or name in self._unload_when_started:
+            return
+        if replica < config.replica_count():
+            self._begin_start(config, replica)
 
     # Health of backends reached over the network ---------------------------------------------
 
     async def _check_health_forever(self) -> None:
+        """A check of each remote backend every half interval, each given half an interval to
+        answer, and none waiting for another: one that stops answering is out of the rotation
+        within one interval."""
+        half = self.settings.health_interval / 2
+        checking: set[BackendInstance] = set()
         while True:
-            await asyncio.sleep(self.settings.health_interval)
-            try:
-                remote = [
-                    i
-                    for i in self._serving()
-                    if i.process is None and not i.dead and i.state == State.READY
-                ]
-                await asyncio.gather(*(self._check(i) for i in remote))
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug of ours must not end the checks
-                log.exception("health checks failed")
+            await asyncio.sleep(half)
+            for instance in self._serving():
+                remote = instance.process is None and instance.state == State.READY
+                if remote and not instance.dead and instance not in checking:
+                    checking.add(instance)
+                    task = self.supervisor.spawn(self._check(instance, half))
+                    task.add_done_callback(functools.partial(_checked, checking, instance))
 
-    async def _check(self, instance: BackendInstance) -> None:
+    async def _check(self, instance: BackendInstance, timeout: float) -> None:
         """One health check of a remote backend: its Status must say it serves our model.
         Failing it takes it out of the rotation until it passes again; one that restarted
-        without its model, or whose placer may have moved it, is placed and loaded again."""
-        timeout = min(max(self.settings.health_interval, 0.5), 5.0)
-        serves = await instance.client.serves(timeout)
+        without its model, or that its placer moved, is placed and loaded again."""
+        try:
+            await self._judge(instance, await instance.client.serves(timeout))
+        except Exception:  # a bug of ours must not end the checks
+            log.exception("health check of %s failed", instance.address)
+
+    async def _judge(self, instance: BackendInstance, serves: bool | None) -> None:
         if instance.dead or self._closing:
             return
         what = f"{_describe(instance.config, instance.replica)} at {instance.address}"
@@ -1045,7 +1070,7 @@ class BackendManager:
                 log.info("%s passes its health check again: back in rotation", what)
             return
         placer = self._placers[instance.config.placement_kind()]
-        if serves is False or placer.relocates:
+        if serves is False or await placer.moved(instance):
             if serves is False:
                 reason = "answers without its model (it restarted)"
             else:
@@ -1053,7 +1078,7 @@ class BackendManager:
             log.warning("%s %s; placing and loading it again", what, reason)
             self._failed(instance.config, instance.replica, f"its backend {reason}")
             self._forget(instance)
-            self._begin_start(instance.config, instance.replica)
+            self._restart_lost(instance.config.name, instance.replica)
             return
         if not instance.unhealthy:
             instance.unhealthy = True

@@ -95,6 +95,24 @@ class MemoryPlanner:
             retry=False,  # it will not fit on a retry either
         )
 
+    def reserve_now(self, footprint: Footprint) -> Reservation | str:
+        """Room now, unloading and draining nothing (one more replica beside its model's
+        others): the reservation, or why there is none."""
+        need = 0 if footprint.source == "remote" else footprint.bytes
+        holders = self._holders()
+        used = sum(h.memory for h in holders) + sum(r.bytes for r in self._reservations)
+        count = len(holders) + len(self._reservations)
+        if self.max_loaded is not None and count >= self.max_loaded:
+            return f"{self.max_loaded} backends are loaded (HEARTH_MAX_LOADED_MODELS)"
+        if need and (used + need > self.budget.memory_bytes or self._short_now(need)):
+            return (
+                f"it needs {footprint.describe()} and {format_size(used)} of the "
+                f"{format_size(self.budget.memory_bytes)} memory budget is in use"
+            )
+        reservation = Reservation(self, footprint)
+        self._reservations.add(reservation)
+        return reservation
+
     async def reserve(self, model: str, footprint: Footprint, timeout: float) -> Reservation:
         """Room for `model`: at once, after unloading idle backends, or after busy ones drain."""
         need = 0 if footprint.source == "remote" else footprint.bytes

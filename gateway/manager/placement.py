@@ -34,9 +34,6 @@ class Placer(abc.ABC):
     kind: ClassVar[str]
     #: Its backends are processes on this machine: their memory and cores count in the budget.
     local: ClassVar[bool] = False
-    #: A replica that stops answering may be back at another address (a restarted Ray actor):
-    #: the manager places it again rather than keep checking the old address.
-    relocates: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def place(
@@ -50,6 +47,12 @@ class Placer(abc.ABC):
         healthy. `custom`: its backends.yaml entry, for a custom backend. `withheld`: the
         gateway's variables no process it starts may get. Raises OpenAIError
         (`backend_start_failed`) when it cannot."""
+
+    async def moved(self, instance: BackendInstance) -> bool:
+        """Whether a replica that failed a health check is gone from where it was placed (a
+        restarted Ray actor runs a new backend elsewhere): then the manager places it again,
+        rather than keep checking the old address until it answers."""
+        return False
 
     async def release(self, instance: BackendInstance) -> None:
         """End what `place` started. By default the backend is someone else's: its model is

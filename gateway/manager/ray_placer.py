@@ -7,7 +7,8 @@ only calls that carry the gateway's token, and tied to the actor's life (the lea
 the backend exits the actor exits too, and Ray starts it again, on any node with the
 resources, up to `max_restarts` times, each restart after the first waiting longer (0.5 s, 1 s,
 2 s, ... 8 s).
-The gateway finds the replica's new address by placing it again (`relocates`).
+A replica whose backend stopped answering and is gone from its address (its actor restarted, or
+its port closed) is placed again (`moved`): the gateway asks the actor for its new address.
 
 Every Ray node must see the models dir at the gateway's path and have Hearth (with the
 model's backend) installed; the gateway's machine must be a node of the cluster (a driver
@@ -110,8 +111,9 @@ class ReplicaSpec:
     #: a backends.yaml `command` (argv with `{address}` and `{python}`) and its `env`.
     command: list[str] | None
     command_env: dict[str, str]
-    #: The gateway's variables no backend may get.
-    withheld: list[str]
+    #: The gateway's variables no backend may get (not compared: adding a token variable to
+    #: another model's YAML is no reason to replace running actors).
+    withheld: list[str] = field(compare=False)
     #: The backend's working directory: the gateway's models dir, at the same path here.
     models_dir: str
     log_level: str
@@ -125,8 +127,8 @@ class _Running:
     """One backend process of an actor's, and whether its end is the actor's doing."""
 
     process: subprocess.Popen[bytes]
-    token: str
-    address: str
+    token: str = field(repr=False)
+    address: str = ""
     #: Listening: from now on its exit ends the actor (before, its start fails instead).
     armed: bool = False
     deliberate: bool = False
@@ -372,6 +374,9 @@ class _Actor:
     handle: Any
     #: What it runs (None for one found by name only, at close).
     spec: ReplicaSpec | None = None
+    #: Where its backend listened, and the actor's restarts, when it was last placed.
+    address: str = ""
+    restarts: int = 0
 
 
 class RayPlacer(Placer):
@@ -380,7 +385,6 @@ class RayPlacer(Placer):
 
     kind = "ray"
     local = False
-    relocates = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -390,6 +394,9 @@ class RayPlacer(Placer):
         #: (a start cancelled half-way may have made one that `_actors` never held).
         self._names: set[str] = set()
         self._connecting: asyncio.Future[None] | None = None
+        #: Actors being ended: a new placing of the replica waits, rather than find the dying
+        #: actor by its name.
+        self._ending: dict[tuple[str, int], asyncio.Future[None]] = {}
         self._actor_class: Any = None
 
     async def place(
@@ -408,6 +415,10 @@ class RayPlacer(Placer):
         await self._connect(where, deadline)
         spec = self._spec(config, replica, custom, withheld, placement)
         key = (config.name, replica)
+        ending = self._ending.get(key)
+        if ending is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(ending), _left(deadline))
         actor = self._actors.get(key)
         if actor is not None and actor.spec != spec:
             await self._end(actor)  # its YAML changed since it was placed
@@ -423,17 +434,53 @@ class RayPlacer(Placer):
             actor = await self._create(spec, placement, where)
             self._actors[key] = actor
             info = await self._serve(actor, where, deadline)
+        actor.address, actor.restarts = info["address"], int(info["restarts"])
         node = f"{info['node_name']} (ray node {info['node_id'][:12]})"
         if info["restarts"]:
             log.info("%s runs on %s after %d restart(s)", actor.name, node, info["restarts"])
         return Placed(address=info["address"], token=self._token, node=node)
 
+    async def moved(self, instance: BackendInstance) -> bool:
+        """Its actor restarted or is gone, or nothing listens at its backend's address any
+        more (the backend died; its actor is about to end and restart). A backend that is only
+        slow to answer (busy, or paused) still accepts connections: it stays, out of rotation
+        until it answers."""
+        actor = self._actors.get(instance.key)
+        if actor is None or actor.address != instance.address:
+            return True
+        info = await asyncio.to_thread(_actor_info, actor.handle._actor_id.hex())
+        if info.get("State") != "ALIVE" or int(info.get("NumRestarts", 0)) != actor.restarts:
+            return True
+        host, _, port = instance.address.rpartition(":")
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host.strip("[]"), int(port)), 1.0
+            )
+        except OSError:
+            return True  # refused: nothing listens there
+        except TimeoutError:
+            return False
+        writer.close()
+        return False
+
     async def release(self, instance: BackendInstance) -> None:
         actor = self._actors.pop(instance.key, None)
-        if actor is not None:
-            await self._end(actor)
+        if actor is None:
+            return
+        key = instance.key
+        ending = asyncio.ensure_future(self._end(actor))
+        self._ending[key] = ending
+
+        def ended(future: asyncio.Future[None]) -> None:
+            if self._ending.get(key) is future:
+                del self._ending[key]
+
+        ending.add_done_callback(ended)
+        await asyncio.shield(ending)
 
     async def close(self) -> None:
+        pending = list(self._ending.values())
+        await asyncio.gather(*pending, return_exceptions=True)
         actors, self._actors = list(self._actors.values()), {}
         await asyncio.gather(*(self._end(actor) for actor in actors), return_exceptions=True)
         if not ray.is_initialized():  # never joined (Ray would start a cluster of its own)
