@@ -243,6 +243,19 @@ class StaticPlacement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return _exposure(exposed[0], self) if exposed else None
 
 
+class RayTLS(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """TLS between the gateway and a Ray placement's backends."""
+
+    #: PEM certificate (chain) and key each backend serves, at the same path on every node
+    #: (relative paths are the models dir's, which every node sees at the gateway's path).
+    cert: str
+    key: str
+    #: PEM file of the authority to trust (relative: the models dir's); unset: the system's.
+    ca: str | None = None
+    #: The name the certificate carries, where it is not the node's address.
+    server_name: str | None = None
+
+
 class RayPlacement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Backends run by Ray: one detached actor per replica, placed by the resources it asks
     for, which starts the backend on its node and is restarted (a capped number of times) when
@@ -257,6 +270,8 @@ class RayPlacement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Restarts of a replica's actor (after its backend or its node died) before it is left
     #: dead; never unlimited, which is an endless crash loop.
     max_restarts: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+    #: TLS to the backends (the token is sent on every call either way).
+    tls: RayTLS | None = None
 
     def __post_init__(self) -> None:
         if self.memory is not None:

@@ -32,6 +32,8 @@ NODE_IP = "127.0.0.2"
 MODEL = "echo-ray"
 #: A model asking for a resource no node has.
 NOWHERE = "echo-nowhere"
+#: A model whose backend serves TLS (unloaded once it has answered).
+TLS_MODEL = "echo-tls"
 #: The gateway's HEARTH_BACKEND_START_TIMEOUT: how long a placement may take.
 START_TIMEOUT = 15
 #: Seconds each phase may take before the scenario gives up on it.
@@ -162,6 +164,15 @@ def scenario(scratch: Path, result: dict[str, Any]) -> None:
             "backend: echo\nreplicas: 2\nmax_concurrency: 1\noptions: {latency_ms: 30}\n"
             "placement: {ray: {num_cpus: 0.5, resources: {gpu-box: 0.5}, max_restarts: 3}}",
         )
+        from tests.test_remote_backends import SERVER_NAME, make_certificate
+
+        cert, key = make_certificate(scratch)
+        write_model(
+            models,
+            TLS_MODEL,
+            "backend: echo\nplacement:\n  ray:\n    num_cpus: 0.25\n"
+            f"    tls: {{cert: {cert}, key: {key}, ca: {cert}, server_name: {SERVER_NAME}}}",
+        )
         # A model no node can take: its error comes while the scenario goes on.
         write_model(
             models,
@@ -227,6 +238,24 @@ def scenario(scratch: Path, result: dict[str, Any]) -> None:
         result["gpu_box_node_id"] = gpu_box.node_id
         result["answers"] = chats(6)
         result["served_after_placement"] = [r["requests"]["served"] for r in serving()]
+
+        # Over TLS: the backend on its node serves the certificate the YAML names, and the
+        # gateway checks it against the YAML's authority.
+        reply = http.post(
+            "/v1/chat/completions",
+            json={"model": TLS_MODEL, "messages": [{"role": "user", "content": "hello tls"}]},
+        )
+        result["tls_answer"] = reply.json()["choices"][0]["message"]["content"]
+        result["tls_rows"] = [
+            r for r in http.get("/backends").json()["data"] if r["model"] == TLS_MODEL
+        ]
+        listening = [
+            cmdline
+            for cmdline in processes_with("backends.echo", str(scratch)).values()
+            if "--tls-cert" in cmdline
+        ]
+        result["tls_backends"] = listening
+        http.post(f"/backends/{TLS_MODEL}/unload").raise_for_status()
 
         # A replica's backend is killed: its actor ends, Ray restarts it, the gateway finds
         # it again.

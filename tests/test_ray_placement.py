@@ -117,6 +117,16 @@ def test_chats_are_answered_by_both_replicas(scenario: dict[str, Any]) -> None:
     assert all(served > 0 for served in scenario["served_after_placement"])
 
 
+def test_a_replica_over_tls(scenario: dict[str, Any]) -> None:
+    assert scenario["tls_answer"] == "hello tls"
+    # The backend Ray started serves the YAML's certificate (the gateway checked it against
+    # the YAML's authority, or there would have been no answer).
+    [backend] = scenario["tls_backends"]
+    assert "--tls-cert" in backend
+    assert "--tls-key" in backend
+    assert "--token-file" in backend
+
+
 def test_a_killed_backend_is_restarted_and_serves_again(scenario: dict[str, Any]) -> None:
     assert len(scenario["killed_backend_pids"]) == 1
     # The other replica answered meanwhile.

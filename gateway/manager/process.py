@@ -146,11 +146,11 @@ def remote_credentials(
         except OSError as exc:
             raise _misconfigured(where, f"cannot read its tls.ca {path}: {exc}") from None
     else:
-        roots = _system_roots()
+        roots = system_roots()
     return token, BackendTLS(root_certificates=roots, server_name=settings.server_name)
 
 
-def _system_roots() -> bytes | None:
+def system_roots() -> bytes | None:
     """The system's trusted certificates (where a home CA is installed); None: gRPC's own."""
     paths = ssl.get_default_verify_paths()
     for candidate in (paths.cafile, paths.openssl_cafile):

@@ -42,7 +42,8 @@ from typing import Any
 
 import msgspec
 
-from gateway.config import CustomBackend, ModelConfig, RayPlacement
+from gateway.client import BackendTLS
+from gateway.config import CustomBackend, ModelConfig, RayPlacement, RayTLS
 from gateway.errors import OUTPUT_HEADING, OpenAIError
 from gateway.manager.instance import BackendInstance, Placed
 from gateway.manager.placement import Placer
@@ -53,6 +54,7 @@ from gateway.manager.process import (
     describe_exit,
     leashed,
     python_path,
+    system_roots,
 )
 from gateway.settings import Settings
 from protos.hearth.backend.v1.contract import TOKEN_FILE_ENV
@@ -118,6 +120,9 @@ class ReplicaSpec:
     models_dir: str
     log_level: str
     start_timeout: float
+    #: The certificate and key its backend serves TLS with (paths on the node), if any.
+    tls_cert: str | None = None
+    tls_key: str | None = None
     #: The YAML's resources, compared when a running actor is found (not used by it).
     placement: dict[str, Any] = field(default_factory=dict)
 
@@ -237,6 +242,8 @@ class ReplicaActor:
             env["PYTHONPATH"] = python_path(env.get("PYTHONPATH"))
             argv = [sys.executable, "-P", "-m", f"backends.{spec.backend}", "--address", address]
             argv += ["--token-file", str(token_file)]
+            if spec.tls_cert is not None and spec.tls_key is not None:
+                argv += ["--tls-cert", spec.tls_cert, "--tls-key", spec.tls_key]
             return leashed(argv, signal.SIGTERM), env
         values = {"address": address, "python": sys.executable}
         argv = [part.format_map(values) for part in spec.command]
@@ -412,6 +419,13 @@ class RayPlacer(Placer):
         where = f"replica {replica + 1} of model '{config.name}' on Ray"
         if custom is not None and custom.command is None:
             raise _failure(where, f"backend '{custom.name}' is an address, not a command to run")
+        if custom is not None and placement.tls is not None:
+            raise _failure(
+                where, f"placement.ray.tls is for Hearth's own backends, not '{custom.name}'"
+            )
+        tls = None
+        if placement.tls is not None:
+            tls = await asyncio.to_thread(self._tls, placement.tls, where)
         await self._connect(where, deadline)
         spec = self._spec(config, replica, custom, withheld, placement)
         key = (config.name, replica)
@@ -438,7 +452,20 @@ class RayPlacer(Placer):
         node = f"{info['node_name']} (ray node {info['node_id'][:12]})"
         if info["restarts"]:
             log.info("%s runs on %s after %d restart(s)", actor.name, node, info["restarts"])
-        return Placed(address=info["address"], token=self._token, node=node)
+        return Placed(address=info["address"], token=self._token, tls=tls, node=node)
+
+    def _tls(self, settings: RayTLS, where: str) -> BackendTLS:
+        """How the gateway checks the backends' certificates (blocking: in a thread)."""
+        roots = None
+        if settings.ca is not None:
+            path = CustomBackend.file_path(self.settings.models_dir, settings.ca)
+            try:
+                roots = path.read_bytes()
+            except OSError as exc:
+                raise _failure(where, f"cannot read placement.ray.tls.ca {path}: {exc}") from None
+        else:
+            roots = system_roots()
+        return BackendTLS(root_certificates=roots, server_name=settings.server_name)
 
     async def moved(self, instance: BackendInstance) -> bool:
         """Its actor restarted or is gone, or nothing listens at its backend's address any
@@ -544,8 +571,15 @@ class RayPlacer(Placer):
             models_dir=str(self.settings.models_dir.resolve()),
             log_level=self.settings.log_level,
             start_timeout=self.settings.backend_start_timeout,
+            tls_cert=self._node_path(placement.tls.cert) if placement.tls else None,
+            tls_key=self._node_path(placement.tls.key) if placement.tls else None,
             placement=msgspec.to_builtins(placement),
         )
+
+    def _node_path(self, value: str) -> str:
+        """A file named in the YAML, as the nodes see it: absolute, or in the models dir."""
+        models_dir = self.settings.models_dir.resolve()
+        return str(CustomBackend.file_path(models_dir, value))
 
     async def _create(self, spec: ReplicaSpec, placement: RayPlacement, where: str) -> _Actor:
         name = actor_name(spec.model, spec.replica)
