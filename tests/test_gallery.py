@@ -185,6 +185,11 @@ def test_reinstalling_keeps_what_is_good_and_fetches_what_is_missing(
     install_entry(entry, tmp_path)
     assert is_installed(entry, tmp_path)
     (tmp_path / "tiny.yaml").write_text("name: tiny\nbackend: llama\nmodel: tiny/tiny.gguf\n")
+    # A second model on the same weights (other settings): the installed entry is still
+    # checked and repaired (make run and the image install the defaults at every start).
+    (tmp_path / "tiny-long.yaml").write_text(
+        "name: tiny-long\nbackend: llama\nmodel: tiny/tiny.gguf\ncontext_size: 4096\n"
+    )
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     install_entry(entry, tmp_path)  # complete: nothing fetched, nothing written
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == stamps

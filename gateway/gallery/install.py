@@ -113,15 +113,22 @@ def _plan(entry: GalleryEntry, models_dir: Path, *, hash_files: bool) -> _Plan:
                     f"{name}: {existing} is already in the models dir; an install writes "
                     f"{yaml_name}, and two files for one model is one too many"
                 )
+        referenced = None
         for other in model_files(models_dir):
             if other.name == name and other.filename != yaml_name:
                 raise InstallRefused(f"{name}: {other.filename} already names a model {name!r}")
             if other.name != name and _inside(other.model, name):
-                # Its files would become what that model loads.
-                raise InstallRefused(
-                    f"{name}: {other.filename} names {other.model!r}, inside the folder this "
-                    "install would write"
-                )
+                referenced = other
+        # Another model's YAML names a file in the folder: refused where this install would
+        # make the folder, or take over one that is not ours (its files would become what that
+        # model loads). Our own install's folder may be used by other YAML (a second model
+        # with other settings on the same weights): checking or repairing it changes nothing.
+        refusal = None
+        if referenced is not None:
+            refusal = InstallRefused(
+                f"{name}: {referenced.filename} names {referenced.model!r}, inside the folder "
+                "this install would write"
+            )
         try:
             folder = root.child(name)
         except UnsafePath as exc:
@@ -130,6 +137,8 @@ def _plan(entry: GalleryEntry, models_dir: Path, *, hash_files: bool) -> _Plan:
         if yaml_state is not None and not stat.S_ISREG(yaml_state.st_mode):
             raise InstallRefused(f"{name}: {yaml_name} is a symbolic link or not a file")
         if folder is None:
+            if refusal is not None:
+                raise refusal
             if yaml_state is not None and _is_flat_install(root, entry, hash_files=hash_files):
                 return plan  # it serves as it is: nothing to add
             if yaml_state is not None:
@@ -138,6 +147,8 @@ def _plan(entry: GalleryEntry, models_dir: Path, *, hash_files: bool) -> _Plan:
             return plan
         with folder:
             manifest = read_manifest(folder, name)
+            if manifest is None and refusal is not None:
+                raise refusal
             if manifest is None:
                 # An install from before manifests: adopted only if it is complete and its
                 # YAML is, byte for byte, what this entry writes.
