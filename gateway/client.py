@@ -75,8 +75,10 @@ class BackendClient:
         # Sent with every call, health checks included: call credentials would need TLS, and
         # a backend on a trusted link may be reached without it.
         self._metadata = ((AUTHORIZATION_KEY, f"{AUTHORIZATION_SCHEME}{token}"),) if token else None
-        #: Why the last health check failed (for a start that never became healthy).
+        #: Why the last health check failed (for a start that never became healthy), and
+        #: whether it only ran out of time (an answer too slow, not a refusal).
         self.last_health_failure: str | None = None
+        self.last_health_slow = False
         self._lifecycle = pb_grpc.LifecycleStub(channel)
         self._text = pb_grpc.TextStub(channel)
         self._embeddings = pb_grpc.EmbeddingsStub(channel)
@@ -111,6 +113,7 @@ class BackendClient:
             )
         except grpc.aio.AioRpcError as exc:
             self.last_health_failure = exc.details() or exc.code().name.lower()
+            self.last_health_slow = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             return None
         return reply.state == pb.MODEL_STATE_READY and reply.model_name == self.model
 

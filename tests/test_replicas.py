@@ -90,3 +90,42 @@ def test_a_replica_that_does_not_fit_leaves_the_others_serving(
     assert "replica 2 of model 'big' does not fit beside what is loaded" in failed[0]["last_error"]
     assert "memory budget is in use" in failed[0]["last_error"]
     assert len(gateway.backend_pids()) == 1  # it never unloaded its twin to make room
+
+
+class _Client:
+    """What a health check leaves on a backend's client: it ran out of time."""
+
+    last_health_failure = "Deadline Exceeded"
+    last_health_slow = True
+
+
+async def test_a_busy_replica_gets_a_second_check_before_it_leaves(tmp_path: Path) -> None:
+    from gateway.config import load_model_file
+    from gateway.manager import BackendInstance, BackendManager
+    from gateway.manager.admission import Slots
+    from gateway.settings import Settings
+
+    path = write_model(tmp_path, "far", "backend: echo\nplacement: {static: {addresses: [a:1]}}")
+    config = load_model_file(path, tmp_path)
+    manager = BackendManager(Settings(models_dir=tmp_path))
+
+    def replica(busy: bool) -> BackendInstance:
+        instance = BackendInstance(config, "a:1", _Client(), None, Slots(1, 0))  # type: ignore[arg-type]
+        instance.slots.busy = int(busy)
+        return instance
+
+    # Idle and not answering in time: out of the rotation at once.
+    idle = replica(busy=False)
+    await manager._judge(idle, None)
+    assert idle.unhealthy
+    # Busy: one slow answer is forgiven, the second in a row is not.
+    busy = replica(busy=True)
+    await manager._judge(busy, None)
+    assert not busy.unhealthy
+    await manager._judge(busy, None)
+    assert busy.unhealthy
+    # An answer in time brings it back, and starts the count afresh.
+    await manager._judge(busy, True)
+    assert not busy.unhealthy
+    await manager._judge(busy, None)
+    assert not busy.unhealthy

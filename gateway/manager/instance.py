@@ -60,6 +60,8 @@ class BackendInstance:
     node: str | None = None
     #: Out of the rotation: it failed its last health check; requests go to other replicas.
     unhealthy: bool = False
+    #: Health checks in a row that got no answer in time while it was busy (one is forgiven).
+    slow_checks: int = 0
     #: Requests it has served (ended, however they ended).
     served: int = 0
     capabilities: frozenset[Capability] = frozenset()

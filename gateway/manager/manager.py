@@ -1064,6 +1064,13 @@ class BackendManager:
         if instance.dead or self._closing:
             return
         what = f"{_describe(instance.config, instance.replica)} at {instance.address}"
+        slow = serves is None and instance.client.last_health_slow
+        if slow and instance.busy and not instance.unhealthy and not instance.slow_checks:
+            # A busy backend's one answer too slow is forgiven (its loop was held up); a second
+            # in a row, half an interval later, is not. Refused or idle: it counts at once.
+            instance.slow_checks = 1
+            return
+        instance.slow_checks = 0
         if serves:
             if instance.unhealthy:
                 instance.unhealthy = False
