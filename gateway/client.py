@@ -104,18 +104,43 @@ class BackendClient:
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def serves(self, timeout: float) -> bool | None:
-        """Whether the backend serves our model now: True; False when it answers without it
-        (it restarted, and lost it); None when it does not answer (the reason is kept in
-        `last_health_failure`)."""
+        """Whether the backend serves our model now: True; False when it says it does not (it
+        restarted and lost it, or holds another); None when it does not answer (the reason is
+        kept in `last_health_failure`). A backend of someone else's that does not implement
+        Status, or leaves it empty, is asked the standard health check instead."""
         try:
             reply = await self._lifecycle.Status(
                 pb.StatusRequest(), timeout=timeout, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return await self._serving(timeout)
             self.last_health_failure = exc.details() or exc.code().name.lower()
             self.last_health_slow = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             return None
-        return reply.state == pb.MODEL_STATE_READY and reply.model_name == self.model
+        if reply.model_name and reply.model_name != self.model:
+            return False
+        if reply.state in (pb.MODEL_STATE_UNLOADED, pb.MODEL_STATE_FAILED, pb.MODEL_STATE_LOADING):
+            return False
+        if reply.state == pb.MODEL_STATE_READY and reply.model_name:
+            return True
+        return await self._serving(timeout)  # an answer that says too little
+
+    async def _serving(self, timeout: float) -> bool | None:
+        """The standard health check, as `serves` answers."""
+        try:
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            self.last_health_failure = exc.details() or exc.code().name.lower()
+            self.last_health_slow = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            return None
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            self.last_health_failure = "not serving"
+            self.last_health_slow = False
+            return None
+        return True
 
     async def capabilities(self) -> frozenset[Capability]:
         """The services the loaded model serves, as health reports them."""

@@ -374,3 +374,30 @@ def test_a_custom_command_dies_with_a_killed_gateway(
     assert backends
     gateway.stop(signal.SIGKILL)
     assert wait_until(lambda: gateway.backend_pids() == [], timeout=5), backends
+
+
+async def test_a_backend_without_status_is_asked_the_standard_health_check() -> None:
+    """A backend of someone else's, built from the proto without Hearth's runtime, may leave
+    Lifecycle.Status unimplemented: its health is then the standard gRPC health service's."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from gateway.client import BackendClient, backend_channel
+    from protos.hearth.backend.v1 import backend_pb2_grpc as pb_grpc
+
+    server = grpc.aio.server()
+    pb_grpc.add_LifecycleServicer_to_server(pb_grpc.LifecycleServicer(), server)  # UNIMPLEMENTED
+    checker = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = BackendClient(backend_channel(f"127.0.0.1:{port}"), "far", 10)
+    try:
+        await checker.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert await client.serves(1.0) is True
+        await checker.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert await client.serves(1.0) is None
+        assert client.last_health_failure == "not serving"
+    finally:
+        await client.channel.close()
+        await server.stop(0)
