@@ -132,19 +132,25 @@ def hearth(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     )
 
 
-def backend_pids(marker: str) -> list[int]:
-    pids = []
+def processes_with(*markers: str) -> dict[int, str]:
+    """Live processes (not this one, no zombies) whose command line holds every one of
+    `markers`, with that command line."""
+    found = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if marker in cmdline and "--address" in cmdline and state != "Z":
-            pids.append(int(entry.name))
-    return pids
+        if all(m in cmdline for m in markers) and state != "Z":
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def backend_pids(marker: str) -> list[int]:
+    return list(processes_with(marker, "--address"))
 
 
 def wait_until(condition: object, timeout: float = 10.0, interval: float = 0.05) -> bool:

@@ -27,6 +27,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import processes_with
+
 #: The loopback address Ray's nodes and the backends they start listen on.
 NODE_IP = "127.0.0.2"
 MODEL = "echo-ray"
@@ -71,22 +73,6 @@ def outbound_packets() -> int:
             if len(fields) > 2 and fields[2] == "REJECT":
                 total += int(fields[0])
     return total
-
-
-def processes_with(*markers: str) -> dict[int, str]:
-    """Live processes whose command line holds every one of `markers`."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if all(m in cmdline for m in markers) and state != "Z":
-            found[int(entry.name)] = cmdline
-    return found
 
 
 def main(result_path: Path) -> int:

@@ -127,6 +127,16 @@ def hosts() -> Iterator[list[Host]]:
             host.delete()
 
 
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """An empty models dir, and the token file the backends are started with."""
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    token_file = tmp_path / "backend.token"
+    token_file.write_text(TOKEN + "\n")
+    return models_dir, token_file
+
+
 def rows(gateway: Gateway, model: str) -> list[dict[str, Any]]:
     body = httpx.get(f"{gateway.url}/backends", timeout=10).json()
     return [row for row in body["data"] if row["model"] == model]
@@ -153,12 +163,9 @@ def complete(
 
 @pytest.mark.timeout(180)
 def test_two_replicas_on_two_hosts(
-    tmp_path: Path, hosts: list[Host], gateways: list[Gateway]
+    tmp_path: Path, dirs: tuple[Path, Path], hosts: list[Host], gateways: list[Gateway]
 ) -> None:
-    models_dir = tmp_path / "models"
-    models_dir.mkdir()
-    token_file = tmp_path / "backend.token"
-    token_file.write_text(TOKEN + "\n")
+    models_dir, token_file = dirs
     (models_dir / "backend.token").write_text(TOKEN + "\n")
     logs = [tmp_path / f"backend-{i}.log" for i in range(2)]
     backends = [host.start_backend(token_file, log) for host, log in zip(hosts, logs, strict=True)]
@@ -266,12 +273,9 @@ def test_two_replicas_on_two_hosts(
 
 @pytest.mark.timeout(60)
 def test_a_backend_on_another_host_refuses_the_wrong_token(
-    tmp_path: Path, hosts: list[Host], gateways: list[Gateway]
+    tmp_path: Path, dirs: tuple[Path, Path], hosts: list[Host], gateways: list[Gateway]
 ) -> None:
-    models_dir = tmp_path / "models"
-    models_dir.mkdir()
-    token_file = tmp_path / "backend.token"
-    token_file.write_text(TOKEN)
+    models_dir, token_file = dirs
     (models_dir / "stale.token").write_text("last year's token\n")
     backend = hosts[0].start_backend(token_file, tmp_path / "backend.log")
     write_model(
@@ -294,12 +298,9 @@ def test_a_backend_on_another_host_refuses_the_wrong_token(
 
 @pytest.mark.timeout(60)
 def test_replicas_on_other_hosts_over_tls(
-    tmp_path: Path, hosts: list[Host], gateways: list[Gateway]
+    tmp_path: Path, dirs: tuple[Path, Path], hosts: list[Host], gateways: list[Gateway]
 ) -> None:
-    models_dir = tmp_path / "models"
-    models_dir.mkdir()
-    token_file = tmp_path / "backend.token"
-    token_file.write_text(TOKEN)
+    models_dir, token_file = dirs
     cert, key = make_certificate(tmp_path)
     (models_dir / "backend-ca.pem").write_bytes(cert.read_bytes())
     tls = ("--tls-cert", str(cert), "--tls-key", str(key))

@@ -424,9 +424,6 @@ class BackendManager:
             # A start this request waits for logs with its id; one beside a ready replica is
             # nobody's request's.
             self._begin_start(config, replica, background=bool(ready))
-        for (other, replica), instance in list(self._instances.items()):
-            if other == name and replica >= count:  # its YAML now asks for fewer
-                self._drain(instance, f"(replica {replica + 1} of {count} no longer wanted)")
         if ready:
             # Fewest in flight; among equals, the one idle longest, so that replicas take
             # turns (and each keeps its caches warm).
@@ -1015,15 +1012,21 @@ class BackendManager:
 
     def _keep_replicas(self) -> None:
         """Start again the replicas a loaded model lost (a process that died, a remote backend
-        that restarted or moved), each when its backoff allows."""
+        that restarted or moved), each when its backoff allows; drain those its YAML no longer
+        asks for."""
         if self._closing:
             return
         loaded = {i.config.name for i in self._instances.values() if not i.dead}
         for name in loaded:
             config = self.registry.known.models.get(name)
-            for replica in range(config.replica_count() if config is not None else 0):
+            count = config.replica_count() if config is not None else 0
+            for replica in range(count):
                 if (name, replica) not in self._instances:
                     self._restart_lost(name, replica)
+        for (name, replica), instance in list(self._instances.items()):
+            config = self.registry.known.models.get(name)
+            if config is not None and replica >= config.replica_count():  # its YAML asks fewer
+                self._drain(instance, f"(its YAML now asks for {config.replica_count()})")
 
     def _restart_lost(self, name: str, replica: int) -> None:
         """Start a lost replica again, as its YAML says now: not for a model removed, being

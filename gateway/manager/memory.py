@@ -99,16 +99,27 @@ class MemoryPlanner:
         """Room now, unloading and draining nothing (one more replica beside its model's
         others): the reservation, or why there is none."""
         need = 0 if footprint.source == "remote" else footprint.bytes
-        holders = self._holders()
-        used = sum(h.memory for h in holders) + sum(r.bytes for r in self._reservations)
-        count = len(holders) + len(self._reservations)
-        if self.max_loaded is not None and count >= self.max_loaded:
+        used, over_count, short, live_short = self._fit(need, self._holders())
+        if over_count:
             return f"{self.max_loaded} backends are loaded (HEARTH_MAX_LOADED_MODELS)"
-        if need and (used + need > self.budget.memory_bytes or self._short_now(need)):
+        if short or live_short:
             return (
                 f"it needs {footprint.describe()} and {format_size(used)} of the "
                 f"{format_size(self.budget.memory_bytes)} memory budget is in use"
             )
+        return self._hold(footprint)
+
+    def _fit(self, need: int, holders: list[BackendInstance]) -> tuple[int, bool, bool, bool]:
+        """Memory in use (holders and loads in progress), and what a load of `need` bytes
+        would be short of: the model count, the budget, the machine's free memory now."""
+        used = sum(h.memory for h in holders) + sum(r.bytes for r in self._reservations)
+        count = len(holders) + len(self._reservations)
+        over_count = self.max_loaded is not None and count >= self.max_loaded
+        short = need > 0 and used + need > self.budget.memory_bytes
+        live_short = not short and self._short_now(need)
+        return used, over_count, short, live_short
+
+    def _hold(self, footprint: Footprint) -> Reservation:
         reservation = Reservation(self, footprint)
         self._reservations.add(reservation)
         return reservation
@@ -127,15 +138,9 @@ class MemoryPlanner:
             while True:
                 self._changed.clear()
                 holders = self._holders()  # stopping ones count until their process is gone
-                used = sum(h.memory for h in holders) + sum(r.bytes for r in self._reservations)
-                count = len(holders) + len(self._reservations)
-                over_count = self.max_loaded is not None and count >= self.max_loaded
-                short = need > 0 and used + need > self.budget.memory_bytes
-                live_short = not short and self._short_now(need)
+                used, over_count, short, live_short = self._fit(need, holders)
                 if not short and not over_count and not live_short:
-                    reservation = Reservation(self, footprint)
-                    self._reservations.add(reservation)
-                    return reservation
+                    return self._hold(footprint)
                 why = "the model count limit" if over_count and not short else "memory"
                 # Only what frees memory here helps a shortage of memory: local backends.
                 memory_short = short or live_short
@@ -154,9 +159,7 @@ class MemoryPlanner:
                     # Only the machine's live free memory is short, and nothing is idle: the
                     # budget says it fits, so load (other programs may give memory back).
                     log.warning("loading %s although the machine's free memory is low", model)
-                    reservation = Reservation(self, footprint)
-                    self._reservations.add(reservation)
-                    return reservation
+                    return self._hold(footprint)
                 if not any(h.state == State.DRAINING for h in candidates):
                     busy = [h for h in candidates if h.state == State.READY]
                     if busy:
@@ -172,8 +175,8 @@ class MemoryPlanner:
                         )
                     else:
                         detail = (
-                            f"waited {timeout:g} s for one of the {count} loaded models to "
-                            f"finish (HEARTH_MAX_LOADED_MODELS={self.max_loaded})"
+                            f"waited {timeout:g} s for one of the {self.max_loaded} loaded "
+                            f"models to finish (HEARTH_MAX_LOADED_MODELS={self.max_loaded})"
                         )
                     raise OpenAIError(
                         503,

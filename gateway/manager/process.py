@@ -95,6 +95,34 @@ def token_variables(catalog: Catalog) -> frozenset[str]:
     return frozenset(name for name in named if name)
 
 
+def backend_command(
+    backend: str,
+    command: list[str] | None,
+    command_env: Mapping[str, str],
+    address: str,
+    env: Mapping[str, str],
+    options: Collection[str] = (),
+) -> tuple[list[str], dict[str, str]]:
+    """How to start a backend listening on `address`, tied to this process by the leash: a
+    built-in one (`python -m backends.<backend>`, then `options`), or a backends.yaml `command`
+    (`{address}` and `{python}` filled in, its `command_env` over `env`). `env` is what its
+    environment starts from (see `backend_environment`)."""
+    env = {**env, "PYTHONUNBUFFERED": "1"}
+    if command is None:
+        env["PYTHONPATH"] = python_path(env.get("PYTHONPATH"))
+        # -P: the working directory is the models dir, whose files must never be importable
+        # (a gallery folder `x/y.py` would be the namespace package `x.y`); the project
+        # comes from PYTHONPATH.
+        argv = [sys.executable, "-P", "-m", f"backends.{backend}", "--address", address]
+        # Our backends handle SIGTERM: a gateway that dies still gets them a clean unload.
+        return leashed([*argv, *options], signal.SIGTERM), env
+    values = {"address": address, "python": sys.executable}
+    env.update(command_env)
+    # A custom command may ignore SIGTERM (or trap it, as shells can): nothing else would end
+    # it once the gateway is gone.
+    return leashed([part.format_map(values) for part in command], signal.SIGKILL), env
+
+
 def leashed(argv: list[str], death_signal: signal.Signals) -> list[str]:
     """`argv` started through the leash, which ties its life to this process: `death_signal`
     ends it when this process goes."""
@@ -247,24 +275,10 @@ class Launcher:
         withheld: Collection[str] = (),
     ) -> tuple[list[str], dict[str, str]]:
         env = backend_environment(os.environ, withheld)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["HEARTH_UNDER_GATEWAY"] = "1"
+        env["HEARTH_UNDER_GATEWAY"] = "1"  # its lines go to our log, which stamps them
         env.setdefault("HEARTH_LOG_LEVEL", self.settings.log_level.upper())
-        if custom is None:
-            env["PYTHONPATH"] = python_path(env.get("PYTHONPATH"))
-            # -P: the working directory is the models dir, whose files must never be importable
-            # (a gallery folder `x/y.py` would be the namespace package `x.y`); the project
-            # comes from PYTHONPATH.
-            argv = [sys.executable, "-P", "-m", f"backends.{config.backend}", "--address", address]
-            # Our backends handle SIGTERM: a gateway that dies still gets them a clean unload.
-            return leashed(argv, signal.SIGTERM), env
-        assert custom.command is not None
-        values = {"address": address, "python": sys.executable}
-        argv = [part.format_map(values) for part in custom.command]
-        env.update(custom.env)
-        # A custom command may ignore SIGTERM (or trap it, as shells can): nothing else would
-        # end it once the gateway is gone.
-        return leashed(argv, signal.SIGKILL), env
+        command = custom.command if custom is not None else None
+        return backend_command(config.backend, command, custom.env if custom else {}, address, env)
 
     async def spawn_process(
         self,

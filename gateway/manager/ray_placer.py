@@ -50,10 +50,9 @@ from gateway.manager.placement import Placer
 from gateway.manager.process import (
     OFFLINE_VARIABLES,
     STOP_TIMEOUT_SECONDS,
+    backend_command,
     backend_environment,
     describe_exit,
-    leashed,
-    python_path,
     system_roots,
 )
 from gateway.settings import Settings
@@ -236,21 +235,18 @@ class ReplicaActor:
         env = backend_environment(os.environ, spec.withheld)
         # The backend is no Ray process: Ray's settings (its cluster token, say) stay here.
         env = {name: value for name, value in env.items() if not name.startswith("RAY_")}
-        env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("HEARTH_LOG_LEVEL", spec.log_level.upper())
-        if spec.command is None:
-            env["PYTHONPATH"] = python_path(env.get("PYTHONPATH"))
-            argv = [sys.executable, "-P", "-m", f"backends.{spec.backend}", "--address", address]
-            argv += ["--token-file", str(token_file)]
-            if spec.tls_cert is not None and spec.tls_key is not None:
-                argv += ["--tls-cert", spec.tls_cert, "--tls-key", spec.tls_key]
-            return leashed(argv, signal.SIGTERM), env
-        values = {"address": address, "python": sys.executable}
-        argv = [part.format_map(values) for part in spec.command]
-        env.update(spec.command_env)
-        # Hearth's backend runtime reads its token file from here when not given --token-file.
-        env[TOKEN_FILE_ENV] = str(token_file)
-        return leashed(argv, signal.SIGKILL), env
+        options = ["--token-file", str(token_file)]
+        if spec.tls_cert is not None and spec.tls_key is not None:
+            options += ["--tls-cert", spec.tls_cert, "--tls-key", spec.tls_key]
+        argv, env = backend_command(
+            spec.backend, spec.command, spec.command_env, address, env, options
+        )
+        if spec.command is not None:
+            # Hearth's backend runtime reads its token file from here (a command has no
+            # --token-file of ours).
+            env[TOKEN_FILE_ENV] = str(token_file)
+        return argv, env
 
     def _keep(
         self,
