@@ -271,17 +271,22 @@ def test_two_variants_and_the_base_at_once_answer_as_they_do_alone(llama_gateway
     names = ["tiny", "tiny-a", "tiny-b"]
     # Long enough answers that requests sent at once are computed at once.
     alone = {name: answer(llama_gateway, name, max_tokens=150) for name in names}
-    with concurrent.futures.ThreadPoolExecutor(9) as pool:
-        # One of each (all in the engine's 4 slots at once), then more than the slots.
-        together = [
-            item
-            for batch in (names, names * 3)
-            for item in pool.map(lambda n: (n, answer(llama_gateway, n, max_tokens=150)), batch)
-        ]
-    assert all(text == alone[name] for name, text in together), (alone, together)
-    # ... and they were computed together, not one after the other.
     said = "generating for 3 adapter sets in one step"
-    assert wait_until(lambda: said in llama_gateway.log(), timeout=10)
+    # Sent at once, they are computed together, not one after the other. Whether the three
+    # meet in one step depends on when each arrives (on a busy machine one may finish before
+    # the last is read): up to three rounds, every answer checked in each.
+    for _ in range(3):
+        with concurrent.futures.ThreadPoolExecutor(9) as pool:
+            # One of each (all in the engine's 4 slots at once), then more than the slots.
+            together = [
+                item
+                for batch in (names, names * 3)
+                for item in pool.map(lambda n: (n, answer(llama_gateway, n, max_tokens=150)), batch)
+            ]
+        assert all(text == alone[name] for name, text in together), (alone, together)
+        if wait_until(lambda: said in llama_gateway.log(), timeout=2):
+            break
+    assert said in llama_gateway.log()
     rows = backend_rows(llama_gateway)
     assert rows["tiny"]["variants"] == ["tiny-a", "tiny-a0", "tiny-b", "tiny-wide"]
     assert "tiny-a" not in rows
